@@ -1,0 +1,28 @@
+# Two commands for a new user: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Pinned for CPU machines: an unpinned torch pulls several GB of CUDA wheels.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: install
+	$(PY) train.py --config=configs/demo.py --workdir=demo_workdir
+
+clean:
+	rm -rf $(VENV) demo_workdir

@@ -1,0 +1,37 @@
+"""variator_jax: plug-and-play compression plugins for T5 in JAX (Variator, EMNLP 2023)."""
+import setuptools
+
+_RUNTIME = [
+    "jax>=0.4.30",
+    "flax>=0.8.5",
+    "optax>=0.2.2",
+    "orbax-checkpoint>=0.5.20",
+    "chex>=0.1.86",
+    "transformers>=4.40",
+    "safetensors>=0.4.3",
+    "ml_collections>=0.1.1",
+    "absl-py>=1.4",
+    "clu>=0.0.10",
+    "tensorboard>=2.14",
+    "tqdm>=4.64",
+    "numpy>=1.24",
+    "matplotlib>=3.7",
+]
+_EXTRAS = {
+    # PyTorch: HF parity tests, .bin checkpoints, the attach_plugin export path.
+    "torch": ["torch>=2.1"],
+    # tfds datasets (GLUE, SQuAD): their builders need TensorFlow.
+    "tfds": ["tensorflow-datasets>=4.9.3", "tensorflow>=2.15"],
+    "dev": ["pytest>=7.4"],
+}
+_EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
+
+setuptools.setup(
+    name="variator_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["variator_jax", "variator_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=_RUNTIME,
+    extras_require=_EXTRAS,
+)

@@ -1,0 +1,218 @@
+"""HF T5 checkpoint directory <-> Flax backbone tree.
+
+A declarative table maps each HF key to a Flax path and a small transform; loading checks
+that the key sets match and every shape fits, and names the offending keys when they do not.
+Nothing is half-loaded: the tree is returned only once every tensor has been read and checked.
+Reading never runs code: safetensors, or `torch.load(..., weights_only=True)` for .bin.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from variator_jax.fileio import atomic_write, get_path, set_path, write_text
+from variator_jax.t5 import T5Config, init_t5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a T5 (the message names the file and the problem)."""
+
+
+class _Row(NamedTuple):
+    hf_key: str
+    path: tuple[str, ...]
+    kind: str  # How the tensor is laid out in HF; see _TO_FLAX.
+
+
+# HF Linear weights are [out, in]; Flax kernels are [in, out], q/k/v/o split heads.
+def _to_flax(kind: str, x: np.ndarray, cfg: T5Config) -> np.ndarray:
+    if kind == "copy":
+        return x
+    if kind == "linear":
+        return x.T
+    if kind == "qkv":  # [heads*d_kv, d] -> [d, heads, d_kv]
+        return x.T.reshape(cfg.d_model, cfg.num_heads, cfg.d_kv)
+    if kind == "o":  # [d, heads*d_kv] -> [heads, d_kv, d]
+        return x.T.reshape(cfg.num_heads, cfg.d_kv, cfg.d_model)
+    raise AssertionError(kind)
+
+
+def _to_hf(kind: str, x: np.ndarray, cfg: T5Config) -> np.ndarray:
+    if kind == "copy":
+        return x
+    if kind == "linear":
+        return x.T
+    if kind == "qkv":
+        return x.reshape(cfg.d_model, cfg.inner_dim).T
+    if kind == "o":
+        return x.reshape(cfg.inner_dim, cfg.d_model).T
+    raise AssertionError(kind)
+
+
+def key_table(cfg: T5Config) -> list[_Row]:
+    """Every HF key of a T5ForConditionalGeneration with `cfg`, with its Flax path."""
+    rows = [_Row("shared.weight", ("shared", "embedding"), "copy")]
+    ffn = ["wi_0", "wi_1", "wo"] if cfg.is_gated else ["wi", "wo"]
+    for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        attentions = ["SelfAttention"] + (["EncDecAttention"] if stack == "decoder" else [])
+        for i in range(n_layers):
+            block = (stack, f"block_{i}")
+            for j, att in enumerate(attentions):
+                pre, path = f"{stack}.block.{i}.layer.{j}", block + (f"layer_{j}",)
+                rows += [_Row(f"{pre}.{att}.{p}.weight", path + (att, p, "kernel"),
+                              "o" if p == "o" else "qkv") for p in "qkvo"]
+                if i == 0 and j == 0:  # The first layer owns the relative position bias.
+                    rows.append(_Row(f"{pre}.{att}.relative_attention_bias.weight",
+                                     path + (att, "relative_attention_bias", "embedding"), "copy"))
+                rows.append(_Row(f"{pre}.layer_norm.weight", path + ("layer_norm", "weight"), "copy"))
+            j = len(attentions)
+            pre, path = f"{stack}.block.{i}.layer.{j}", block + (f"layer_{j}",)
+            rows += [_Row(f"{pre}.DenseReluDense.{w}.weight", path + ("DenseReluDense", w, "kernel"),
+                          "linear") for w in ffn]
+            rows.append(_Row(f"{pre}.layer_norm.weight", path + ("layer_norm", "weight"), "copy"))
+        rows.append(_Row(f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "weight"),
+                         "copy"))
+    if not cfg.tie_word_embeddings:
+        rows.append(_Row("lm_head.weight", ("lm_head", "kernel"), "linear"))
+    return rows
+
+
+# Keys HF writes or accepts that carry no information of their own.
+_IGNORED = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"}
+
+
+# -- Reading tensors ---------------------------------------------------------------------------
+def _read_safetensors(file: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+    try:
+        out = {}
+        with safe_open(file, framework="flax") as f:  # flax/jax handles bfloat16.
+            for key in f.keys():
+                out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        return out
+    except Exception as e:  # safetensors raises its own error types for corrupt files.
+        raise CheckpointError(f"{file}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{file}: reading .bin checkpoints needs torch "
+                              "(pip install 'variator_jax[torch]'), or convert it to safetensors") from None
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _checkpoint_files(path: str) -> tuple[list[str], Callable[[str], dict]]:
+    """The weight files of an HF directory, in the order HF prefers them."""
+    for index, reader in (("model.safetensors.index.json", _read_safetensors),
+                          ("pytorch_model.bin.index.json", _read_torch_bin)):
+        index_path = os.path.join(path, index)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
+            return [os.path.join(path, s) for s in sorted(set(weight_map.values()))], reader
+    for single, reader in (("model.safetensors", _read_safetensors),
+                           ("pytorch_model.bin", _read_torch_bin)):
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)], reader
+    raise CheckpointError(f"{path}: no model.safetensors, sharded safetensors index or "
+                          "pytorch_model.bin found")
+
+
+def _read_all(path: str) -> dict[str, np.ndarray]:
+    files, reader = _checkpoint_files(path)
+    tensors = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: listed in the shard index but missing")
+        tensors.update(reader(file))
+    return tensors
+
+
+# -- Public API ---------------------------------------------------------------------------------
+def load_hf_t5(path: str | os.PathLike, dtype: str = "float32"):
+    """Reads an HF T5 directory (config.json + weights) -> (T5Config, backbone tree, float32).
+
+    The output embedding follows what the file holds, as HF does: an `lm_head.weight` that
+    differs from `shared.weight` is a separate head; a missing or identical one is tied.
+
+    Example:
+      >>> cfg, backbone = load_hf_t5("/models/flan-t5-base")
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    cfg = T5Config.from_hf(path, dtype=dtype)
+    tensors = _read_all(path)
+    head = tensors.pop("lm_head.weight", None)
+    untied = head is not None and ("shared.weight" not in tensors
+                                   or not np.array_equal(head, tensors["shared.weight"]))
+    cfg = cfg.replace(tie_word_embeddings=not untied)
+    if untied:
+        tensors["lm_head.weight"] = head
+    return cfg, tree_from_hf(cfg, tensors, source=path)
+
+
+def tree_from_hf(cfg: T5Config, tensors: dict[str, np.ndarray], source: str = "checkpoint"):
+    """HF state dict (numpy) -> backbone tree, with strict key and shape checks."""
+    rows = key_table(cfg)
+    expected = {r.hf_key for r in rows}
+    present = set(tensors) - _IGNORED
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        msg = [f"{source}: checkpoint does not match a T5 with this config.json"]
+        if missing:
+            msg.append(f"missing keys ({len(missing)}): {', '.join(missing[:6])}"
+                       + (", ..." if len(missing) > 6 else ""))
+        if unexpected:
+            msg.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:6])}"
+                       + (", ..." if len(unexpected) > 6 else ""))
+        raise CheckpointError("; ".join(msg))
+    shapes = jax.eval_shape(lambda: init_t5(jax.random.key(0), cfg))
+    tree: dict = {}
+    for row in rows:
+        want = get_path(shapes, row.path).shape
+        try:
+            value = _to_flax(row.kind, tensors[row.hf_key], cfg)
+        except ValueError:
+            value = None  # A reshape that does not fit: reported below with the HF shape.
+        if value is None or value.shape != want:
+            raise CheckpointError(
+                f"{source}: {row.hf_key} has shape {tuple(tensors[row.hf_key].shape)}, "
+                f"expected {tuple(_to_hf(row.kind, np.zeros(want, np.float32), cfg).shape)}")
+        set_path(tree, row.path, np.ascontiguousarray(value, np.float32))
+    return tree
+
+
+def tree_to_hf(cfg: T5Config, backbone) -> dict[str, np.ndarray]:
+    """Backbone tree -> HF state dict (numpy float32, contiguous)."""
+    return {row.hf_key: np.ascontiguousarray(_to_hf(row.kind, np.asarray(get_path(backbone, row.path),
+                                                                         np.float32), cfg))
+            for row in key_table(cfg)}
+
+
+def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone) -> None:
+    """Writes config.json + model.safetensors that `T5ForConditionalGeneration.from_pretrained`
+    loads. Files are written to temporaries and renamed, so a failure leaves the old ones."""
+    from safetensors.numpy import save_file
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    tensors = tree_to_hf(cfg, backbone)
+    atomic_write(path, "model.safetensors",
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    config = cfg.to_hf()
+    atomic_write(path, "config.json",
+                  lambda tmp: write_text(tmp, json.dumps(config, indent=2) + "\n"))

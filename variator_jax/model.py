@@ -1,0 +1,90 @@
+"""Forward passes over (config, backbone tree, optional plugin): teacher and student alike.
+
+The teacher is `forward(..., plugin=None)`; the student is the same call with
+`plugin=(pcfg, plugin_params)`. Configs are static pytree data, so passing a different
+plugin of the same ratio reuses the compiled function.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from variator_jax.t5 import T5, T5Config
+
+
+def shift_right(targets, start_id: int = 0):
+    """Teacher forcing: [batch, m] targets -> decoder inputs starting with `start_id`."""
+    return jnp.concatenate([jnp.full_like(targets[:, :1], start_id), targets[:, :-1]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("deterministic",))
+def forward(cfg: T5Config, backbone, input_ids, attention_mask, decoder_input_ids,
+            decoder_attention_mask=None, plugin=None, *, deterministic: bool = True,
+            dropout_rng=None):
+    """The full encoder-decoder pass.
+
+    Args:
+      input_ids, attention_mask: [batch, n] int; mask 1 for real tokens, 0 for padding.
+      decoder_input_ids: [batch, m] (targets shifted right, see `shift_right`).
+      decoder_attention_mask: optional [batch, m]; masks padded decoder keys.
+      plugin: None (the uncompressed teacher) or `(PluginConfig, plugin_params)`.
+      deterministic: False enables dropout, drawn from `dropout_rng`.
+    Returns:
+      dict with `logits` [batch, m, vocab] float32, `encoder_hidden` [batch, n, d_model]
+      and `decoder_hidden` [batch, m, d_model] (both after the final layer norm, as HF's
+      `last_hidden_state`).
+
+    Example:
+      >>> out = forward(cfg, backbone, ids, mask, shift_right(labels), plugin=(pcfg, plugin))
+    """
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    return T5(cfg).apply({"params": backbone}, input_ids, attention_mask, decoder_input_ids,
+                         decoder_attention_mask, plugin, deterministic, rngs=rngs)
+
+
+@jax.jit
+def encode(cfg: T5Config, backbone, input_ids, attention_mask, plugin=None):
+    """Encoder only: [batch, n] -> [batch, n, d_model] (the part a plugin accelerates)."""
+    return T5(cfg).apply({"params": backbone}, input_ids, attention_mask, plugin,
+                         method=T5.encode)
+
+
+def _decode_step(cfg, backbone, token, enc, enc_mask, cache, index):
+    """One greedy step: token [batch, 1] at position `index` -> (logits [batch, vocab], cache)."""
+    model = T5(cfg)
+    hidden, cache = model.apply({"params": backbone}, token, enc, enc_mask, None, True, cache,
+                                index, method=T5.decode)
+    return model.apply({"params": backbone}, hidden, method=T5.logits)[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("max_new_tokens",))
+def generate(cfg: T5Config, backbone, input_ids, attention_mask, max_new_tokens: int,
+             plugin=None):
+    """Greedy decoding with a key/value cache.
+
+    Returns only the new tokens, [batch, max_new_tokens] int32: each row starts after the
+    decoder start token, ends with EOS, and holds `pad_token_id` after it (as HF's greedy
+    `generate` with `max_new_tokens`, padded to full length).
+    """
+    enc = encode(cfg, backbone, input_ids, attention_mask, plugin)
+    batch, dt = input_ids.shape[0], jnp.dtype(cfg.dtype)
+    kv = jnp.zeros((batch, max_new_tokens, cfg.num_heads, cfg.d_kv), dt)
+    cache = [{"self": {"k": kv, "v": kv}, "cross": {}} for _ in range(cfg.num_decoder_layers)]
+    start = jnp.full((batch, 1), cfg.decoder_start_token_id, jnp.int32)
+    # Step 0 outside the loop: it fills the cross-attention keys/values, which changes the
+    # cache's structure; the scanned steps then see a fixed structure.
+    logits, cache = _decode_step(cfg, backbone, start, enc, attention_mask, cache, 0)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def step(carry, index):
+        token, cache, done = carry
+        logits, cache = _decode_step(cfg, backbone, token[:, None], enc, attention_mask, cache,
+                                     index)
+        nxt = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return (nxt, cache, done | (nxt == cfg.eos_token_id)), nxt
+
+    _, rest = jax.lax.scan(step, (first, cache, first == cfg.eos_token_id),
+                           jnp.arange(1, max_new_tokens))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

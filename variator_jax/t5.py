@@ -1,0 +1,499 @@
+"""`T5Config`: the backbone's hyper-parameters, read from HF config.json or a variant table."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+# Published sizes (HF hub config.json files of google-t5/* and google/*).
+# (d_model, d_kv, d_ff, num_layers, num_heads); the decoder has as many layers.
+_T5_V1_0 = {
+    "small": (512, 64, 2048, 6, 8),
+    "base": (768, 64, 3072, 12, 12),
+    "large": (1024, 64, 4096, 24, 16),
+    "3b": (1024, 128, 16384, 24, 32),
+    "11b": (1024, 128, 65536, 24, 128),
+}
+_T5_V1_1 = {  # t5-v1_1-* and flan-t5-* share these sizes.
+    "small": (512, 64, 1024, 8, 6),
+    "base": (768, 64, 2048, 12, 12),
+    "large": (1024, 64, 2816, 24, 16),
+    "xl": (2048, 64, 5120, 24, 32),
+    "xxl": (4096, 64, 10240, 24, 64),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """T5 hyper-parameters; field names follow HF `T5Config`.
+
+    Example:
+      >>> cfg = T5Config.variant("t5-v1_1-small")
+      >>> cfg.feed_forward_proj, cfg.tie_word_embeddings
+      ('gated-gelu', False)
+    """
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None  # None: same as num_layers.
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # "relu" (v1.0) or "gated-gelu" (v1.1, flan, mT5).
+    tie_word_embeddings: bool = True  # Shared input/output embedding.
+    scale_decoder_outputs: bool | None = None  # d_model**-0.5 before lm_head; None: = tied.
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    dtype: str = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); params stay float32.
+    name: str = ""  # Identity of the backbone (variant name or path), for plugin fingerprints.
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        if self.scale_decoder_outputs is None:
+            object.__setattr__(self, "scale_decoder_outputs", self.tie_word_embeddings)
+        act = self.feed_forward_proj.split("-")
+        if len(act) > 2 or (len(act) == 2 and act[0] != "gated"):
+            raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not "
+                             "'ACT' or 'gated-ACT' (e.g. 'relu', 'gated-gelu')")
+        for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
+
+    # -- Derived ---------------------------------------------------------------------------------
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        """Activation name as HF resolves it ('gated-gelu' uses the tanh-approximate gelu_new)."""
+        act = self.feed_forward_proj.split("-")[-1]
+        return "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    def replace(self, **kw) -> "T5Config":
+        return dataclasses.replace(self, **kw)
+
+    # -- HF interop ------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "T5Config":
+        """From an HF `config.json` (a file, its directory, or its dict).
+
+        Absent fields take HF `T5Config` defaults. Reads both conventions for the output scaling:
+        transformers-5 files say `scale_decoder_outputs` (and always tie), v4-era files
+        (t5-v1_1, flan-t5) only say `tie_word_embeddings`.
+        """
+        name = ""
+        if isinstance(path_or_dict, Mapping):
+            d = dict(path_or_dict)
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no config.json at {path}")
+            try:
+                with open(path) as f:
+                    d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            name = os.path.abspath(os.path.dirname(path))
+        model_type = d.get("model_type", "t5")
+        if model_type not in ("t5", "mt5"):
+            raise ValueError(f"config model_type is {model_type!r}, not a T5 (expected 't5' or 'mt5')")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "name")}
+        kw.setdefault("tie_word_embeddings", True)
+        if "scale_decoder_outputs" not in d:
+            kw["scale_decoder_outputs"] = kw["tie_word_embeddings"]
+        kw["name"] = d.get("_name_or_path") or name
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        """The config.json dict HF `T5ForConditionalGeneration.from_pretrained` reads."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+             if f.name not in ("dtype", "name")}
+        d.update(model_type="t5", architectures=["T5ForConditionalGeneration"],
+                 is_encoder_decoder=True, is_gated_act=self.is_gated,
+                 dense_act_fn=self.activation)
+        return d
+
+    @classmethod
+    def variant(cls, name: str, **overrides) -> "T5Config":
+        """A published size: t5-{small,base,large,3b,11b}, t5-v1_1-* and flan-t5-* {small..xxl}."""
+        short = name.split("/")[-1]
+        for prefix, table, kw in (
+                ("t5-v1_1-", _T5_V1_1, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+                ("flan-t5-", _T5_V1_1, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+                ("t5-", _T5_V1_0, dict(feed_forward_proj="relu", tie_word_embeddings=True))):
+            if short.startswith(prefix) and short[len(prefix):] in table:
+                d_model, d_kv, d_ff, layers, heads = table[short[len(prefix):]]
+                kw = dict(kw, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
+                          num_heads=heads, name=short)
+                kw.update(overrides)
+                return cls(**kw)
+        known = [f"{p}{s}" for p, t in (("t5-", _T5_V1_0), ("t5-v1_1-", _T5_V1_1),
+                                          ("flan-t5-", _T5_V1_1)) for s in t]
+        raise ValueError(f"unknown T5 variant {name!r}; known: {', '.join(known)}")
+
+
+# A config is static data: passing it to a jitted function keys the cache, it is never traced.
+jax.tree_util.register_static(T5Config)
+
+
+# ================================================================================================
+# Flax Linen modules. Parameter names mirror HF T5 (`encoder.block.3.layer.1.DenseReluDense.wi`
+# is `encoder/block_3/layer_1/DenseReluDense/wi`), so conversion is a rename plus transposes.
+# Every parameter carries logical axis names; only sharding.py maps them onto a mesh.
+# ================================================================================================
+import functools  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+# Large negative instead of -inf: a fully padded row then softmaxes to uniform, never NaN (as HF).
+NEG_INF = -1e10
+
+
+def _dense_init(axes):
+    return nn.with_logical_partitioning(nn.initializers.normal(0.05), axes)
+
+
+def _act(name):
+    return {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False),
+            "gelu_new": functools.partial(nn.gelu, approximate=True), "silu": nn.silu,
+            "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}[name]
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction; statistics in float32 as HF."""
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (w * x32).astype(self.dtype)
+
+
+def relative_position_bucket(relative_position, bidirectional, num_buckets, max_distance):
+    """Mesh TensorFlow's bucketing (as HF `T5Attention._relative_position_bucket`).
+
+    Half the buckets are exact small offsets, the other half log-spaced up to `max_distance`.
+    """
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(jnp.int32) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    # float32 log, then truncation toward zero: bit-compatible with HF's `.to(torch.long)`.
+    large = max_exact + (jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
+                         / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(is_small, relative_position, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned bias per (bucket, head); owned by a stack's first layer and shared by the rest."""
+    cfg: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_pos, k_pos):
+        """q_pos [q], k_pos [k] (absolute positions) -> bias [1, heads, q, k] float32."""
+        cfg = self.cfg
+        table = self.param("embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.05), ("relpos_buckets", "heads")),
+            (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
+        bucket = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.bidirectional,
+                                          cfg.relative_attention_num_buckets,
+                                          cfg.relative_attention_max_distance)
+        return jnp.transpose(table[bucket], (2, 0, 1))[None]
+
+
+class Attention(nn.Module):
+    """T5 multi-head attention: no 1/sqrt(d_kv) scaling (folded into the init), additive bias.
+
+    `bias` [batch|1, heads|1, q, k] float32 holds the mask (and, after the first layer, the
+    position bias). A layer with `has_relative_bias` adds its learned bias for `positions`
+    (q_pos [q], k_pos [k]) and returns the sum, which the stack shares with later layers.
+
+    `cache`: None (no caching); for self-attention while decoding, a dict of `k`, `v`
+    [batch, max_len, heads, d_kv] and `index` (the new keys/values are written there and
+    attention runs over the whole cache, the bias masking unwritten slots); for
+    cross-attention, {} (keys/values are computed from `kv` and returned) or the returned dict.
+    """
+    cfg: T5Config
+    has_relative_bias: bool = False
+    bidirectional: bool = True
+
+    @nn.compact
+    def __call__(self, x, kv, bias, positions=None, deterministic=True, cache=None):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        proj = functools.partial(nn.DenseGeneral, features=(cfg.num_heads, cfg.d_kv), use_bias=False,
+                                 dtype=dt, param_dtype=jnp.float32,
+                                 kernel_init=_dense_init(("embed", "heads", "kv")))
+        q = proj(name="q")(x)  # [batch, q_len, heads, d_kv]
+        if cache is not None and "k" in cache and "index" not in cache:  # Cross, precomputed.
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = proj(name="k")(kv), proj(name="v")(kv)
+            if cache is not None and "index" in cache:  # Self-attention decoding step.
+                idx = (0, cache["index"], 0, 0)
+                k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
+                v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+                cache = dict(cache, k=k, v=v)
+            elif cache is not None:
+                cache = {"k": k, "v": v}
+        if self.has_relative_bias:
+            bias = bias + RelativePositionBias(cfg, self.bidirectional,
+                                               name="relative_attention_bias")(*positions)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(dt)).astype(jnp.float32) + bias
+        weights = jax.nn.softmax(scores, axis=-1).astype(dt)
+        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dt))
+        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
+                              param_dtype=jnp.float32, name="o",
+                              kernel_init=_dense_init(("heads", "kv", "embed")))(out)
+        return out, bias, cache
+
+
+class DenseReluDense(nn.Module):
+    """The FFN: wo(act(wi x)) (v1.0) or wo(act(wi_0 x) * wi_1 x) (gated, v1.1 / flan / mT5)."""
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=jnp.float32)
+        act = _act(cfg.activation)
+        if cfg.is_gated:
+            up = lambda z: dense(cfg.d_ff, name="wi_0", kernel_init=_dense_init(("embed", "mlp")))(z)
+            h = act(up(x)) * dense(cfg.d_ff, name="wi_1", kernel_init=_dense_init(("embed", "mlp")))(x)
+        else:
+            h = act(dense(cfg.d_ff, name="wi", kernel_init=_dense_init(("embed", "mlp")))(x))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return dense(cfg.d_model, name="wo", kernel_init=_dense_init(("mlp", "embed")))(h)
+
+
+class LayerSelfAttention(nn.Module):
+    cfg: T5Config
+    has_relative_bias: bool = False
+    bidirectional: bool = True
+
+    @nn.compact
+    def __call__(self, h, bias, positions, deterministic=True, cache=None):
+        cfg = self.cfg
+        x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="layer_norm")(h)
+        y, bias, cache = Attention(cfg, self.has_relative_bias, self.bidirectional,
+                                   name="SelfAttention")(x, x, bias, positions, deterministic, cache)
+        return h + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic), bias, cache
+
+
+class LayerCrossAttention(nn.Module):
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, h, enc, bias, deterministic=True, cache=None):
+        cfg = self.cfg
+        x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="layer_norm")(h)
+        y, _, cache = Attention(cfg, name="EncDecAttention")(x, enc, bias, None, deterministic, cache)
+        return h + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic), cache
+
+
+class LayerFF(nn.Module):
+    """Pre-norm FFN block with residual; with a plugin, the FFN runs on merged vectors (§1)."""
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, h, mask=None, plugin=None, deterministic=True):
+        cfg = self.cfg
+        x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="layer_norm")(h)
+        ffn = DenseReluDense(cfg, name="DenseReluDense")
+        drop = nn.Dropout(cfg.dropout_rate)
+        if plugin is None:
+            return h + drop(ffn(x, deterministic), deterministic=deterministic)
+        from variator_jax import plugins  # Local import: plugins.py imports this module.
+        pcfg, params = plugin
+        o = plugins.compressed_ffn(
+            x, mask, params, pcfg, lambda c: drop(ffn(c, deterministic), deterministic=deterministic))
+        return h + o.astype(h.dtype)
+
+
+class EncoderBlock(nn.Module):
+    cfg: T5Config
+    has_relative_bias: bool = False
+
+    @nn.compact
+    def __call__(self, h, bias, positions, mask, plugin=None, deterministic=True):
+        h, bias, _ = LayerSelfAttention(self.cfg, self.has_relative_bias, True, name="layer_0")(
+            h, bias, positions, deterministic)
+        return LayerFF(self.cfg, name="layer_1")(h, mask, plugin, deterministic), bias
+
+
+class DecoderBlock(nn.Module):
+    cfg: T5Config
+    has_relative_bias: bool = False
+
+    @nn.compact
+    def __call__(self, h, enc, self_bias, cross_bias, positions, deterministic=True, cache=None):
+        cache = cache or {}
+        h, self_bias, self_cache = LayerSelfAttention(self.cfg, self.has_relative_bias, False,
+                                                      name="layer_0")(
+            h, self_bias, positions, deterministic, cache.get("self"))
+        h, cross_cache = LayerCrossAttention(self.cfg, name="layer_1")(
+            h, enc, cross_bias, deterministic, cache.get("cross"))
+        h = LayerFF(self.cfg, name="layer_2")(h, deterministic=deterministic)
+        new_cache = None if self_cache is None else {"self": self_cache, "cross": cross_cache}
+        return h, self_bias, new_cache
+
+
+def _mask_bias(mask):
+    """[batch, k] 1/0 -> additive [batch, 1, 1, k] float32."""
+    return jnp.where(mask[:, None, None, :] > 0, 0.0, NEG_INF).astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+    """Encoder stack on embedded inputs [batch, n, d_model] -> final hidden [batch, n, d_model]."""
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, h, mask, plugin=None, deterministic=True):
+        cfg = self.cfg
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        pos = jnp.arange(h.shape[1])
+        bias = _mask_bias(mask)
+        if plugin is not None and len(plugin[1]) != cfg.num_layers:
+            raise ValueError(f"plugin num_layers {len(plugin[1])} != model num_layers "
+                             f"(encoder) {cfg.num_layers}")
+        for i in range(cfg.num_layers):
+            layer_plugin = None if plugin is None else (plugin[0], plugin[1][f"block_{i}"])
+            h, bias = EncoderBlock(cfg, i == 0, name=f"block_{i}")(
+                h, bias, (pos, pos), mask, layer_plugin, deterministic)
+        h = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(h)
+        return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    """Decoder stack. Full sequence: positions 0..m-1, causal. Decoding (`cache` given): one
+    position `cache_index`, attending to the cache's max_len slots (later ones masked)."""
+    cfg: T5Config
+
+    @nn.compact
+    def __call__(self, h, enc, enc_mask, dec_mask=None, deterministic=True, cache=None,
+                 cache_index=None):
+        cfg = self.cfg
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        if cache is None:
+            m = h.shape[1]
+            q_pos = k_pos = jnp.arange(m)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, m, m] causal.
+            if dec_mask is not None:
+                allowed = allowed & (dec_mask[:, None, None, :] > 0)
+        else:
+            max_len = cache[0]["self"]["k"].shape[1]
+            q_pos, k_pos = cache_index + jnp.arange(h.shape[1]), jnp.arange(max_len)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        self_bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
+        cross_bias = _mask_bias(enc_mask)
+        new_cache = []
+        for i in range(cfg.num_decoder_layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = {"self": dict(cache[i]["self"], index=cache_index),
+                               "cross": cache[i]["cross"]}
+            h, self_bias, layer_cache = DecoderBlock(cfg, i == 0, name=f"block_{i}")(
+                h, enc, self_bias, cross_bias, (q_pos, k_pos), deterministic, layer_cache)
+            if layer_cache is not None:
+                layer_cache["self"].pop("index")
+            new_cache.append(layer_cache)
+        h = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(h)
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return h, (new_cache if cache is not None else None)
+
+
+class T5(nn.Module):
+    """Encoder-decoder T5 with HF's parameter names. Methods: `encode`, `decode`, `logits`."""
+    cfg: T5Config
+
+    def setup(self):
+        cfg = self.cfg
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                               param_dtype=jnp.float32, embedding_init=nn.with_logical_partitioning(
+                                   nn.initializers.normal(1.0), ("vocab", "embed")))
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                                    param_dtype=jnp.float32,
+                                    kernel_init=_dense_init(("embed", "vocab")))
+
+    def encode(self, input_ids, attention_mask, plugin=None, deterministic=True):
+        """[batch, n] ids and 1/0 mask -> encoder hidden [batch, n, d_model]."""
+        return self.encoder(self.shared(input_ids), attention_mask, plugin, deterministic)
+
+    def decode(self, decoder_input_ids, encoder_hidden, attention_mask,
+               decoder_attention_mask=None, deterministic=True, cache=None, cache_index=None):
+        """-> (decoder hidden [batch, m, d_model] after the final norm, new cache or None)."""
+        return self.decoder(self.shared(decoder_input_ids), encoder_hidden, attention_mask,
+                            decoder_attention_mask, deterministic, cache, cache_index)
+
+    def logits(self, decoder_hidden):
+        """[batch, m, d_model] -> [batch, m, vocab] float32."""
+        if self.cfg.scale_decoder_outputs:  # v1.0 scales before the shared output embedding.
+            decoder_hidden = decoder_hidden * (self.cfg.d_model ** -0.5)
+        if self.cfg.tie_word_embeddings:
+            out = self.shared.attend(decoder_hidden)
+        else:
+            out = self.lm_head(decoder_hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
+                 plugin=None, deterministic=True):
+        enc = self.encode(input_ids, attention_mask, plugin, deterministic)
+        dec, _ = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask,
+                             deterministic)
+        return {"logits": self.logits(dec), "encoder_hidden": enc, "decoder_hidden": dec}
+
+
+def init_t5(rng, cfg: T5Config):
+    """A random backbone: the same tree (float32) as `load_hf_t5` returns.
+
+    Example:
+      >>> backbone = init_t5(jax.random.key(0), T5Config.variant("t5-small"))
+      >>> backbone["shared"]["embedding"].shape
+      (32128, 512)
+    """
+    return nn.unbox(jax.jit(functools.partial(_init_boxed, cfg=cfg))(rng))
+
+
+def _init_boxed(rng, cfg):
+    ids = jnp.ones((1, 2), jnp.int32)
+    return T5(cfg).init(rng, ids, ids, ids)["params"]
+
+
+def logical_axes(cfg: T5Config):
+    """The backbone tree with a `PartitionSpec` of logical axis names per leaf."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, cfg=cfg), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
