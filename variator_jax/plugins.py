@@ -38,7 +38,9 @@ class PluginConfig:
     Attributes:
       ratio: k, the number of neighbouring vectors merged into one (1 = no compression).
       bottleneck: r, the width of the decompression MLP (64 in the paper).
-      mask_aware: padding never joins a group (pad scores -inf, all-pad groups give 0).
+      mask_aware: padding never joins a group: pad members enter the scores as zero vectors
+        and get score -inf, all-pad groups give 0; outputs for real tokens then do not
+        depend on how much padding a batch has.
         False reproduces the authors' released code, where pad vectors merge unmasked.
       scope: "ffn", plugins around every encoder FFN (the paper's default).
     """
@@ -101,10 +103,14 @@ def merge(x, mask, layer, pcfg: PluginConfig):
     b, n, d = x.shape
     k = pcfg.ratio
     groups = x.reshape(b, n // k, k, d)  # X_g; concat(X_g) is its [k*d] flattening, member-major.
+    if pcfg.mask_aware:
+        member = mask.reshape(b, n // k, k) > 0
+        # A pad member enters concat(X_g) as a zero vector: every score reads the whole group,
+        # so masking its score alone would still let its content move its neighbours' scores.
+        groups = jnp.where(member[..., None], groups, 0)
     scores = (groups.reshape(b, n // k, k * d) @ layer["compress"]["kernel"].astype(x.dtype)
               + layer["compress"]["bias"].astype(x.dtype)).astype(jnp.float32)
     if pcfg.mask_aware:
-        member = mask.reshape(b, n // k, k) > 0
         # Pad members get -inf; multiplying by `member` makes an all-pad group's weights 0.
         weights = jax.nn.softmax(jnp.where(member, scores, NEG_INF), axis=-1) * member
     else:

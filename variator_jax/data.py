@@ -1,0 +1,766 @@
+"""Data pipelines: sources, T5 text-to-text tasks, span corruption, batches.
+
+Everything here is host-side numpy; the training code turns a process's local
+batch into a global array with `jax.make_array_from_process_local_data`.
+
+Sources are strings: `text:PATH`, `jsonl:PATH`, `tfds:NAME[/CONFIG][:SPLIT]`,
+`builtin:pydoc`. Tasks are `pretrain` (T5 span corruption, DESIGN.md §2 step 1),
+the GLUE tasks `mnli qqp qnli sst2 rte mrpc` and `squad` (v1.1), all
+text-to-text as in the T5 paper.
+
+Example:
+  >>> tok = load_tokenizer("byte")
+  >>> it = train_batches("builtin:pydoc", "pretrain", tok, global_batch_size=8,
+  ...                    max_input_length=224, max_target_length=32, seed=0)
+  >>> batch = next(it)               # dict of int32 arrays
+  >>> batch["input_ids"].shape, batch["labels"].shape
+  ((8, 224), (8, 32))
+  >>> state = it.get_state()         # JSON-serialisable; pass as `state=` to resume
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+# T5 span corruption (Raffel et al. 2020, §3.1.4); Variator pre-trains its
+# plugins with the same objective (DESIGN.md §2).
+NOISE_DENSITY = 0.15
+MEAN_NOISE_SPAN_LENGTH = 3.0
+# T5 convention: pad id 0, and the decoder starts from the pad id.
+PAD_ID = 0
+DECODER_START_ID = 0
+
+KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin")
+_SOURCE_FORMS = "text:PATH, jsonl:PATH, tfds:NAME[/CONFIG][:SPLIT], builtin:pydoc"
+_BUILTINS = ("pydoc",)
+# Separate random streams for the epoch shuffle and the per-example noise, so
+# that neither depends on how many examples the other has consumed.
+_SHUFFLE_STREAM, _NOISE_STREAM = 0, 1
+
+Row = tuple  # (input ids [<= max_in], target ids [<= max_tgt], class index or None)
+
+
+# ================================ tokenizers ==================================
+
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def load_tokenizer(spec: str | None = None, backbone_dir: str | None = None):
+    """Returns an HF tokenizer: `"byte"` (ByT5, no files), a local path, or None.
+
+    None means the tokenizer saved next to the backbone in `backbone_dir`.
+    Nothing is fetched from a model hub.
+
+    >>> tok = load_tokenizer("byte")
+    >>> tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("<extra_id_0>")
+    (1, 0, 259)
+    """
+    import transformers  # Heavy; only the pipelines need it.
+
+    if spec == "byte":
+        return transformers.ByT5Tokenizer()
+    if spec is None:
+        if backbone_dir is None:
+            raise ValueError("no tokenizer: give tokenizer='byte', a tokenizer path, "
+                             "or a backbone_dir that holds one")
+        if not any(os.path.exists(os.path.join(backbone_dir, f)) for f in _TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"backbone dir {backbone_dir} has no tokenizer (none of "
+                f"{', '.join(_TOKENIZER_FILES)}); pass tokenizer='byte' or a tokenizer path")
+        path = backbone_dir
+    else:
+        path = spec
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"tokenizer path not found: {path} (use 'byte' for the ByT5 byte tokenizer)")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load a tokenizer from {path}: {first_line}") from e
+
+
+def _check_tokenizer(tokenizer) -> int:
+    """Returns the EOS id; the batches below assume T5's pad id 0."""
+    if tokenizer.pad_token_id != PAD_ID or tokenizer.eos_token_id is None:
+        raise ValueError(f"expected a T5 tokenizer (pad id 0, an EOS token), got pad id "
+                         f"{tokenizer.pad_token_id}, eos id {tokenizer.eos_token_id}")
+    return tokenizer.eos_token_id
+
+
+def _encode(tokenizer, text: str, max_length: int, eos_id: int) -> np.ndarray:
+    """Token ids of `text` + EOS, truncated so that EOS stays last. -> int32 [<= max_length]."""
+    ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
+    return np.asarray(list(ids[: max_length - 1]) + [eos_id], np.int32)
+
+
+# ================================== sources ===================================
+
+
+def parse_source(spec: str) -> tuple[str, str, str | None]:
+    """Splits a source spec: 'tfds:glue/sst2:validation' -> ('tfds', 'glue/sst2', 'validation').
+
+    Only tfds specs carry a split; a PATH is everything after the first colon.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"data source {spec!r} has no scheme; expected one of {_SOURCE_FORMS}")
+    scheme, _, rest = spec.partition(":")
+    if scheme not in KNOWN_SCHEMES:
+        raise ValueError(f"unknown data source scheme {scheme!r} in {spec!r}; "
+                         f"known schemes: {', '.join(KNOWN_SCHEMES)}")
+    if scheme == "tfds":
+        # tfds names have no colon, but split slices do ("train[:10%]").
+        name, _, split = rest.partition(":")
+        rest = name
+    else:
+        split = ""
+    if not rest:
+        raise ValueError(f"data source {spec!r} names nothing after '{scheme}:'")
+    return scheme, rest, split or None
+
+
+def read_source(spec: str, split: str | None = None, data_dir: str | None = None) -> list[dict]:
+    """Reads a whole source into memory as a list of example dicts.
+
+    Args:
+      spec: `text:PATH` (documents separated by blank lines -> {"text"}),
+        `jsonl:PATH` (one JSON object per line), `tfds:NAME[/CONFIG][:SPLIT]`
+        (a prepared tfds dataset under `data_dir`; strings decoded to str,
+        arrays to lists) or `builtin:pydoc` (CPython's `pydoc_data.topics`,
+        values in sorted-key order -> {"text"}).
+      split: overrides the spec's split; default "train". Files have a single
+        split, so for them only a tfds-style slice counts ("train[:90%]",
+        "validation[-100:]"); the name before it is ignored.
+      data_dir: tfds data directory.
+
+    Returns:
+      list of dicts, never empty.
+    """
+    scheme, target, spec_split = parse_source(spec)
+    split = split if split is not None else spec_split
+    if scheme == "tfds":
+        examples = _read_tfds(target, split or "train", data_dir)
+    else:
+        reader = {"text": _read_text, "jsonl": _read_jsonl, "builtin": _read_builtin}[scheme]
+        examples = _slice(reader(target), split)
+    if not examples:
+        where = f" (split {split!r})" if split else ""
+        raise ValueError(f"empty corpus: {spec}{where} has no examples")
+    return examples
+
+
+def _check_file(path: str, scheme: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{scheme} source: no such file: {path}")
+
+
+def _read_text(path: str) -> list[dict]:
+    _check_file(path, "text")
+    with open(path, encoding="utf-8") as f:
+        docs = re.split(r"\n[ \t\r\f\v]*\n", f.read())
+    return [{"text": d.strip()} for d in docs if d.strip()]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    _check_file(path, "jsonl")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            if not isinstance(example, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(example).__name__}")
+            examples.append(example)
+    return examples
+
+
+def _read_builtin(name: str) -> list[dict]:
+    if name not in _BUILTINS:
+        raise ValueError(f"unknown builtin corpus {name!r}; known: {', '.join(_BUILTINS)}")
+    # English prose that ships with every CPython: a corpus needing no download.
+    from pydoc_data.topics import topics
+    return [{"text": topics[k].strip()} for k in sorted(topics) if topics[k].strip()]
+
+
+_SLICE = re.compile(r"^[\w.-]*(?:\[(?P<start>-?\d+%?)?:(?P<end>-?\d+%?)?\])?$")
+
+
+def _slice(examples: list, split: str | None) -> list:
+    """Applies a tfds-style slice ("train[10:]", "x[:90%]") to a file's examples."""
+    if not split:
+        return examples
+    m = _SLICE.match(split)
+    if not m:
+        raise ValueError(f"bad split {split!r}; expected NAME or NAME[start:end] "
+                         f"(ints or percents)")
+
+    def bound(b):
+        if b is None:
+            return None
+        return round(len(examples) * int(b[:-1]) / 100) if b.endswith("%") else int(b)
+
+    return examples[bound(m["start"]):bound(m["end"])]
+
+
+def _read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"tfds sources need tensorflow and tensorflow-datasets "
+                          f"(pip install -e '.[tfds]'): {e}") from e
+    try:
+        # JAX owns the accelerator; TF only reads files (big_vision does this).
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # TF already initialised its devices; nothing to do then.
+    try:
+        ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"unknown tfds dataset {name!r}") from None
+    except AssertionError as e:  # tfds's way of saying "not prepared".
+        raise FileNotFoundError(
+            f"tfds dataset {name} is not prepared in data_dir={data_dir}; prepare it "
+            f"where there is network (tfds build {name})") from e
+    except ValueError as e:
+        raise ValueError(f"tfds {name}: {str(e).strip().splitlines()[0]}") from e
+    return [_to_python(x) for x in tfds.as_numpy(ds)]
+
+
+def _to_python(x: Any) -> Any:
+    """tfds numpy values -> JSON-like Python (bytes -> str, arrays -> lists)."""
+    if isinstance(x, dict):
+        return {k: _to_python(v) for k, v in x.items()}
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, np.ndarray):
+        return [_to_python(v) for v in x.tolist()]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# =================================== tasks ====================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A text-to-text task.
+
+    Attributes:
+      name: task name (also the T5 input prefix of GLUE tasks).
+      kind: "pretrain", "classification" or "generation".
+      labels: label strings in tfds's ClassLabel order; None unless classification.
+      features: text fields joined into the input, in T5's order.
+      eval_split: default split for evaluation.
+    """
+    name: str
+    kind: str
+    labels: list[str] | None = None
+    features: tuple[str, ...] = ()
+    eval_split: str = "validation"
+
+    def format(self, example: dict) -> tuple[str, str]:
+        """Example dict -> (inputs text, targets text).
+
+        A generic `{"inputs", "targets"}` example passes through for any task
+        but pretrain. GLUE follows t5's `preprocessors.glue`: the task name,
+        then "key: value" for each feature (sorted keys), labels as words.
+        """
+        if self.kind == "pretrain":
+            return _field(self, example, "text"), ""
+        if "inputs" in example and "targets" in example:
+            return str(example["inputs"]), str(example["targets"])
+        if self.kind == "classification":
+            parts = [self.name]
+            for key in self.features:
+                parts += [f"{key}:", _field(self, example, key)]
+            return " ".join(parts), self.labels[self.label_index(example)]
+        # SQuAD as t5's `preprocessors.squad` (include_context=True), minus its
+        # punctuation padding: references stay the original answer strings.
+        question, context = _field(self, example, "question"), _field(self, example, "context")
+        answers = self.references(example)
+        return f"question: {question} context: {context}", answers[0] if answers else ""
+
+    def label_index(self, example: dict) -> int:
+        """Class index of a classification example; -1 when unlabelled (GLUE test)."""
+        if "label" in example:
+            label = example["label"]
+        elif "targets" in example:
+            label = example["targets"]
+        else:
+            raise ValueError(f"{self.name} example has no 'label' field (has: "
+                             f"{', '.join(sorted(example))})")
+        if isinstance(label, str):
+            if label not in self.labels:
+                raise ValueError(f"{self.name}: unknown label {label!r}; known: "
+                                 f"{', '.join(self.labels)}")
+            return self.labels.index(label)
+        if not -1 <= int(label) < len(self.labels):
+            raise ValueError(f"{self.name}: label {label} out of range [-1, {len(self.labels)})")
+        return int(label)
+
+    def references(self, example: dict) -> list[str]:
+        """All acceptable target strings (SQuAD keeps every answer for EM/F1)."""
+        if self.kind == "classification":
+            return [self.labels[self.label_index(example)]]
+        if self.kind == "generation" and "answers" in example:
+            answers = example["answers"]
+            # tfds/HF: {"text": [...], "answer_start": [...]}; also a plain list.
+            answers = answers["text"] if isinstance(answers, dict) else answers
+            return [answers] if isinstance(answers, str) else [str(a) for a in answers]
+        if "targets" in example:
+            return [str(example["targets"])]
+        return []
+
+    def verbalizer_ids(self, tokenizer) -> np.ndarray:
+        """Token id of each label's first token. -> int32 [num_labels].
+
+        Classification reads the decoder's logits over these ids at the first
+        target position, so they must be distinct.
+        """
+        if self.labels is None:
+            raise ValueError(f"task {self.name} has no labels: verbalizers are for "
+                             f"classification tasks")
+        first = [tokenizer.encode(label, add_special_tokens=False)[0] for label in self.labels]
+        for i, j in [(i, j) for i in range(len(first)) for j in range(i)]:
+            if first[i] == first[j]:
+                raise ValueError(f"{self.name}: labels {self.labels[j]!r} and {self.labels[i]!r} "
+                                 f"share their first token (id {first[i]})")
+        return np.asarray(first, np.int32)
+
+
+def _field(task: Task, example: dict, key: str) -> str:
+    if key not in example:
+        raise ValueError(f"{task.name} example lacks field {key!r} (has: "
+                         f"{', '.join(sorted(example))})")
+    return str(example[key])
+
+
+def _glue(name: str, features: tuple[str, ...], labels: list[str], **kw) -> Task:
+    return Task(name, "classification", labels, features, **kw)
+
+
+# Label orders are tfds's glue ClassLabels (tensorflow_datasets/text/glue.py);
+# features are sorted as t5's `preprocessors.glue` sorts them.
+TASKS = {
+    "pretrain": Task("pretrain", "pretrain"),
+    "mnli": _glue("mnli", ("hypothesis", "premise"), ["entailment", "neutral", "contradiction"],
+                  eval_split="validation_matched"),
+    "qqp": _glue("qqp", ("question1", "question2"), ["not_duplicate", "duplicate"]),
+    "qnli": _glue("qnli", ("question", "sentence"), ["entailment", "not_entailment"]),
+    "sst2": _glue("sst2", ("sentence",), ["negative", "positive"]),
+    "rte": _glue("rte", ("sentence1", "sentence2"), ["entailment", "not_entailment"]),
+    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ["not_equivalent", "equivalent"]),
+    "squad": Task("squad", "generation", None, ("question", "context")),
+}
+
+
+def get_task(name: str | Task) -> Task:
+    """The task called `name` (a Task passes through)."""
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ============================ T5 span corruption ==============================
+# A numpy restatement of google-research/text-to-text-transfer-transformer,
+# t5/data/preprocessors.py: `random_spans_noise_mask`,
+# `noise_span_to_unique_sentinel`, `nonnoise_span_to_unique_sentinel` and
+# `random_spans_helper`. TF's stateless shuffles become draws from `rng`.
+
+
+def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
+    """(num_noise_tokens, num_noise_spans) exactly as `random_spans_noise_mask` picks them.
+
+    float32 and round-half-to-even, as tf.round on float32 does.
+    """
+    length = max(length, 2)  # t5: "increase length to avoid degeneracy".
+    num_noise = int(np.round(np.float32(length) * np.float32(noise_density)))
+    num_noise = min(max(num_noise, 1), length - 1)  # At least one noise and one non-noise token.
+    num_spans = int(np.round(np.float32(num_noise) / np.float32(mean_noise_span_length)))
+    return num_noise, max(num_spans, 1)
+
+
+def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Generator):
+    """Random split of `num_items` into `num_segments` non-empty parts. -> int [num_segments]."""
+    if not 1 <= num_segments <= num_items:
+        raise ValueError(f"cannot split {num_items} tokens into {num_segments} non-empty spans")
+    first_in_segment = np.concatenate(
+        [[0], rng.permutation(np.arange(num_items - 1) < num_segments - 1).astype(np.int64)])
+    return np.bincount(np.cumsum(first_in_segment), minlength=num_segments)
+
+
+def random_spans_noise_mask(length: int, rng: np.random.Generator,
+                            noise_density: float = NOISE_DENSITY,
+                            mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> np.ndarray:
+    """T5's noise mask: alternating non-noise / noise spans, non-noise first. -> bool [length].
+
+    round(length * noise_density) noise tokens in round(that / mean span) spans;
+    subject to that, every mask is equally likely.
+    """
+    if noise_density == 0.0:
+        return np.zeros(length, bool)
+    orig_length, length = length, max(length, 2)
+    num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+    noise_lengths = _random_segmentation(num_noise, num_spans, rng)
+    nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, rng)
+    interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
+    span_starts = np.cumsum(interleaved)[:-1]  # Strictly increasing: spans are non-empty.
+    span_start_indicator = np.zeros(length, np.int64)
+    span_start_indicator[span_starts] = 1
+    is_noise = np.cumsum(span_start_indicator) % 2 == 1
+    return is_noise[:orig_length]
+
+
+def noise_span_to_unique_sentinel(tokens: np.ndarray, noise_mask: np.ndarray,
+                                  sentinel_ids: np.ndarray) -> np.ndarray:
+    """Replaces the i-th run of noise tokens by sentinel_ids[i]. -> int32 [<= len(tokens)].
+
+    t5 counts sentinels down from the vocabulary's end, which in T5's
+    SentencePiece vocabulary is <extra_id_0>, <extra_id_1>, ...; naming them
+    through `sentinel_ids` also fits vocabularies that count up (ByT5 in HF).
+    """
+    prev_is_noise = np.concatenate([[False], noise_mask[:-1]])
+    first_noise = noise_mask & ~prev_is_noise
+    subsequent_noise = noise_mask & prev_is_noise
+    span_index = np.cumsum(first_noise) - 1
+    if span_index[-1] >= len(sentinel_ids):
+        raise ValueError(f"{span_index[-1] + 1} noise spans but only {len(sentinel_ids)} sentinels")
+    out = np.where(first_noise, sentinel_ids[np.maximum(span_index, 0)], tokens)
+    return out[~subsequent_noise].astype(np.int32)
+
+
+def span_corruption(tokens, rng: np.random.Generator, noise_density: float,
+                    mean_noise_span_length: float, sentinel_ids, eos_id: int):
+    """T5 span corruption of one chunk of token ids.
+
+    Args:
+      tokens: int [length], length >= 1, no EOS.
+      rng: numpy Generator; the only source of randomness.
+      noise_density, mean_noise_span_length: 0.15 and 3.0 in T5.
+      sentinel_ids: int [>= num spans]; sentinel_ids[i] is <extra_id_i>'s id.
+      eos_id: appended to both outputs.
+
+    Returns:
+      (inputs, targets), int32: inputs = the tokens with each noise span
+      replaced by its sentinel; targets = each sentinel followed by the span
+      it replaced. Both end with EOS. E.g. "a b c d e" with noise "c d" ->
+      inputs "a b <0> e </s>", targets "<0> c d </s>" (T5 paper, Fig. 2).
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ValueError(f"span_corruption needs a non-empty 1-d token array, got shape "
+                         f"{tokens.shape}")
+    sentinel_ids = np.asarray(sentinel_ids, np.int32)
+    noise_mask = random_spans_noise_mask(tokens.size, rng, noise_density, mean_noise_span_length)
+    inputs = noise_span_to_unique_sentinel(tokens, noise_mask, sentinel_ids)
+    # t5's nonnoise_span_to_unique_sentinel: the same with the mask inverted.
+    targets = noise_span_to_unique_sentinel(tokens, ~noise_mask, sentinel_ids)
+    eos = np.asarray([eos_id], np.int32)
+    return np.concatenate([inputs, eos]), np.concatenate([targets, eos])
+
+
+def span_corruption_lengths(tokens_length: int, noise_density: float = NOISE_DENSITY,
+                            mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH):
+    """(inputs length, targets length), EOS included, after corrupting tokens_length >= 2 tokens."""
+    num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    # Inputs: non-noise tokens + one sentinel per noise span + EOS; targets:
+    # noise tokens + one sentinel per span + EOS (t5 `random_spans_helper`).
+    return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def random_spans_tokens_length(max_input_length: int, max_target_length: int,
+                               noise_density: float = NOISE_DENSITY,
+                               mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH) -> int:
+    """Longest raw chunk whose corruption fits both lengths.
+
+    t5's `random_spans_helper` grows the chunk while the inputs fit; here the
+    targets must fit too (Variator: 224 / 32 -> 156 tokens, targets full).
+    Both lengths never shrink as the chunk grows, so shorter chunks fit too.
+    """
+    def fits(n):
+        n_in, n_tgt = span_corruption_lengths(n, noise_density, mean_noise_span_length)
+        return n_in <= max_input_length and n_tgt <= max_target_length
+
+    if not fits(2):
+        raise ValueError(f"max_input_length={max_input_length}, max_target_length="
+                         f"{max_target_length} are too short for span corruption")
+    tokens_length = 2
+    while fits(tokens_length + 1):
+        tokens_length += 1
+    return tokens_length
+
+
+def sentinel_ids(tokenizer, count: int) -> np.ndarray:
+    """Ids of <extra_id_0> .. <extra_id_{count-1}>. -> int32 [count]."""
+    ids = [tokenizer.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(count)]
+    missing = [i for i, t in enumerate(ids) if t is None or t == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer has no <extra_id_{missing[0]}> token; span corruption "
+                         f"needs {count} sentinels <extra_id_0> .. <extra_id_{count - 1}>")
+    return np.asarray(ids, np.int32)
+
+
+def _pretrain_chunks(texts: Sequence[str], tokenizer, tokens_length: int) -> list[np.ndarray]:
+    """Documents -> one token stream -> chunks of tokens_length (the last may be shorter).
+
+    t5's `span_corruption` concatenates tokenized documents without a
+    separator (`reduce_concat_tokens`) and splits them (`split_tokens`), so
+    no example is padding-heavy. A 1-token tail is dropped: its corruption
+    is degenerate (t5 masks nothing of it).
+    """
+    ids = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    stream = np.concatenate([np.asarray(x, np.int32) for x in ids] + [np.zeros(0, np.int32)])
+    if stream.size < 2:
+        raise ValueError(f"empty corpus: the documents tokenize to {stream.size} tokens")
+    chunks = [stream[i:i + tokens_length] for i in range(0, stream.size, tokens_length)]
+    return [c for c in chunks if c.size >= 2]
+
+
+# ================================= batching ===================================
+
+
+def _row_maker(task: Task, tokenizer, examples: list[dict], *, max_input_length: int,
+               max_target_length: int, seed: int):
+    """-> (make_row(index, epoch) -> Row, number of examples, references or None).
+
+    Rows are built lazily, so a process only tokenizes (and corrupts) its own.
+    """
+    eos_id = _check_tokenizer(tokenizer)
+    if min(max_input_length, max_target_length) < 2:
+        raise ValueError(f"max_input_length and max_target_length must be >= 2, got "
+                         f"{max_input_length}, {max_target_length}")
+    if task.kind == "pretrain":
+        tokens_length = random_spans_tokens_length(max_input_length, max_target_length)
+        chunks = _pretrain_chunks([task.format(ex)[0] for ex in examples], tokenizer, tokens_length)
+        # The longest chunk has the most spans (counts never shrink with length).
+        sentinels = sentinel_ids(tokenizer, _noise_counts(tokens_length, NOISE_DENSITY,
+                                                          MEAN_NOISE_SPAN_LENGTH)[1])
+
+        def make_pretrain_row(index, epoch):
+            # Seeded per (example, epoch): independent of batch size, order
+            # and process count, so a resumed or re-sharded run sees the same.
+            rng = np.random.default_rng([seed, _NOISE_STREAM, epoch, index])
+            inputs, targets = span_corruption(chunks[index], rng, NOISE_DENSITY,
+                                              MEAN_NOISE_SPAN_LENGTH, sentinels, eos_id)
+            return inputs, targets, None
+
+        return make_pretrain_row, len(chunks), None
+
+    if task.kind == "classification":
+        # GLUE test splits have label -1: nothing to learn or score.
+        examples = [ex for ex in examples if task.label_index(ex) != -1]
+        if not examples:
+            raise ValueError(f"{task.name}: no labelled examples (GLUE test splits have label -1)")
+
+    def make_row(index, epoch):
+        del epoch  # Supervised rows do not change between epochs.
+        inputs, targets = task.format(examples[index])
+        label = task.label_index(examples[index]) if task.kind == "classification" else None
+        return (_encode(tokenizer, inputs, max_input_length, eos_id),
+                _encode(tokenizer, targets, max_target_length, eos_id), label)
+
+    return make_row, len(examples), [task.references(ex) for ex in examples]
+
+
+def collate(rows: Sequence[Row | None], max_input_length: int, max_target_length: int,
+            with_label: bool) -> dict[str, np.ndarray]:
+    """Rows (None = padding example) -> fixed-shape int32 arrays.
+
+    Returns dict with input_ids, attention_mask [batch, max_input_length];
+    labels (targets, 0 = pad), decoder_input_ids (labels shifted right after
+    decoder start 0), decoder_attention_mask [batch, max_target_length];
+    label [batch] when `with_label`.
+    """
+    b = len(rows)
+    batch = {k: np.zeros((b, max_input_length), np.int32) for k in ("input_ids", "attention_mask")}
+    for k in ("labels", "decoder_input_ids", "decoder_attention_mask"):
+        batch[k] = np.zeros((b, max_target_length), np.int32)
+    if with_label:
+        batch["label"] = np.zeros((b,), np.int32)
+    for r, row in enumerate(rows):
+        if row is None:
+            continue
+        inputs, targets, label = row
+        assert len(inputs) <= max_input_length and len(targets) <= max_target_length
+        batch["input_ids"][r, :len(inputs)] = inputs
+        batch["attention_mask"][r, :len(inputs)] = 1
+        batch["labels"][r, :len(targets)] = targets
+        batch["decoder_attention_mask"][r, :len(targets)] = 1
+        if with_label:
+            batch["label"][r] = label
+    # Teacher forcing: position t sees the target token t-1 (T5's shift_right).
+    batch["decoder_input_ids"][:, 0] = DECODER_START_ID
+    batch["decoder_input_ids"][:, 1:] = batch["labels"][:, :-1]
+    return batch
+
+
+def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> range:
+    """This process's rows of a global batch: the `process_index`-th equal block."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                         f"process_count {process_count}")
+    local = global_batch_size // process_count
+    return range(process_index * local, (process_index + 1) * local)
+
+
+class TrainBatches:
+    """Infinite, deterministic, resumable iterator over this process's local batches.
+
+    The global stream is the concatenation of epochs, epoch e being a
+    permutation of all examples drawn from (seed, e); global batch b is
+    positions [b*G, (b+1)*G) of it (a batch may straddle two epochs, so no
+    example is ever dropped). This process yields rows `_local_rows` of it:
+    concatenating all processes' batches in process order gives the global
+    batch, whatever the process count. The state is the next batch index.
+    """
+
+    def __init__(self, make_row: Callable[[int, int], Row], num_examples: int, *,
+                 global_batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, max_input_length: int, max_target_length: int,
+                 with_label: bool, state: dict | None = None):
+        self._make_row, self._n = make_row, num_examples
+        self._rows = _local_rows(global_batch_size, process_index, process_count)
+        self._global_batch_size, self._seed = global_batch_size, int(seed)
+        self._lengths = (max_input_length, max_target_length)
+        self._with_label = with_label
+        self._perms: dict[int, np.ndarray] = {}
+        self._batch_index = 0
+        if state is not None:
+            self.set_state(state)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # A batch touches at most two epochs.
+                self._perms.pop(min(self._perms))
+            rng = np.random.default_rng([self._seed, _SHUFFLE_STREAM, epoch])
+            self._perms[epoch] = rng.permutation(self._n)
+        return self._perms[epoch]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = []
+        for r in self._rows:
+            epoch, i = divmod(self._batch_index * self._global_batch_size + r, self._n)
+            rows.append(self._make_row(int(self._perm(epoch)[i]), epoch))
+        self._batch_index += 1
+        return collate(rows, *self._lengths, self._with_label)
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position: the next global batch to yield (+ checks)."""
+        return {"batch_index": self._batch_index,
+                "epoch": self._batch_index * self._global_batch_size // self._n,
+                "seed": self._seed, "num_examples": self._n,
+                "global_batch_size": self._global_batch_size}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from `state`; refuses one taken on other data or settings."""
+        mine = self.get_state()
+        for key in ("seed", "num_examples", "global_batch_size"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"data state mismatch: {key} is {mine[key]} here but "
+                                 f"{state[key]} in the state being restored")
+        self._batch_index = int(state["batch_index"])
+
+
+class EvalBatches:
+    """One in-order pass over an eval set per iteration; re-iterable.
+
+    The last global batch is padded with all-zero rows of `weight` 0; `index`
+    gives each row's example index (-1 for padding), into `references`.
+    """
+
+    def __init__(self, make_row: Callable[[int, int], Row], num_examples: int,
+                 references: list[list[str]] | None, *, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1, max_input_length: int,
+                 max_target_length: int, with_label: bool):
+        self._make_row, self.num_examples, self.references = make_row, num_examples, references
+        self._rows = _local_rows(global_batch_size, process_index, process_count)
+        self._global_batch_size = global_batch_size
+        self._lengths = (max_input_length, max_target_length)
+        self._with_label = with_label
+        self._cache: dict[int, Row] = {}  # Eval runs many times; tokenize once.
+        self.num_batches = math.ceil(num_examples / global_batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _row(self, index: int) -> Row:
+        if index not in self._cache:
+            self._cache[index] = self._make_row(index, 0)
+        return self._cache[index]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for b in range(self.num_batches):
+            indices = [b * self._global_batch_size + r for r in self._rows]
+            real = [i < self.num_examples for i in indices]
+            rows = [self._row(i) if ok else None for i, ok in zip(indices, real)]
+            batch = collate(rows, *self._lengths, self._with_label)
+            batch["weight"] = np.asarray(real, np.float32)
+            batch["index"] = np.asarray([i if ok else -1 for i, ok in zip(indices, real)],
+                                        np.int32)
+            yield batch
+
+
+def train_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
+                  max_input_length: int, max_target_length: int, seed: int,
+                  data_dir: str | None = None, split: str | None = None,
+                  process_index: int = 0, process_count: int = 1,
+                  state: dict | None = None) -> TrainBatches:
+    """Infinite training batches of `task` on `spec` for this process.
+
+    Each call to `next` gives this process's rows [global_batch_size /
+    process_count, ...] of the next global batch; keys and shapes as in
+    `collate` (+ `label` for classification). Pass `state` (from
+    `get_state()`) to resume exactly where a run stopped.
+    """
+    task = get_task(task)
+    examples = read_source(spec, split=split, data_dir=data_dir)
+    make_row, n, _ = _row_maker(task, tokenizer, examples, max_input_length=max_input_length,
+                                max_target_length=max_target_length, seed=seed)
+    return TrainBatches(make_row, n, global_batch_size=global_batch_size, seed=seed,
+                        process_index=process_index, process_count=process_count,
+                        max_input_length=max_input_length, max_target_length=max_target_length,
+                        with_label=task.kind == "classification", state=state)
+
+
+def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
+                 max_input_length: int, max_target_length: int, seed: int = 0,
+                 data_dir: str | None = None, split: str | None = None,
+                 process_index: int = 0, process_count: int = 1) -> EvalBatches:
+    """One pass over the eval split (default: the spec's split, else the task's,
+    "validation" / mnli "validation_matched"), per-process sliced like
+    `train_batches`, plus `weight` (float32, 0 = padding) and `index` (int32).
+    `seed` only seeds span corruption for `pretrain`.
+    """
+    task = get_task(task)
+    if split is None and parse_source(spec)[2] is None:
+        split = task.eval_split
+    examples = read_source(spec, split=split, data_dir=data_dir)
+    make_row, n, references = _row_maker(task, tokenizer, examples,
+                                         max_input_length=max_input_length,
+                                         max_target_length=max_target_length, seed=seed)
+    return EvalBatches(make_row, n, references, global_batch_size=global_batch_size,
+                       process_index=process_index, process_count=process_count,
+                       max_input_length=max_input_length, max_target_length=max_target_length,
+                       with_label=task.kind == "classification")
