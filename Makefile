@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo serve clean
 
 install: $(STAMP)
 
@@ -21,8 +21,14 @@ $(STAMP): setup.py
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# The embedded default: tiny byte-level T5 -> k=4 plugin -> evaluation table (DESIGN §5).
 demo: install
 	$(PY) train.py --config=configs/demo.py --workdir=demo_workdir
+	$(PY) eval.py --config=configs/demo.py --workdir=demo_workdir
+
+# Adaptive plugin selection under a bursty load (benchmarks/README.md).
+serve: install
+	$(PY) -m benchmarks.serve
 
 clean:
 	rm -rf $(VENV) demo_workdir

@@ -1,0 +1,280 @@
+"""Losses, the train step, and `train_and_evaluate` end to end on tiny models."""
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import test_utils as tu
+from variator_jax import load_hf_t5, load_plugin, train_lib
+from variator_jax.plugins import PluginConfig, init_plugin
+from variator_jax.t5 import init_t5
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return tu.make_hf_dir(str(tmp_path_factory.mktemp("tiny_t5")))
+
+
+# -- Pieces ---------------------------------------------------------------------------------------
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    sched = train_lib.lr_schedule(1e-3, warmup_steps=4, total_steps=12)
+    lrs = [float(sched(i)) for i in range(12)]
+    np.testing.assert_allclose(lrs[:5], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-6)
+    np.testing.assert_allclose(lrs[11], 1e-3 / 8, rtol=1e-6)  # Last step: one eighth left.
+    assert float(sched(12)) == 0.0
+    assert float(train_lib.lr_schedule(1e-3, 0, 10)(0)) == pytest.approx(1e-3)
+
+
+def test_masked_mse_counts_real_positions_only():
+    s = jnp.array([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    t = jnp.array([[[0.0, 2.0], [3.0, 0.0], [0.0, 0.0]]])
+    mask = jnp.array([[1, 1, 0]])
+    # Squared errors at real positions: 1 + 0 + 0 + 16 = 17 over 2 positions x 2 features.
+    assert float(train_lib.masked_mse(s, t, mask)) == pytest.approx(17 / 4)
+
+
+def test_task_ce_reads_verbalizer_logits_at_the_first_position():
+    setup = train_lib.Setup(tu.tiny_t5(), None, "task", "classification", verbalizer=(7, 3))
+    logits = jnp.zeros((2, 3, 10)).at[0, 0, 7].set(5.0).at[1, 0, 3].set(5.0).at[1, 1, 7].set(50.0)
+    batch = {"label": jnp.array([0, 1])}
+    np.testing.assert_array_equal(train_lib.class_logits(setup, logits), [[5, 0], [0, 5]])
+    ce, n = train_lib.task_ce(setup, logits, batch)
+    assert float(n) == 2 and float(ce) == pytest.approx(2 * np.log1p(np.exp(-5.0)), rel=1e-5)
+
+
+def test_train_step_fits_the_teacher_and_leaves_the_backbone_alone():
+    cfg = tu.tiny_t5()
+    backbone = init_t5(jax.random.key(0), cfg)
+    pcfg = PluginConfig(4, bottleneck=8)
+    setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+    config = tu.load_config("plugin")
+    config.lr, config.warmup_steps, config.total_steps = 1e-2, 0, 30
+    tx, schedule = train_lib.make_optimizer(config)
+    state = train_lib.create_state(init_plugin(jax.random.key(1), cfg, pcfg), jax.random.key(2), tx)
+    batch = {k: jnp.asarray(v) for k, v in tu.fake_batch(4, 32, 8).items()}
+    step = jax.jit(lambda s, b, bb: train_lib.train_step(s, b, bb, setup=setup, tx=tx,
+                                                          schedule=schedule))
+    before = jax.tree.map(np.array, backbone)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch, backbone)
+        losses.append(float(metrics["loss"]))
+    assert set(metrics) == {"loss", "enc_mse", "dec_mse", "grad_norm", "lr", "tokens"}
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["enc_mse"] + metrics["dec_mse"]))
+    assert int(state.step) == 30
+    assert losses[-1] < 0.5 * losses[0], losses  # Distillation on one batch converges.
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, backbone))
+    # The backbone is behind stop_gradient: no signal reaches it even if asked for.
+    grads = jax.grad(lambda bb: sum(train_lib.loss_terms(setup, state.params, bb, batch,
+                                                         None, True)[0].values()))(backbone)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) == 0.0
+
+
+# -- End to end -----------------------------------------------------------------------------------
+def _first_last_loss(workdir):
+    lines = [m for m in tu.read_metrics(workdir) if "loss" in m]
+    return lines[0]["loss"], lines[-1]["loss"]
+
+
+def test_demo_chain_then_adapt_on_sst2(tmp_path):
+    """Stage 0 (tiny T5 from scratch) -> stage 1 (plugin pre-training) via configs/demo.py,
+    shrunk; a rerun skips both; stage 2 adapts the plugin to a mock SST-2."""
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds
+
+    demo = tu.load_config("demo")
+    small = dict(batch_size=8, eval_batch_size=8, max_input_length=32, max_target_length=8,
+                 log_every=4, checkpoint_every=8, warmup_steps=2)
+    tu.override(demo, dict(small, total_steps=12, lr=1e-2, **{"plugin.bottleneck": 8}))
+    tu.override(demo.backbone_stage, dict(small, total_steps=8))
+    demo.backbone_stage.model_overrides.update(d_model=32, d_kv=16, num_heads=2, d_ff=64)
+    for c in (demo, demo.backbone_stage):
+        c.data.train_split, c.data.eval_split = "train[:10%]", "train[95%:]"
+    workdir = str(tmp_path / "demo")
+    result = train_lib.train_and_evaluate(demo, workdir)
+
+    backbone_dir = os.path.join(workdir, "backbone_stage", "backbone")
+    cfg, backbone = load_hf_t5(backbone_dir)  # An HF directory, with the tokenizer beside it.
+    assert cfg.d_model == 32 and cfg.vocab_size == tu.BYTE_VOCAB
+    assert os.path.isfile(os.path.join(backbone_dir, "tokenizer_config.json"))
+    stage0_first, stage0_last = _first_last_loss(os.path.join(workdir, "backbone_stage"))
+    assert stage0_last < stage0_first
+    assert result["plugin_dir"] == os.path.join(workdir, "plugin")
+    pcfg, plugin = load_plugin(result["plugin_dir"], cfg=cfg, backbone=backbone)
+    assert pcfg.ratio == 4 and result["step"] == 12
+    first, last = _first_last_loss(workdir)
+    assert last < first, (first, last)
+    assert {"enc_mse", "dec_mse", "ce", "teacher_ce"} <= set(result["eval"])
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+    tic = time.time()  # Same command again: both stages are recognised as done.
+    assert train_lib.train_and_evaluate(demo, workdir)["plugin_dir"] == result["plugin_dir"]
+    assert time.time() - tic < 20
+
+    adapt = tu.tiny_plugin_config(backbone_dir, "stage=adapt,task=sst2", loss="task+hidden",
+                                  init_plugin=result["plugin_dir"], total_steps=12, lr=1e-2)
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        adapted = train_lib.train_and_evaluate(adapt, str(tmp_path / "sst2"))
+    first, last = _first_last_loss(str(tmp_path / "sst2"))
+    assert last < first, (first, last)
+    lines = tu.read_metrics(str(tmp_path / "sst2"))
+    assert {"enc_mse", "dec_mse", "task_ce", "lr", "grad_norm", "steps_per_sec",
+            "tokens_per_sec"} <= set(lines[0])
+    ev = adapted["eval"]
+    assert 0.0 <= ev["accuracy"] <= 1.0 and 0.0 <= ev["agreement"] <= 1.0
+    assert "teacher_accuracy" in ev
+
+
+def test_one_device_and_a_4x2_mesh_train_the_same_plugin(hf_dir, tmp_path):
+    plugins = []
+    for data, model in ((1, 1), (4, 2)):
+        config = tu.tiny_plugin_config(hf_dir, lr=1e-2, mesh__data=data, mesh__model=model,
+                                       total_steps=8)
+        result = train_lib.train_and_evaluate(config, str(tmp_path / f"mesh{data}x{model}"))
+        plugins.append(tu.read_plugin(result["plugin_dir"]))
+    assert plugins[0].keys() == plugins[1].keys()
+    moved = 0.0
+    for key in plugins[0]:
+        np.testing.assert_allclose(plugins[1][key], plugins[0][key], rtol=2e-5, atol=2e-6,
+                                   err_msg=key)
+        moved = max(moved, float(np.abs(plugins[0][key]).max()))
+    assert moved > 0  # (Trained weights, not two untouched inits.)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(hf_dir, tmp_path):
+    config = tu.tiny_plugin_config(hf_dir, lr=1e30, warmup_steps=0, log_every=1,
+                                   checkpoint_every=1, keep_checkpoints=5)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train_lib.NonFiniteLoss, match="last good checkpoint is step") as err:
+        train_lib.train_and_evaluate(config, workdir)
+    bad_step = int(str(err.value).split(" at step ")[1].split(":")[0])
+    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert saved and saved[-1] == bad_step - 1, (saved, str(err.value))
+    assert not os.path.exists(os.path.join(workdir, "plugin"))
+
+
+def test_a_workdir_of_another_run_is_refused_untouched(hf_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=4), workdir)
+
+    def snapshot():
+        return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)),
+                                     os.path.getmtime(os.path.join(d, f)))
+                for d, _, files in os.walk(workdir) for f in files}
+
+    before = snapshot()
+    with pytest.raises(train_lib.UserError, match="plugin.ratio=4 .this config: 2."):
+        train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=8,
+                                                           plugin__ratio=2), workdir)
+    other = tu.make_hf_dir(str(tmp_path / "other_t5"), seed=1)
+    with pytest.raises(train_lib.UserError, match="backbone.fingerprint"):
+        train_lib.train_and_evaluate(tu.tiny_plugin_config(other, total_steps=8), workdir)
+    assert snapshot() == before
+
+
+def test_cli_bad_input_is_one_line_without_traceback(hf_dir, tmp_path):
+    """Each item-7 error through `train.py`: exit code 1 or 2, one line on stderr."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    # A workdir with a checkpoint at step 4, then corrupted.
+    broken = str(tmp_path / "broken")
+    train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=4), broken)
+    for root, _, files in os.walk(os.path.join(broken, "checkpoints", "4")):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"not a checkpoint")
+    base = (["--config=configs/plugin.py:stage=pretrain"]
+            + tu.cli_flags({**tu.TINY_OVERRIDES, **tu.TINY_CORPUS}))
+    ok_backbone = f"--config.backbone={hf_dir}"
+    cases = {
+        "no such directory": [f"--config.backbone={tmp_path}/missing"],
+        "ratio must be an integer >= 1": [ok_backbone, "--config.plugin.ratio=0"],
+        "empty corpus": [ok_backbone, f"--config.data.train=text:{empty}"],
+        "unknown data source scheme 'ftp'": [ok_backbone, "--config.data.train=ftp:x"],
+        "unknown task 'nope'": [ok_backbone, "--config.task=nope"],
+        "cannot be restored": [ok_backbone, "--config.total_steps=8", f"--workdir={broken}"],
+        "no config field 'nope'": [ok_backbone, "--config.nope=1"],
+    }
+    procs = {}
+    for i, (expected, args) in enumerate(cases.items()):
+        workdir = [] if any(a.startswith("--workdir") for a in args) else [
+            f"--workdir={tmp_path}/w{i}"]
+        procs[expected] = tu.train_py(base + args + workdir)
+    for expected, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode in (1, 2), (expected, err)
+        assert "Traceback" not in err and len(lines) == 1, (expected, err)
+        assert lines[0].startswith("error: ") and expected in lines[0], (expected, lines)
+
+
+def test_finetune_state_shards_backbone_and_adam_moments_alike(hf_dir, tmp_path):
+    """Stage 0 on a 4 x 2 mesh: every weight and its AdamW moments share one layout."""
+    config = tu.load_config("finetune", "task=pretrain")
+    tiny = {k: v for k, v in tu.TINY_OVERRIDES.items() if not k.startswith("plugin.")}
+    tu.override(config, {**tiny, **tu.TINY_CORPUS, "mesh.data": 4, "mesh.model": 2})
+    config.backbone = hf_dir
+    run = train_lib._prepare(config, str(tmp_path / "ft"))
+    tx, _ = train_lib.make_optimizer(config)
+    shardings, _ = train_lib._backbone_shardings(run)
+    from variator_jax import sharding as sh
+    backbone = sh.put_global(run.host_backbone, shardings)
+    abstract, state_sh, make = train_lib._initial_state(run, tx, backbone)
+    state = make()
+    path = ("encoder", "block_0", "layer_1", "DenseReluDense", "wi_0", "kernel")
+    adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's first part is scale_by_adam.
+
+    def get(tree):
+        for p in path:
+            tree = tree[p]
+        return tree
+
+    from jax.sharding import PartitionSpec as P
+    assert get(state.params).sharding.spec == P(None, "model")
+    assert get(adam.mu).sharding.spec == get(adam.nu).sharding.spec == P(None, "model")
+    assert state.step.sharding.spec == P()
+    np.testing.assert_array_equal(np.asarray(get(state.params)), get(run.host_backbone))
+    assert not os.path.exists(str(tmp_path / "ft"))  # Preparing writes nothing.
+
+
+REQUIRED_FIELDS = ("backbone", "tokenizer", "stage", "data.train", "data.eval", "data.data_dir",
+                   "plugin.ratio", "plugin.bottleneck", "plugin.mask_aware", "batch_size",
+                   "total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "seed",
+                   "lr", "warmup_steps", "weight_decay", "clip_grad", "max_input_length",
+                   "max_target_length", "mesh.data", "mesh.model")
+
+
+@pytest.mark.parametrize("name,arg", [("plugin", "stage=pretrain"),
+                                      ("plugin", "stage=adapt,task=mnli,size=base,ratio=8"),
+                                      ("finetune", "task=squad,size=flan-t5-small"),
+                                      ("demo", None)])
+def test_configs_have_the_issue_fields_and_a_comment_on_each(name, arg):
+    c = tu.load_config(name, arg)
+    for field in REQUIRED_FIELDS:
+        if field.startswith("plugin.") and name == "finetune":
+            continue
+        target = c
+        for part in field.split("."):
+            assert part in target, f"{name}: no field {field}"
+            target = target[part]
+    with open(os.path.join(tu.REPO, "configs", f"{name}.py")) as f:
+        assignments = [ln for ln in f if ln.lstrip().startswith("c.") and " = " in ln]
+    assert assignments and all("#" in ln for ln in assignments), name
+    if arg and "adapt" in arg:  # Presets: released settings per stage and task (DESIGN §2).
+        assert (c.lr, c.batch_size, c.max_input_length, c.plugin.ratio) == (1e-5, 32, 256, 8)
+        assert c.variant == "t5-base" and c.data.train == "tfds:glue/mnli:train"
+    if arg == "stage=pretrain":
+        assert (c.lr, c.batch_size, c.total_steps, c.warmup_steps, c.weight_decay, c.clip_grad,
+                c.max_input_length, c.max_target_length) == (1e-3, 64, 60_000, 50, 1e-5, 10.0,
+                                                             224, 32)
+
+
+def test_a_size_preset_must_match_the_backbone_directory(hf_dir, tmp_path):
+    config = tu.tiny_plugin_config(hf_dir, "stage=pretrain,size=small")
+    with pytest.raises(train_lib.UserError, match="is not a t5-small: d_model is 32"):
+        train_lib.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")

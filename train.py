@@ -1,0 +1,78 @@
+r"""Trains a Variator plugin (or fine-tunes a backbone): a thin entry point over train_lib.
+
+  python train.py --config=configs/plugin.py:stage=pretrain --config.backbone=DIR --workdir=RUN
+  python train.py --config=configs/demo.py --workdir=demo_workdir
+
+Running the same command again resumes from RUN's latest checkpoint. Multi-host: pass
+--coordinator_address, --num_processes and --process_id to every process; on a TPU pod or
+under SLURM without them, jax.distributed.initialize() finds them itself.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Training config file, with presets after ':'.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def _cluster_detected() -> bool:
+    """A TPU pod slice or a multi-task SLURM job: jax.distributed can configure itself."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def _init_distributed() -> None:
+    import jax
+    explicit = FLAGS.coordinator_address is not None
+    if not explicit and not _cluster_detected():
+        return  # One machine, one process: no distributed set-up at all.
+    # CPU collectives across processes go through gloo (harmless on TPU/GPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                                   FLAGS.process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def _parse_flags(argv):
+    """absl's parser, with its errors (bad flags, config files, overrides) as one line."""
+    try:
+        argv = FLAGS(argv)
+        getattr(FLAGS.config, "stage", None)  # A config file that failed to load raises when read.
+        return argv
+    except (KeyError, AttributeError) as e:  # An override of a field the config lacks.
+        name = str(e.args[0]).strip("'\"") if e.args else "?"
+        _fail(f"no config field {name!r} (check the --config.* override)", 2)
+    except Exception as e:  # flags.Error, and whatever a config file's get_config raises.
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        _fail(lines[-1] if lines else type(e).__name__, 2)
+
+
+def _fail(message: str, code: int = 1):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
+    _init_distributed()
+    from variator_jax import train_lib  # After distributed init: it may touch devices.
+    try:
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train_lib.UserError as e:
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

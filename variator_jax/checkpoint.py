@@ -1,0 +1,154 @@
+"""Checkpoints of a training run: orbax `CheckpointManager` under `WORKDIR/checkpoints`.
+
+A checkpoint holds what a resumed run needs to continue exactly as an unbroken one
+(DESIGN.md §5): the train state (trainable parameters, optimizer state, step, RNG) and the
+data position (a small JSON dict). The frozen backbone is never saved: it is referenced by
+its identity in `WORKDIR/run.json`, which also pins the plugin's shape. A workdir whose
+`run.json` disagrees with the current config is refused before anything in it is touched.
+
+orbax writes each step into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoints intact (and the temporary one is removed on
+the next start).
+
+Example:
+  >>> check_workdir(workdir, identity)          # raises WorkdirMismatch, writes nothing
+  >>> ckpt = Checkpointer(workdir, keep=3)
+  >>> claim_workdir(workdir, identity)
+  >>> ckpt.save(100, state, data_iterator.get_state())
+  >>> state, data_state = ckpt.restore(ckpt.latest_step(), abstract_state)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import jax
+from absl import logging as absl_logging
+import orbax.checkpoint as ocp
+
+from variator_jax.fileio import atomic_write, write_text
+
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class WorkdirMismatch(ValueError):
+    """The workdir holds a different run (another ratio, backbone, stage or task)."""
+
+
+class RestoreError(ValueError):
+    """A checkpoint exists but cannot be read back."""
+
+
+# -- The run's identity -----------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_identity(workdir: str) -> dict | None:
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RestoreError(f"{path}: unreadable ({e}); this workdir's run cannot be identified, "
+                           "use another --workdir") from None
+
+
+def check_workdir(workdir: str, identity: dict) -> None:
+    """Raises `WorkdirMismatch` if `workdir` holds a run with another identity.
+
+    `identity` is a JSON-able dict (stage, task, plugin shape, backbone fingerprint, ...).
+    Checks only; nothing is created or changed.
+    """
+    saved = read_identity(workdir)
+    if saved is None:
+        ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+        if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+            raise WorkdirMismatch(f"{workdir} has checkpoints but no {RUN_FILE}: not a run "
+                                  "this trainer can resume; use another --workdir")
+        return
+    mine, theirs = _flatten(json.loads(json.dumps(identity))), _flatten(saved)
+    diffs = [f"{k}={theirs.get(k)!r} (this config: {mine.get(k)!r})"
+             for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if diffs:
+        raise WorkdirMismatch(f"{workdir} holds another run: {'; '.join(diffs[:3])}"
+                              f"{' ...' if len(diffs) > 3 else ''}. Use another --workdir, or "
+                              "delete this one to start over")
+
+
+def claim_workdir(workdir: str, identity: dict) -> None:
+    """Writes `run.json` (process 0, once); call after `check_workdir` passed."""
+    if jax.process_index() == 0 and read_identity(workdir) is None:
+        os.makedirs(workdir, exist_ok=True)
+        atomic_write(workdir, RUN_FILE,
+                     lambda tmp: write_text(tmp, json.dumps(identity, indent=2) + "\n"))
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.FATAL)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+# -- Checkpoints ------------------------------------------------------------------------------
+class Checkpointer:
+    """Saves and restores (train state, data state) pairs under `workdir/checkpoints`.
+
+    Saving is asynchronous (orbax copies the arrays to host memory, then writes in the
+    background); `close()` waits for the last write. All processes must call every method.
+    """
+
+    def __init__(self, workdir: str, keep: int):
+        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
+                                               cleanup_tmp_directories=True)
+        with _absl_quiet():  # A corrupt step's metadata is reported by `restore`.
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        with _absl_quiet():
+            return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict) -> None:
+        self._manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """`abstract_state`: the state's tree of `jax.ShapeDtypeStruct`s with shardings; the
+        restored arrays come back with exactly those shardings."""
+        try:
+            with _absl_quiet():  # orbax logs each failure itself; we report it once, below.
+                restored = self._manager.restore(int(step), args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax, tensorstore and json each raise their own types.
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise RestoreError(
+                f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
+                f"({type(e).__name__}: {first}); delete that directory to resume from an "
+                "earlier checkpoint, or use another --workdir") from None
+        if not isinstance(restored.data, dict):
+            raise RestoreError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
+                               "data position; delete it or use another --workdir")
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

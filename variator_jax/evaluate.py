@@ -1,0 +1,303 @@
+"""Evaluation: what a plugin costs in quality and saves in compute, teacher and plugins side by side.
+
+For the teacher (the backbone, no plugin) and each plugin, on the config's eval split:
+  - quality: GLUE accuracy (MRPC: F1) from the verbalizer logits; SQuAD EM/F1 from greedy
+    decoding; for the task-agnostic `pretrain` stage, the distillation errors and how often
+    the student's span predictions (argmax tokens) agree with the teacher's;
+  - analytic FLOPs per example of the path measured, and the saving over the teacher;
+  - plugin parameters as a share of the backbone;
+  - measured examples/s on this machine and the speedup over the teacher (medians, the
+    models timed in interleaved rounds so that a change in machine load hits all alike).
+
+Writes `WORKDIR/eval/results.json`, `results.md` (the table printed) and `speed_accuracy.png`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from variator_jax import data as data_lib
+from variator_jax import flops as flops_lib
+from variator_jax import sharding
+from variator_jax import train_lib
+from variator_jax.convert import load_hf_t5
+from variator_jax.fileio import atomic_write, write_text
+from variator_jax.metrics import glue_metric, headline_metric, squad_em_f1
+from variator_jax.model import forward, generate
+from variator_jax.plugins import PluginConfig, load_plugin, plugin_param_count
+from variator_jax.t5 import logical_axes
+
+UserError = train_lib.UserError
+
+
+@dataclasses.dataclass
+class Model:
+    """One row of the comparison: the teacher (pcfg None) or a plugin on the same backbone."""
+    name: str
+    pcfg: PluginConfig | None
+    params: Any = None  # Plugin tree (placed on the mesh), None for the teacher.
+
+    @property
+    def ratio(self) -> int:
+        return self.pcfg.ratio if self.pcfg else 1
+
+    @property
+    def plugin(self):
+        return None if self.pcfg is None else (self.pcfg, self.params)
+
+
+def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict:
+    """Evaluates the teacher and `plugin_dirs` (default: `config.eval.plugins`, else
+    WORKDIR/plugin). Returns the results dict also written to WORKDIR/eval/results.json."""
+    workdir = os.path.abspath(workdir)
+    backbone_dir = _backbone_dir(config, workdir)
+    with train_lib.user_errors("tokenizer"):
+        tokenizer = data_lib.load_tokenizer(config.get("tokenizer") or None, backbone_dir)
+    with train_lib.user_errors(f"backbone {backbone_dir}"):
+        cfg, host_backbone = load_hf_t5(backbone_dir, dtype=config.get("dtype", "float32"))
+    with train_lib.user_errors("config.task"):
+        task = data_lib.get_task(config.task)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
+    rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
+    backbone = sharding.put_global(host_backbone, sharding.tree_shardings(
+        mesh, logical_axes(cfg), host_backbone, rules))
+    models = [Model("teacher", None)] + [
+        _load_model(d, cfg, host_backbone, mesh) for d in _plugin_dirs(config, workdir, plugin_dirs)]
+    data = _eval_data(config, task, tokenizer, mesh, rules)
+    verbalizer = (tuple(int(i) for i in task.verbalizer_ids(tokenizer))
+                  if task.kind == "classification" else None)
+    rows = []
+    for model in models:
+        train_lib.say(f"evaluating {model.name} on {config.data.eval} ...")
+        setup = train_lib.Setup(cfg, model.pcfg, "hidden", task.kind, verbalizer, dropout=False)
+        quality = _quality(setup, model, backbone, data, mesh, rules, task, tokenizer, config)
+        rows.append(dict(name=model.name, ratio=model.ratio, **quality))
+    speeds = _measure_speed(cfg, models, backbone, data, mesh, rules, task, config)
+    backbone_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(host_backbone))
+    for row, model, seconds in zip(rows, models, speeds):
+        row.update(_costs(cfg, model, task, config, backbone_params))
+        row["examples_per_s"] = _batch_size(config) / seconds
+        row["speedup"] = speeds[0] / seconds
+    for row in rows:
+        row["flops_saving"] = 1 - row["flops_per_example"] / rows[0]["flops_per_example"]
+    results = {"task": task.name, "eval_data": config.data.eval, "backbone": backbone_dir,
+               "quality_metric": _quality_metric(task), "machine": machine_description(),
+               "max_input_length": config.max_input_length, "entries": rows}
+    _write(workdir, results)
+    return results
+
+
+# -- Inputs -------------------------------------------------------------------------------------
+def _backbone_dir(config, workdir: str) -> str:
+    """`config.backbone`, or the backbone a `backbone_stage` made (the demo)."""
+    if config.backbone:
+        return config.backbone
+    result = os.path.join(workdir, "backbone_stage", train_lib.RESULT_FILE)
+    if os.path.isfile(result):
+        with open(result) as f:
+            return json.load(f)["backbone_dir"]
+    raise UserError("config.backbone is empty and WORKDIR/backbone_stage has no finished "
+                    f"backbone ({result} missing): set --config.backbone=DIR or run train.py first")
+
+
+def _plugin_dirs(config, workdir: str, given: list[str] | None) -> list[str]:
+    if given is None:
+        given = [d for d in config.eval.plugins.split(",") if d]
+        if not given and config.stage != "finetune":  # A plugin run evaluates its own plugin.
+            given = [os.path.join(workdir, "plugin")]
+    for d in given:
+        if not os.path.isdir(d):
+            raise UserError(f"plugin directory {d} does not exist (train one with train.py, or "
+                            "list existing ones with --config.eval.plugins=DIR1,DIR2)")
+    return given
+
+
+def _load_model(directory: str, cfg, host_backbone, mesh) -> Model:
+    with train_lib.user_errors(f"plugin {directory}"):
+        pcfg, params = load_plugin(directory, cfg=cfg, backbone=host_backbone)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    return Model(f"k={pcfg.ratio} ({os.path.basename(os.path.normpath(directory))})", pcfg, params)
+
+
+def _batch_size(config) -> int:
+    return config.get("eval_batch_size") or config.batch_size
+
+
+def _eval_data(config, task, tokenizer, mesh, rules):
+    if not config.data.get("eval"):
+        raise UserError("config.data.eval is empty: nothing to evaluate on")
+    index, count = sharding.data_shard(mesh, rules)
+    with train_lib.user_errors(f"data.eval {config.data.eval}"):
+        return data_lib.eval_batches(
+            config.data.eval, task, tokenizer, global_batch_size=_batch_size(config),
+            max_input_length=config.max_input_length, max_target_length=config.max_target_length,
+            seed=config.seed, data_dir=config.data.get("data_dir") or None,
+            split=config.data.get("eval_split") or None, process_index=index, process_count=count)
+
+
+# -- Quality --------------------------------------------------------------------------------------
+def _quality_metric(task) -> str:
+    if task.kind == "classification":
+        return headline_metric(task.name)
+    return "f1" if task.kind == "generation" else "agreement"
+
+
+def _quality(setup, model, backbone, data, mesh, rules, task, tokenizer, config) -> dict:
+    if task.kind == "generation":
+        out = _squad(setup.cfg, model, backbone, data, mesh, rules, tokenizer, config)
+    else:
+        out = _distillation_and_task(setup, model, backbone, data, mesh, rules, task)
+    out["quality"] = out[_quality_metric(task)]
+    return out
+
+
+def _distillation_and_task(setup, model, backbone, data, mesh, rules, task) -> dict:
+    """train_lib's eval step: classification metrics, CE, distillation errors, agreement."""
+    step = jax.jit(functools.partial(train_lib.eval_step, setup=setup))
+    params, frozen = (backbone, None) if model.pcfg is None else (model.params, backbone)
+    sums, preds = {}, {}
+    for local in data:
+        out = jax.device_get(step(params, sharding.global_batch(mesh, local, rules), frozen))
+        for k, v in out.items():
+            if np.ndim(v):
+                preds.setdefault(k, []).append(np.asarray(v))
+            else:
+                sums[k] = sums.get(k, 0.0) + float(v)
+    result = train_lib.eval_summary(task.name, sums, {k: np.concatenate(v) for k, v in preds.items()})
+    if model.pcfg is None:  # The teacher agrees with itself; its metrics are its own.
+        result["agreement"] = 1.0
+    return result
+
+
+def _squad(cfg, model, backbone, data, mesh, rules, tokenizer, config) -> dict:
+    """Greedy answers (max_target_length tokens) scored by the official SQuAD v1.1 metric."""
+    predictions, answers = [], []
+    for local in data:
+        batch = sharding.global_batch(mesh, local, rules)
+        tokens = generate(cfg, backbone, batch["input_ids"], batch["attention_mask"],
+                          config.max_target_length, model.plugin)
+        tokens = multihost_utils.process_allgather(tokens, tiled=True)
+        index = multihost_utils.process_allgather(batch["index"], tiled=True)
+        for row, i in zip(np.asarray(tokens), np.asarray(index)):
+            if i >= 0:
+                predictions.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                answers.append(data.references[i])
+    return squad_em_f1(predictions, answers)
+
+
+# -- Cost and speed -------------------------------------------------------------------------------
+def _decoder_length(task, config) -> int:
+    """Decoder positions the measured path computes: one for classification (the verbalizer
+    position), the targets for span corruption, the answer tokens for generation."""
+    return 1 if task.kind == "classification" else config.max_target_length
+
+
+def _costs(cfg, model, task, config, backbone_params: int) -> dict:
+    n, m = config.max_input_length, _decoder_length(task, config)
+    bottleneck = model.pcfg.bottleneck if model.pcfg else 64
+    enc = flops_lib.encoder_flops(cfg, n, model.pcfg.ratio if model.pcfg else None, bottleneck)
+    enc0 = flops_lib.encoder_flops(cfg, n)
+    params = plugin_param_count(cfg, model.pcfg) if model.pcfg else 0
+    return {"flops_per_example": flops_lib.forward_flops(cfg, n, m, model.pcfg.ratio if model.pcfg
+                                                         else None, bottleneck),
+            "encoder_flops_saving": 1 - enc["total"] / enc0["total"],
+            "plugin_params": params, "plugin_params_pct": 100.0 * params / backbone_params}
+
+
+def _measure_speed(cfg, models, backbone, data, mesh, rules, task, config) -> list[float]:
+    """Median seconds per eval batch for each model, on the first eval batch, in rounds."""
+    batch = sharding.global_batch(mesh, next(iter(data)), rules)
+    m = _decoder_length(task, config)
+    if task.kind == "generation":
+        run = lambda model: generate(cfg, backbone, batch["input_ids"], batch["attention_mask"],
+                                     m, model.plugin)
+    else:
+        run = lambda model: forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
+                                    batch["decoder_input_ids"][:, :m],
+                                    batch["decoder_attention_mask"][:, :m], model.plugin)["logits"]
+    repeats = max(int(config.eval.speed_repeats), 1)
+    times = [[] for _ in models]
+    for model in models:  # Compile and warm up.
+        jax.block_until_ready(run(model))
+    for _ in range(repeats):
+        for i, model in enumerate(models):
+            start = time.perf_counter()
+            jax.block_until_ready(run(model))
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def machine_description() -> str:
+    """'AMD EPYC 7B13, 2 cores, cpu (jax 0.10.2)': what the measured speeds were taken on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    accel = "" if device.platform == "cpu" else f", {len(jax.devices())} x {device.device_kind}"
+    return f"{model}, {os.cpu_count()} cores{accel}, {jax.default_backend()} (jax {jax.__version__})"
+
+
+# -- Outputs --------------------------------------------------------------------------------------
+def format_table(results: dict) -> str:
+    """The Markdown table a reader compares methods with."""
+    metric = results["quality_metric"]
+    teacher = results["entries"][0]["quality"]
+    lines = [f"{results['task']} on {results['eval_data']} (n = {results['max_input_length']}), "
+             f"measured on {results['machine']}", "",
+             f"| model | k | {metric} | vs teacher | GFLOPs/example | FLOPs saved | encoder FLOPs "
+             "saved | plugin params (% of backbone) | examples/s | speedup |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results["entries"]:
+        delta = "" if r["ratio"] == 1 else f"{r['quality'] - teacher:+.4f}"
+        lines.append(
+            f"| {r['name']} | {r['ratio']} | {r['quality']:.4f} | {delta} | "
+            f"{r['flops_per_example'] / 1e9:.3f} | {100 * r['flops_saving']:.1f} % | "
+            f"{100 * r['encoder_flops_saving']:.1f} % | {r['plugin_params']:,} "
+            f"({r['plugin_params_pct']:.2f} %) | {r['examples_per_s']:.1f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Quality vs measured speedup, one point per ratio (the teacher at 1x)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    entries = sorted(results["entries"], key=lambda r: r["ratio"])
+    ax.plot([r["speedup"] for r in entries], [r["quality"] for r in entries], "o-", color="C0")
+    for r in entries:
+        ax.annotate("teacher" if r["ratio"] == 1 else f"k={r['ratio']}", (r["speedup"], r["quality"]),
+                    textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("measured speedup over the teacher (x)")
+    ax.set_ylabel(results["quality_metric"])
+    ax.set_title(f"Variator on {results['task']}: quality vs speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _write(workdir: str, results: dict) -> None:
+    table = format_table(results)
+    train_lib.say(table)
+    if jax.process_index() != 0:
+        return
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    atomic_write(out, "results.json", lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
+    atomic_write(out, "results.md", lambda tmp: write_text(tmp, table + "\n"))
+    plot(results, os.path.join(out, "speed_accuracy.png"))
+    train_lib.say(f"Results written to {out}/results.json, results.md, speed_accuracy.png")
