@@ -79,16 +79,4 @@ def get_config(arg=None):
     c.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     c.keep_checkpoints = 2  # Most recent checkpoints kept (each holds the whole backbone).
 
-    # -- eval.py --------------------------------------------------------------------------------
-    c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
-    c.eval.plugins = ""  # Comma-separated plugin dirs; "" = WORKDIR/plugin (none for finetune).
-    c.eval.speed_repeats = 5  # Timed rounds per model; the median is reported.
-
-    # -- Mesh -------------------------------------------------------------------------------------
-    c.mesh = ml_collections.ConfigDict()  # Device mesh ("data", "model") and axis rules.
-    c.mesh.data = -1  # Devices along the batch axis; -1 = all the rest.
-    c.mesh.model = 1  # Devices along the backbone's mlp / heads / vocab dims (tensor parallel).
-    c.mesh.rules = (  # Logical axis -> mesh axis (or None); add ("embed", "data") for FSDP.
-        ("batch", "data"), ("vocab", "model"), ("mlp", "model"), ("heads", "model"),
-        ("kv", None), ("embed", None), ("relpos_buckets", None), ("length", None))
-    return c
+    return plugin.add_eval_and_mesh(c)

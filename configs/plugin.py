@@ -108,7 +108,11 @@ def get_config(arg=None):
     c.eval_batch_size = 0  # Global eval batch; 0 = batch_size.
     c.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     c.keep_checkpoints = 3  # Most recent checkpoints kept in WORKDIR/checkpoints.
+    return add_eval_and_mesh(c)
 
+
+def add_eval_and_mesh(c):
+    """The eval.py and mesh fields every training config shares (finetune.py too)."""
     # -- eval.py --------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
     c.eval.plugins = ""  # Comma-separated plugin dirs; "" = WORKDIR/plugin (none for finetune).

@@ -108,6 +108,29 @@ def test_generate_cache_equals_teacher_forcing(pair):
     np.testing.assert_array_equal(np.where(ended, cfg.pad_token_id, argmax), tokens)
 
 
+@pytest.mark.parametrize("blocks", ["queries", "examples"])
+def test_blocked_encoder_attention_matches_hf(pair, blocks, monkeypatch):
+    """Long inputs on CPU run encoder attention in blocks (t5.ATTENTION_BLOCK_BYTES): forced
+    here on a tiny model, both kinds of block (query rows, with padding to a multiple of the
+    block; whole examples) must still give HF's encoder output."""
+    _, hf, cfg, backbone = pair
+    b, n, h = 3, 37, cfg.num_heads
+    rng = np.random.default_rng(5)
+    ids = rng.integers(2, cfg.vocab_size, (b, n)).astype(np.int32)
+    mask = np.ones((b, n), np.int32)
+    mask[1, 20:], mask[2, 3:] = 0, 0
+    budget, expected = {"queries": (h * 16 * n * 4, (1, 16)),
+                        "examples": (h * n * n * 4, (1, n))}[blocks]
+    monkeypatch.setattr(t5, "ATTENTION_BLOCK_BYTES", budget)
+    assert t5.attention_blocks(b, h, n, n) == expected  # Not the single dense block.
+    encode = jax.jit(lambda p, i, m: t5.T5(cfg).apply({"params": p}, i, m, method=t5.T5.encode))
+    with torch.no_grad():
+        ref = hf.get_encoder()(input_ids=torch.tensor(ids, dtype=torch.long),
+                               attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    real = mask > 0
+    assert rel_diff(np.asarray(encode(backbone, ids, mask))[real], ref[real]) < 1e-4
+
+
 def test_relative_position_bucket_matches_hf():
     from transformers.models.t5.modeling_t5 import T5Attention
     rel = np.arange(-300, 300)

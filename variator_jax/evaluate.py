@@ -237,14 +237,18 @@ def _measure_speed(cfg, models, backbone, data, mesh, rules, task, config) -> li
     return [float(np.median(t)) for t in times]
 
 
-def machine_description() -> str:
-    """'AMD EPYC 7B13, 2 cores, cpu (jax 0.10.2)': what the measured speeds were taken on."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The host CPU's model name ('AMD EPYC 7B13'), or the platform's word for it."""
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine_description() -> str:
+    """'AMD EPYC 7B13, 2 cores, cpu (jax 0.10.2)': what the measured speeds were taken on."""
+    model = cpu_model()
     device = jax.devices()[0]
     accel = "" if device.platform == "cpu" else f", {len(jax.devices())} x {device.device_kind}"
     return f"{model}, {os.cpu_count()} cores{accel}, {jax.default_backend()} (jax {jax.__version__})"

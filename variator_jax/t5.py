@@ -161,6 +161,7 @@ jax.tree_util.register_static(T5Config)
 # Every parameter carries logical axis names; only sharding.py maps them onto a mesh.
 # ================================================================================================
 import functools  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -219,17 +220,120 @@ class RelativePositionBias(nn.Module):
     cfg: T5Config
     bidirectional: bool
 
-    @nn.compact
-    def __call__(self, q_pos, k_pos):
-        """q_pos [q], k_pos [k] (absolute positions) -> bias [1, heads, q, k] float32."""
+    def setup(self):
         cfg = self.cfg
-        table = self.param("embedding", nn.with_logical_partitioning(
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(
             nn.initializers.normal(0.05), ("relpos_buckets", "heads")),
             (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
-        bucket = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.bidirectional,
-                                          cfg.relative_attention_num_buckets,
-                                          cfg.relative_attention_max_distance)
-        return jnp.transpose(table[bucket], (2, 0, 1))[None]
+
+    def _lookup(self, relative_position):
+        """Relative positions k - q (any shape) -> bias [..., heads] float32."""
+        cfg = self.cfg
+        return self.embedding[relative_position_bucket(
+            relative_position, self.bidirectional, cfg.relative_attention_num_buckets,
+            cfg.relative_attention_max_distance)]
+
+    def __call__(self, q_pos, k_pos):
+        """q_pos [q], k_pos [k] (absolute positions) -> bias [1, heads, q, k] float32."""
+        return jnp.transpose(self._lookup(k_pos[None, :] - q_pos[:, None]), (2, 0, 1))[None]
+
+    def by_offset(self, length):
+        """The bias depends on k - q only: [heads, 2*length - 1], entry length-1 + k - q.
+
+        For a full sequence this holds all of `__call__`'s values in O(length) memory."""
+        return self._lookup(jnp.arange(1 - length, length)).T
+
+
+class ToeplitzBias(NamedTuple):
+    """Encoder self-attention bias in O(batch*n + heads*n) memory instead of [batch, heads, n, n].
+
+    `mask` [batch, 1, 1, n] (0 or NEG_INF); `offsets` [heads, 2n-1] (see
+    `RelativePositionBias.by_offset`), added by the first layer and shared by the rest.
+    `block(q0, q_len)` is rows q0 .. q0+q_len-1 of mask + position bias,
+    [batch, heads|1, q_len, n]: the same values, summed in the same order, as the dense bias.
+    """
+    mask: jax.Array
+    offsets: jax.Array | None = None
+
+    def block(self, q0, q_len: int):
+        if self.offsets is None:
+            return self.mask
+        n = self.mask.shape[-1]
+        # Row q is the contiguous slice offsets[:, n-1-q : 2n-1-q]: a gather of whole rows,
+        # ~3x faster on CPU than gathering each (q, k) element.
+        starts = (n - 1 - q0) - jnp.arange(q_len)
+        rows = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(self.offsets, s, n, axis=1),
+                        out_axes=1)(starts)  # [heads, q_len, n]
+        return self.mask + rows[None]
+
+
+# XLA:CPU gives each call one fresh block of temporaries, and glibc maps blocks over 32 MiB
+# afresh each time, so every page of them is faulted in on every call (~3 us per 4 KiB here):
+# a dense [batch, heads, n, n] float32 score tensor (48 MiB for t5-base at n = 1024) costs more
+# in page faults than in arithmetic. On CPU, encoder attention therefore runs in blocks whose
+# scores stay under this many bytes (and in cache); accelerators take one block.
+ATTENTION_BLOCK_BYTES = 4 << 20
+
+
+def attention_blocks(batch: int, heads: int, q_len: int, k_len: int) -> tuple[int, int]:
+    """(examples, queries) per attention block: all of it off CPU or when it fits the budget;
+    else whole examples per block if one fits, else one example and the largest power of two of
+    queries within the budget (1024 -> 64 at t5-base widths), or, where that would pad q_len
+    by more than 1/8, q_len split evenly into multiples of 8 (300 -> 152, not 256)."""
+    per_example = heads * q_len * k_len * 4
+    if jax.default_backend() != "cpu" or batch * per_example <= ATTENTION_BLOCK_BYTES:
+        return batch, q_len
+    if per_example <= ATTENTION_BLOCK_BYTES:
+        return max(e for e in range(1, batch + 1)
+                   if batch % e == 0 and e * per_example <= ATTENTION_BLOCK_BYTES), q_len
+    rows = max(8, ATTENTION_BLOCK_BYTES // (heads * k_len * 4))  # Queries within the budget.
+    queries = 1 << (rows.bit_length() - 1)  # Measured faster than e.g. 80 at n = 1024.
+    if -q_len % queries > q_len // 8:
+        queries = 8 * _ceil_div(_ceil_div(q_len, _ceil_div(q_len, rows)), 8)
+    return 1, queries
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def blocked_attention(q, k, v, bias: ToeplitzBias, block: tuple[int, int], dropout=None):
+    """softmax(q k^T + bias) v, one block of examples x queries at a time (exact blocking).
+
+    q, k, v: [batch, n, heads, d_kv] in the compute dtype; `block` from `attention_blocks`.
+    `dropout` (weights -> weights) only with a single block. Returns [batch, n, heads, d_kv].
+    """
+    b, n, h, d = q.shape
+    examples, queries = block
+    if dropout is not None and block != (b, n):
+        raise ValueError(f"attention dropout needs a single block, got {block} for {(b, n)}")
+    pad = -n % queries
+    # [batch, heads, length, d_kv]: the batched matmuls below then need no transposes.
+    q, k, v = (jnp.pad(x, ((0, 0), (0, p), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+               for x, p in ((q, pad), (k, 0), (v, 0)))
+
+    def query_block(qg, kg, vg, mask, i):
+        qb = jax.lax.dynamic_slice_in_dim(qg, i * queries, queries, axis=2)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", qb, kg).astype(jnp.float32)
+        weights = jax.nn.softmax(scores + bias._replace(mask=mask).block(i * queries, queries),
+                                 axis=-1).astype(q.dtype)
+        weights = weights if dropout is None else dropout(weights)
+        return jnp.einsum("bhqk,bhkd->bhqd", weights, vg)
+
+    def example_block(args):
+        qg, kg, vg, mask = args
+        if queries == n + pad:
+            return query_block(qg, kg, vg, mask, 0)
+        out = jax.lax.map(lambda i: query_block(qg, kg, vg, mask, i),
+                          jnp.arange((n + pad) // queries))  # [blocks, e, h, queries, d]
+        return jnp.moveaxis(out, 0, 2).reshape(qg.shape)
+
+    if examples == b:
+        out = example_block((q, k, v, bias.mask))
+    else:
+        split = lambda x: x.reshape(b // examples, examples, *x.shape[1:])
+        out = jax.lax.map(example_block, tuple(map(split, (q, k, v, bias.mask)))).reshape(q.shape)
+    return out[:, :, :n].transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
@@ -238,6 +342,9 @@ class Attention(nn.Module):
     `bias` [batch|1, heads|1, q, k] float32 holds the mask (and, after the first layer, the
     position bias). A layer with `has_relative_bias` adds its learned bias for `positions`
     (q_pos [q], k_pos [k]) and returns the sum, which the stack shares with later layers.
+    The encoder passes a `ToeplitzBias` instead (self-attention over the full sequence, where
+    the position bias is a function of k - q): the first layer fills in its `offsets`, and
+    attention runs in blocks (`blocked_attention`) that never hold [batch, heads, n, n].
 
     `cache`: None (no caching); for self-attention while decoding, a dict of `k`, `v`
     [batch, max_len, heads, d_kv] and `index` (the new keys/values are written there and
@@ -266,13 +373,22 @@ class Attention(nn.Module):
                 cache = dict(cache, k=k, v=v)
             elif cache is not None:
                 cache = {"k": k, "v": v}
-        if self.has_relative_bias:
-            bias = bias + RelativePositionBias(cfg, self.bidirectional,
-                                               name="relative_attention_bias")(*positions)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(dt)).astype(jnp.float32) + bias
-        weights = jax.nn.softmax(scores, axis=-1).astype(dt)
-        weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dt))
+        relative = (RelativePositionBias(cfg, self.bidirectional, name="relative_attention_bias")
+                    if self.has_relative_bias else None)
+        dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
+        if isinstance(bias, ToeplitzBias):  # Encoder self-attention: blocked, see above.
+            if relative is not None:
+                bias = bias._replace(offsets=relative.by_offset(x.shape[1]))
+            active = not deterministic and cfg.dropout_rate > 0  # Flax dropout needs one block.
+            block = (q.shape[0], q.shape[1]) if active else attention_blocks(
+                q.shape[0], cfg.num_heads, q.shape[1], k.shape[1])
+            out = blocked_attention(q, k, v, bias, block, dropout if active else None)
+        else:
+            if relative is not None:
+                bias = bias + relative(*positions)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(dt)).astype(jnp.float32) + bias
+            weights = dropout(jax.nn.softmax(scores, axis=-1).astype(dt))
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dt))
         out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                               param_dtype=jnp.float32, name="o",
                               kernel_init=_dense_init(("heads", "kv", "embed")))(out)
@@ -383,7 +499,7 @@ class Encoder(nn.Module):
         cfg = self.cfg
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         pos = jnp.arange(h.shape[1])
-        bias = _mask_bias(mask)
+        bias = ToeplitzBias(_mask_bias(mask))  # Layer 0 adds the position bias.
         if plugin is not None and len(plugin[1]) != cfg.num_layers:
             raise ValueError(f"plugin num_layers {len(plugin[1])} != model num_layers "
                              f"(encoder) {cfg.num_layers}")

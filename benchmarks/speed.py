@@ -1,0 +1,402 @@
+"""Encoder speed: compressed vs uncompressed against the FLOPs ceiling, and JAX vs PyTorch.
+
+    python -m benchmarks.speed                    # t5-base widths, 2 layers, batch 1: ~2 min
+    python -m benchmarks.speed --layers 4 --batch 4 --lengths 256,512 --ratios 4
+    python -m benchmarks.speed --dtype bfloat16   # on an accelerator (adds MFU)
+
+Model: the widths of `--variant` (t5-base: d_model 768, d_ff 3072, 12 heads, so the FFN
+dominates as in the real model) with `--layers` encoder layers, random weights; the speed of
+a layer does not depend on the weights, and per-layer ratios do not depend on the depth.
+
+Three tables (see benchmarks/README.md for every column):
+  1. the jitted `variator_jax.model.encode` with a k = 2/4/8 plugin vs without, as measured
+     speedup and as a fraction of the analytic ceiling
+     `encoder_flops(cfg, n)["total"] / encoder_flops(cfg, n, ratio=k)["total"]`
+     (issue 3's target: >= 0.9 at n >= 256 on CPU);
+  2. the uncompressed JAX encoder vs HF transformers' PyTorch T5 encoder, same weights (via
+     `save_hf_t5` -> `from_pretrained`), batch and threads (target: JAX at least as fast);
+     on an accelerator also model FLOPs utilisation;
+  3. one layer's attention block and FFN block (plain and with each plugin) timed alone, with
+     their FLOP rates: where the gap between measured speedup and ceiling comes from.
+Every variant of one length runs interleaved, round after round (order reversed every other
+round), so load from other processes hits them alike; times are medians over rounds and
+ratios are medians of the per-round ratios. Results: benchmarks/results/speed-<machine>.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+# PyTorch's OpenMP threads spin-wait between parallel regions by default; on a machine whose
+# cores other processes also use, a spinning thread that loses its core stalls every region
+# (measured here: the 2-layer encoder at n = 256 went from ~100 ms to ~630 ms). Sleeping waits
+# give PyTorch its best time, so the comparison below is the conservative one. Must be set
+# before torch (libgomp) loads; an explicit setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import variator_jax as vj  # noqa: E402
+from variator_jax import t5  # noqa: E402
+from variator_jax.flops import encoder_flops  # noqa: E402
+from variator_jax.model import encode  # noqa: E402
+
+TARGET_FRACTION, TARGET_FROM_N = 0.9, 256  # Issue 3: >= 0.9 of the ceiling at n >= 256 (CPU).
+
+# Dense peak FLOP/s per chip by compute dtype (float32 matmuls run as TF32 on NVIDIA tensor
+# cores under JAX's default precision). Matched against `device_kind`; --peak-tflops overrides.
+PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989, "float32": 494}, "H100": {"bfloat16": 989, "float32": 494},
+    "A100": {"bfloat16": 312, "float32": 156}, "L4": {"bfloat16": 121, "float32": 60},
+    "TPU v4": {"bfloat16": 275}, "TPU v5 lite": {"bfloat16": 197}, "TPU v5e": {"bfloat16": 197},
+    "TPU v5p": {"bfloat16": 459}, "TPU v6 lite": {"bfloat16": 918}, "TPU v6e": {"bfloat16": 918},
+}
+
+
+# -- Machine --------------------------------------------------------------------------------------
+def machine_info(torch_threads: int | None) -> dict:
+    """What the numbers were measured on: CPU model, cores, backend, devices, versions."""
+    from variator_jax.evaluate import cpu_model
+    cpu = cpu_model()
+    import flax
+    info = dict(cpu=cpu, cores=_cores(), backend=jax.default_backend(),
+                device=jax.devices()[0].device_kind, device_count=jax.device_count(),
+                jax=jax.__version__, flax=flax.__version__, python=platform.python_version(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""), torch_threads=torch_threads,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                date=datetime.datetime.now().isoformat(timespec="seconds"))
+    info["load_average_start"] = _load_average()
+    try:
+        import torch
+        import transformers
+        info.update(torch=torch.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    return info
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _load_average():
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def machine_slug(info: dict) -> str:
+    """A file-name-safe name: the device off CPU, else the CPU model and core count."""
+    if info["backend"] != "cpu":
+        name = f"{info['backend']}-{info['device']}"
+    else:
+        model = re.sub(r"\(.*?\)|processor|cpu|[0-9]+-core", "", info["cpu"], flags=re.I)
+        name = f"cpu-{model}-{info['cores']}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def peak_flops(info: dict, dtype: str, override_tflops: float | None) -> float | None:
+    """--peak-tflops (any backend), else the table for a known accelerator, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if info["backend"] == "cpu":
+        return None
+    for name, peaks in PEAK_TFLOPS.items():
+        if name.lower() in info["device"].lower() and dtype in peaks:
+            return peaks[dtype] * 1e12
+    return None
+
+
+# -- Timing ---------------------------------------------------------------------------------------
+def interleaved_times(fns: dict, rounds: int, warmup: int = 2) -> dict[str, np.ndarray]:
+    """Runs every fn (which must block until done) once per round -> {name: [rounds] seconds}.
+
+    Order alternates between rounds, so slow drifts in machine load cancel in the ratios."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            tic = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - tic)
+    return {name: np.asarray(t) for name, t in times.items()}
+
+
+def paired_ratio(num: np.ndarray, den: np.ndarray) -> float:
+    """Median over rounds of num/den, each pair measured in the same round."""
+    return float(np.median(num / den))
+
+
+# -- The two models -------------------------------------------------------------------------------
+def jax_encoder(cfg, backbone, ids, mask, plugin=None):
+    """A no-argument closure running the jitted encoder to completion."""
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    return lambda: encode(cfg, backbone, ids, mask, plugin).block_until_ready()
+
+
+def torch_encoder(cfg, backbone, threads: int, device: str):
+    """HF T5 encoder with the same weights (save_hf_t5 -> from_pretrained) -> (factory, info).
+
+    The factory maps (ids, mask) to a no-argument closure running the encoder to completion
+    under `torch.inference_mode()`, in the benchmark's compute dtype."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as path:
+        vj.save_hf_t5(path, cfg, backbone)
+        model = T5ForConditionalGeneration.from_pretrained(path)
+    model = model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
+    encoder = model.get_encoder()
+
+    def factory(ids, mask):
+        ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
+        mask_t = torch.as_tensor(mask, dtype=torch.long, device=device)
+
+        def run():
+            with torch.inference_mode():
+                out = encoder(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+            if device != "cpu":
+                torch.cuda.synchronize()
+            return out
+        return run
+    return factory, dict(attn_implementation=getattr(model.config, "_attn_implementation", None),
+                         device=device, threads=torch.get_num_threads())
+
+
+# -- One sequence length --------------------------------------------------------------------------
+def measure_length(cfg, backbone, plugins, n, args, torch_factory, peak):
+    """All variants at length n, interleaved -> (compression rows, framework row)."""
+    rng = np.random.default_rng(n)
+    ids = rng.integers(2, cfg.vocab_size, (args.batch, n)).astype(np.int32)
+    mask = np.ones((args.batch, n), np.int32)
+    fns = {"off": jax_encoder(cfg, backbone, ids, mask)}
+    fns.update({f"k={k}": jax_encoder(cfg, backbone, ids, mask, p) for k, p in plugins.items()})
+    check = None
+    if torch_factory is not None:
+        fns["torch"] = torch_factory(ids, mask)
+        check = float(np.max(np.abs(np.asarray(encode(cfg, backbone, ids, mask))
+                                    - fns["torch"]().float().cpu().numpy())))
+    times = interleaved_times(fns, args.repeats)
+    t_off, base_flops = times["off"], encoder_flops(cfg, n)["total"]
+    rows = []
+    for k in plugins:
+        ceiling = base_flops / encoder_flops(cfg, n, ratio=plugins[k][0])["total"]
+        speedup = paired_ratio(t_off, times[f"k={k}"])
+        fraction = speedup / ceiling
+        rows.append(dict(n=n, ratio=k, off_ms=1e3 * np.median(t_off),
+                         compressed_ms=1e3 * np.median(times[f"k={k}"]), speedup=speedup,
+                         ceiling=ceiling, fraction=fraction,
+                         target=None if n < TARGET_FROM_N else fraction >= TARGET_FRACTION))
+    frame = dict(n=n, jax_ms=1e3 * np.median(t_off), gflops=args.batch * base_flops / 1e9)
+    if torch_factory is not None:
+        frame.update(torch_ms=1e3 * np.median(times["torch"]), max_abs_diff=check,
+                     jax_over_torch=paired_ratio(t_off, times["torch"]))
+    if peak:
+        frame["mfu"] = args.batch * base_flops / np.median(t_off) / peak
+    return rows, frame, {name: (1e3 * t).round(3).tolist() for name, t in times.items()}
+
+
+# -- Where the time goes: one layer's two blocks ---------------------------------------------------
+def layer_blocks(cfg, backbone, plugins, n, batch):
+    """Jitted closures for one encoder layer's attention block and FFN block (plain and with
+    each plugin), on the same hidden states -> ({name: fn}, {name: analytic FLOPs})."""
+    layer = backbone["encoder"]["block_0"]
+    attn = {**layer["layer_0"], "SelfAttention": {key: w for key, w in
+                                                  layer["layer_0"]["SelfAttention"].items()
+                                                  if key != "relative_attention_bias"}}
+    h = jax.random.normal(jax.random.key(1), (batch, n, cfg.d_model), jnp.dtype(cfg.dtype))
+    mask = jnp.ones((batch, n), jnp.int32)
+    # Position bias as a later layer receives it from block 0 (computed once per forward).
+    offsets = jax.random.normal(jax.random.key(2), (cfg.num_heads, 2 * n - 1))
+    bias = t5.ToeplitzBias(t5._mask_bias(mask), offsets)
+    run_attn = jax.jit(lambda p, h, bias: t5.LayerSelfAttention(cfg).apply(
+        {"params": p}, h, bias, None)[0])
+    run_ffn = jax.jit(lambda p, h, m, plugin: t5.LayerFF(cfg).apply({"params": p}, h, m, plugin))
+    fns = {"attention": lambda: run_attn(attn, h, bias).block_until_ready(),
+           "ffn": lambda: run_ffn(layer["layer_1"], h, mask, None).block_until_ready()}
+    one = encoder_flops(cfg.replace(num_layers=1), n)
+    flops = {"attention": batch * (one["attention_proj"] + one["attention_scores"]),
+             "ffn": batch * one["ffn"]}
+    for k, (pcfg, params) in plugins.items():
+        layer_plugin = (pcfg, params["block_0"])
+        fns[f"ffn k={k}"] = (lambda lp=layer_plugin: run_ffn(layer["layer_1"], h, mask, lp)
+                             .block_until_ready())
+        comp = encoder_flops(cfg.replace(num_layers=1), n, ratio=pcfg)
+        flops[f"ffn k={k}"] = batch * (comp["ffn"] + comp["plugin"])
+    return fns, flops
+
+
+def measure_blocks(cfg, backbone, plugins, n, args) -> dict:
+    """Median ms and GFLOP/s of each block of one layer at length n (interleaved rounds)."""
+    fns, flops = layer_blocks(cfg, backbone, plugins, n, args.batch)
+    times = interleaved_times(fns, args.repeats)
+    return {"n": n, **{name: dict(ms=1e3 * float(np.median(t)),
+                                  gflops_per_s=flops[name] / float(np.median(t)) / 1e9)
+                       for name, t in times.items()}}
+
+
+def blocks_table(blocks) -> str:
+    names = [key for key in blocks[0] if key != "n"]
+    lines = ["| n | " + " | ".join(f"{name} block ms (GFLOP/s)" for name in names) + " |",
+             "|---:|" + "---:|" * len(names)]
+    for b in blocks:
+        cells = [f"{b[name]['ms']:.1f} ({b[name]['gflops_per_s']:.0f})" for name in names]
+        lines.append(f"| {b['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- Report ---------------------------------------------------------------------------------------
+def compression_table(rows) -> str:
+    lines = ["| n | k | uncompressed ms | compressed ms | speedup | FLOPs ceiling | "
+             "fraction of ceiling | target (>= 0.9, n >= 256) |",
+             "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for r in rows:
+        mark = {None: "-", True: "yes", False: "**no**"}[r["target"]]
+        lines.append(f"| {r['n']} | {r['ratio']} | {r['off_ms']:.1f} | {r['compressed_ms']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['ceiling']:.2f}x | {r['fraction']:.2f} | {mark} |")
+    return "\n".join(lines)
+
+
+def framework_table(frames) -> str:
+    has_torch, has_mfu = "torch_ms" in frames[0], "mfu" in frames[0]
+    head = ("| n | encoder GFLOPs | JAX ms |"
+            + (" PyTorch ms | JAX / PyTorch | max abs diff |" if has_torch else "")
+            + (" MFU |" if has_mfu else ""))
+    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    for f in frames:
+        cells = [str(f["n"]), f"{f['gflops']:.1f}", f"{f['jax_ms']:.1f}"]
+        if has_torch:
+            cells += [f"{f['torch_ms']:.1f}", f"{f['jax_over_torch']:.2f}",
+                      f"{f['max_abs_diff']:.1e}"]
+        if has_mfu:
+            cells.append(f"{100 * f['mfu']:.1f} %")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def header(info, cfg, args) -> str:
+    """The machine and model lines above the tables."""
+    torch_part = "PyTorch: skipped"
+    if info.get("torch_threads"):
+        torch_part = (f"PyTorch {info['torch']} ({info['torch_threads']} threads, "
+                      f"OMP_WAIT_POLICY={info['omp_wait_policy']}, attention "
+                      f"`{info.get('torch_attn')}`)")
+    return (f"**Machine**: {info['cpu']}, {info['cores']} cores; JAX {info['jax']} on "
+            f"{info['backend']} ({info['device']}, XLA's own thread pool over all cores); "
+            f"{torch_part}. XLA_FLAGS=`{info['xla_flags'] or '(none)'}`. "
+            f"Load average at start {_fmt_load(info['load_average_start'])}, "
+            f"end {_fmt_load(info.get('load_average_end'))}.\n\n"
+            f"**Model**: {args.variant} widths (d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
+            f"{cfg.num_heads} heads x d_kv {cfg.d_kv}, {cfg.feed_forward_proj}), "
+            f"{cfg.num_layers} encoder layers, random weights, {cfg.dtype}; batch {args.batch}, "
+            f"no padding; plugin bottleneck r = {args.bottleneck}. Medians of {args.repeats} "
+            f"interleaved rounds ({info['date']}).")
+
+
+def _fmt_load(load):
+    return "n/a" if not load else "/".join(f"{x:.1f}" for x in load)
+
+
+def save(out_dir, slug, text, payload):
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"speed-{slug}")
+    with open(base + ".md", "w") as f:
+        f.write(text + "\n")
+    with open(base + ".json", "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    return base
+
+
+# -- Main -----------------------------------------------------------------------------------------
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default="t5-base", help="widths from T5Config.variant")
+    p.add_argument("--layers", type=int, default=2,
+                   help="encoder layers (the cost per layer is what counts)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lengths", default="128,256,512,1024", help="encoder lengths n")
+    p.add_argument("--ratios", default="2,4,8", help="plugin compression ratios k")
+    p.add_argument("--bottleneck", type=int, default=64, help="plugin bottleneck r")
+    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--repeats", type=int, default=11, help="interleaved rounds per length")
+    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare with HF PyTorch T5 (CPU when JAX is on CPU, else CUDA if present)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the cores XLA uses, all of them)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for MFU (default: a table of accelerators; none on CPU)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time one layer's attention and FFN blocks alone (third table)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--name", default=None, help="results file suffix (default: from the machine)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def torch_device(backend: str) -> str | None:
+    """Compare like with like: CPU with CPU, a GPU with CUDA; None when that is not available."""
+    if backend == "cpu":
+        return "cpu"
+    try:
+        import torch
+        return "cuda" if backend == "gpu" and torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = vj.T5Config.variant(args.variant, num_layers=args.layers, num_decoder_layers=1,
+                              dtype=args.dtype)
+    backbone = vj.init_t5(jax.random.key(args.seed), cfg)
+    ratios = [int(k) for k in args.ratios.split(",") if k]
+    plugins = {k: (vj.PluginConfig(ratio=k, bottleneck=args.bottleneck),
+                   vj.init_plugin(jax.random.key(args.seed + k), cfg,
+                                  vj.PluginConfig(ratio=k, bottleneck=args.bottleneck)))
+               for k in ratios}
+    device = torch_device(jax.default_backend()) if args.torch else None
+    threads = args.threads or _cores()
+    factory, torch_info = torch_encoder(cfg, backbone, threads, device) if device else (None, {})
+    info = machine_info(torch_info.get("threads"))
+    info["torch_attn"] = torch_info.get("attn_implementation")
+    peak = peak_flops(info, args.dtype, args.peak_tflops)
+    rows, frames, blocks, raw = [], [], [], {}
+    for n in [int(x) for x in args.lengths.split(",") if x]:
+        tic = time.time()
+        r, f, raw[n] = measure_length(cfg, backbone, plugins, n, args, factory, peak)
+        rows += r
+        frames.append(f)
+        if args.breakdown:
+            blocks.append(measure_blocks(cfg, backbone, plugins, n, args))
+        print(f"n = {n}: done in {time.time() - tic:.0f} s", file=sys.stderr, flush=True)
+    info["load_average_end"] = _load_average()
+    sections = [header(info, cfg, args), "Compressed vs uncompressed encoder (JAX):",
+                compression_table(rows), "Uncompressed encoder, JAX vs PyTorch"
+                + (" and model FLOPs utilisation" if peak else "") + ":", framework_table(frames)]
+    if blocks:
+        sections += ["Where the time goes: one encoder layer's blocks alone (JAX; pre-norm and "
+                     "residual included; FLOP rate = analytic FLOPs / time):", blocks_table(blocks)]
+    text = "\n\n".join(sections)
+    print(text)
+    payload = dict(machine=info, args=vars(args), config=dict(d_model=cfg.d_model, d_ff=cfg.d_ff,
+                   num_heads=cfg.num_heads, d_kv=cfg.d_kv, num_layers=cfg.num_layers,
+                   feed_forward_proj=cfg.feed_forward_proj, dtype=cfg.dtype),
+                   peak_flops=peak, compression=rows, frameworks=frames, blocks=blocks,
+                   raw_ms=raw)
+    base = save(args.out, args.name or machine_slug(info), text, payload)
+    print(f"\nwrote {base}.md and {base}.json")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
