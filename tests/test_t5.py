@@ -79,8 +79,7 @@ def test_generate_pads_after_eos():
     ids, mask, _ = padded_batch(hf.config.vocab_size, seed=3, n=12)
     for boost in np.linspace(1.0, 6.0, 11):
         with torch.no_grad():
-            hf.lm_head.weight[1] = hf.lm_head.weight[1] * 0 + boost * hf.lm_head.weight[2:].mean(0) \
-                + boost * torch.ones_like(hf.lm_head.weight[1]) * 0.3
+            hf.lm_head.weight[1] = boost * (hf.lm_head.weight[2:].mean(0) + 0.3)
         ref = _hf_greedy(hf, ids, mask, 12)
         eos_at = [list(row).index(1) if 1 in row else -1 for row in ref]
         if any(0 < e < 11 for e in eos_at):

@@ -125,6 +125,10 @@ class Checkpointer:
             return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict) -> None:
+        # Save a private copy: the train step donates `state`, and on CPU orbax's "copy to
+        # host" can be a view of the very buffer the next step overwrites while the save is
+        # still being written in the background.
+        state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
         self._manager.save(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 

@@ -1,12 +1,15 @@
-"""`T5Config`: the backbone's hyper-parameters, read from HF config.json or a variant table."""
+"""T5 in Flax Linen: `T5Config` (HF config.json, variant table) and modules named as HF names them."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Published sizes (HF hub config.json files of google-t5/* and google/*).
@@ -160,11 +163,7 @@ jax.tree_util.register_static(T5Config)
 # is `encoder/block_3/layer_1/DenseReluDense/wi`), so conversion is a rename plus transposes.
 # Every parameter carries logical axis names; only sharding.py maps them onto a mesh.
 # ================================================================================================
-import functools  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 # Large negative instead of -inf: a fully padded row then softmaxes to uniform, never NaN (as HF).
 NEG_INF = -1e10
