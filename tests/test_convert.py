@@ -134,3 +134,14 @@ def test_key_table_covers_hf_state_dict():
         table = {row.hf_key for row in convert.key_table(cfg)}
         tied_head = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # Same tensor as shared.
         assert table == set(model.state_dict()) - convert._IGNORED - tied_head
+
+
+def test_written_files_get_the_umask_mode_not_private(tmp_path):
+    cfg = vj.T5Config(vocab_size=20, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2)
+    old = os.umask(0o022)
+    try:
+        vj.save_hf_t5(tmp_path, cfg, vj.init_t5(jax.random.key(0), cfg))
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644

@@ -12,6 +12,10 @@ def atomic_write(directory: str, name: str, write: Callable[[str], object]) -> N
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, os.path.join(directory, name))
     finally:
         if os.path.exists(tmp):
