@@ -22,7 +22,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -32,7 +31,7 @@ from variator_jax import sharding
 from variator_jax import train_lib
 from variator_jax.convert import load_hf_t5
 from variator_jax.fileio import atomic_write, write_text
-from variator_jax.metrics import glue_metric, headline_metric, squad_em_f1
+from variator_jax.metrics import headline_metric, squad_em_f1
 from variator_jax.model import forward, generate
 from variator_jax.plugins import PluginConfig, load_plugin, plugin_param_count
 from variator_jax.t5 import logical_axes
