@@ -164,15 +164,7 @@ def _distillation_and_task(setup, model, backbone, data, mesh, rules, task) -> d
     """train_lib's eval step: classification metrics, CE, distillation errors, agreement."""
     step = jax.jit(functools.partial(train_lib.eval_step, setup=setup))
     params, frozen = (backbone, None) if model.pcfg is None else (model.params, backbone)
-    sums, preds = {}, {}
-    for local in data:
-        out = jax.device_get(step(params, sharding.global_batch(mesh, local, rules), frozen))
-        for k, v in out.items():
-            if np.ndim(v):
-                preds.setdefault(k, []).append(np.asarray(v))
-            else:
-                sums[k] = sums.get(k, 0.0) + float(v)
-    result = train_lib.eval_summary(task.name, sums, {k: np.concatenate(v) for k, v in preds.items()})
+    result = train_lib.eval_pass(step, params, frozen, data, mesh, rules, task.name)
     if model.pcfg is None:  # The teacher agrees with itself; its metrics are its own.
         result["agreement"] = 1.0
     return result

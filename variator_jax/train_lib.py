@@ -749,20 +749,24 @@ def _evaluate(run: _Run, params, frozen, writer, step: int) -> dict[str, float]:
         param_sh = jax.tree.map(lambda x: x.sharding, params)
         frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
         run.eval_step = make_eval_step(run.setup, run.mesh, param_sh, frozen_sh, run.rules)
+    result = eval_pass(run.eval_step, params, frozen, run.eval_data, run.mesh, run.rules,
+                       run.config.task)
+    writer.write(step, {f"eval/{k}": v for k, v in result.items()})
+    say(f"eval at step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()))
+    return result
+
+
+def eval_pass(step_fn, params, frozen, data, mesh, rules, task: str) -> dict[str, float]:
+    """`step_fn` (an `eval_step`) over every batch of `data`, summarised by `eval_summary`."""
     sums, preds = {}, {}
-    for local in run.eval_data:
-        batch = sharding.global_batch(run.mesh, local, run.rules)
-        out = jax.device_get(run.eval_step(params, batch, frozen))
+    for local in data:
+        out = jax.device_get(step_fn(params, sharding.global_batch(mesh, local, rules), frozen))
         for k, v in out.items():
             if np.ndim(v):
                 preds.setdefault(k, []).append(np.asarray(v))
             else:
                 sums[k] = sums.get(k, 0.0) + float(v)
-    result = eval_summary(run.config.task, sums,
-                          {k: np.concatenate(v) for k, v in preds.items()})
-    writer.write(step, {f"eval/{k}": v for k, v in result.items()})
-    say(f"eval at step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in result.items()))
-    return result
+    return eval_summary(task, sums, {k: np.concatenate(v) for k, v in preds.items()})
 
 
 def eval_summary(task: str, sums: dict, preds: dict) -> dict[str, float]:
