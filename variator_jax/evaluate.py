@@ -195,13 +195,11 @@ def _decoder_length(task, config) -> int:
 
 def _costs(cfg, model, task, config, backbone_params: int) -> dict:
     n, m = config.max_input_length, _decoder_length(task, config)
-    bottleneck = model.pcfg.bottleneck if model.pcfg else 64
-    enc = flops_lib.encoder_flops(cfg, n, model.pcfg.ratio if model.pcfg else None, bottleneck)
-    enc0 = flops_lib.encoder_flops(cfg, n)
+    # flops takes the PluginConfig itself (ratio and bottleneck); None is the teacher.
+    saving = 1 - flops_lib.encoder_flops(cfg, n, model.pcfg)["total"] / flops_lib.encoder_flops(cfg, n)["total"]
     params = plugin_param_count(cfg, model.pcfg) if model.pcfg else 0
-    return {"flops_per_example": flops_lib.forward_flops(cfg, n, m, model.pcfg.ratio if model.pcfg
-                                                         else None, bottleneck),
-            "encoder_flops_saving": 1 - enc["total"] / enc0["total"],
+    return {"flops_per_example": flops_lib.forward_flops(cfg, n, m, model.pcfg),
+            "encoder_flops_saving": saving,
             "plugin_params": params, "plugin_params_pct": 100.0 * params / backbone_params}
 
 
