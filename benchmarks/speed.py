@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
+from variator_jax import plugins as plugins_lib  # noqa: E402
 from variator_jax import t5  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.model import encode  # noqa: E402
@@ -148,7 +149,8 @@ def torch_encoder(cfg, backbone, threads: int, device: str):
     """HF T5 encoder with the same weights (save_hf_t5 -> from_pretrained) -> (factory, info).
 
     The factory maps (ids, mask) to a no-argument closure running the encoder to completion
-    under `torch.inference_mode()`, in the benchmark's compute dtype."""
+    under `torch.inference_mode()`, in the benchmark's compute dtype. `factory.ffn` is the
+    first layer's FFN module (`T5DenseActDense`), for table 4."""
     import torch
     from transformers import T5ForConditionalGeneration
     torch.set_num_threads(threads)
@@ -169,6 +171,8 @@ def torch_encoder(cfg, backbone, threads: int, device: str):
                 torch.cuda.synchronize()
             return out
         return run
+    factory.ffn = encoder.block[0].layer[1].DenseReluDense  # Same weights as JAX's block_0.
+    factory.device = device
     return factory, dict(attn_implementation=getattr(model.config, "_attn_implementation", None),
                          device=device, threads=torch.get_num_threads())
 
@@ -207,9 +211,13 @@ def measure_length(cfg, backbone, plugins, n, args, torch_factory, peak):
 
 
 # -- Where the time goes: one layer's two blocks ---------------------------------------------------
-def layer_blocks(cfg, backbone, plugins, n, batch):
+def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
     """Jitted closures for one encoder layer's attention block and FFN block (plain and with
-    each plugin), on the same hidden states -> ({name: fn}, {name: analytic FLOPs})."""
+    each plugin), on the same hidden states -> ({name: fn}, {name: analytic FLOPs}).
+
+    Also the frozen FFN alone (no norm, residual or plugin) on `rows` = n and ceil(n/k)
+    vectors per example, as "ffn alone {rows}" and, with `torch_ffn` (HF's module holding the
+    same weights), "torch ffn alone {rows}": the matmul rate at the sizes compression leaves."""
     layer = backbone["encoder"]["block_0"]
     attn = {**layer["layer_0"], "SelfAttention": {key: w for key, w in
                                                   layer["layer_0"]["SelfAttention"].items()
@@ -233,12 +241,76 @@ def layer_blocks(cfg, backbone, plugins, n, batch):
                              .block_until_ready())
         comp = encoder_flops(cfg.replace(num_layers=1), n, ratio=pcfg)
         flops[f"ffn k={k}"] = batch * (comp["ffn"] + comp["plugin"])
+    run_ffn_alone = jax.jit(lambda p, x: t5.DenseReluDense(cfg).apply({"params": p}, x))
+    ffn_params = layer["layer_1"]["DenseReluDense"]
+    for k in [1, *(pcfg.ratio for pcfg, _ in plugins.values())]:
+        rows = -(-n // k)
+        x = h[:, :rows]
+        fns[f"ffn alone {rows}"] = (lambda x=x: run_ffn_alone(ffn_params, x).block_until_ready())
+        flops[f"ffn alone {rows}"] = batch * encoder_flops(cfg.replace(num_layers=1), rows)["ffn"]
+        if torch_ffn is not None:
+            fns[f"torch ffn alone {rows}"] = _torch_closure(torch_ffn, np.asarray(x))
+            flops[f"torch ffn alone {rows}"] = flops[f"ffn alone {rows}"]
+    # The plugin's two halves alone, on n padded to a multiple of k (as compressed_ffn does).
+    run_merge = jax.jit(plugins_lib.merge, static_argnums=3)
+    run_expand = jax.jit(plugins_lib.expand, static_argnums=3)
+    for k, (pcfg, params) in plugins.items():
+        pad = -n % pcfg.ratio
+        x = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        m = jnp.pad(mask, ((0, 0), (0, pad)))
+        y = x[:, :x.shape[1] // pcfg.ratio]
+        fns[f"merge k={k}"] = (lambda x=x, m=m, p=params["block_0"], c=pcfg:
+                               run_merge(x, m, p, c).block_until_ready())
+        fns[f"expand k={k}"] = (lambda y=y, x=x, p=params["block_0"], c=pcfg:
+                                run_expand(y, x, p, c).block_until_ready())
+        flops[f"merge k={k}"] = flops[f"expand k={k}"] = 0  # Reported as times only.
+    # The plugin's largest matmul, x @ W_i^x ([batch*n, d] x [d, r]), in both frameworks.
+    if plugins:
+        pcfg, params = next(iter(plugins.values()))
+        w = params["block_0"]["decompress"]["wi"]["kernel"][cfg.d_model:]
+        fns["x @ W_i^x"] = lambda w=w: _matmul(h, w).block_until_ready()
+        flops["x @ W_i^x"] = 2 * batch * n * cfg.d_model * pcfg.bottleneck
+        if torch_ffn is not None:
+            fns["torch x @ W_i^x"] = _torch_matmul(np.asarray(h), np.asarray(w),
+                                                   next(torch_ffn.parameters()))
+            flops["torch x @ W_i^x"] = flops["x @ W_i^x"]
     return fns, flops
 
 
-def measure_blocks(cfg, backbone, plugins, n, args) -> dict:
+_matmul = jax.jit(jnp.matmul)
+
+
+def _torch_matmul(a, b, like):
+    """A no-argument closure computing a @ b in PyTorch, on `like`'s device and dtype."""
+    import torch
+    a_t, b_t = (torch.tensor(np.array(v), device=like.device, dtype=like.dtype) for v in (a, b))
+
+    def run():
+        out = a_t @ b_t
+        if like.device.type != "cpu":
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def _torch_closure(module, x):
+    """A no-argument closure running `module` on x (a NumPy array) to completion."""
+    import torch
+    param = next(module.parameters())
+    x_t = torch.tensor(np.array(x), device=param.device, dtype=param.dtype)
+
+    def run():
+        with torch.inference_mode():
+            out = module(x_t)
+        if param.device.type != "cpu":
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def measure_blocks(cfg, backbone, plugins, n, args, torch_ffn=None) -> dict:
     """Median ms and GFLOP/s of each block of one layer at length n (interleaved rounds)."""
-    fns, flops = layer_blocks(cfg, backbone, plugins, n, args.batch)
+    fns, flops = layer_blocks(cfg, backbone, plugins, n, args.batch, torch_ffn)
     times = interleaved_times(fns, args.repeats)
     return {"n": n, **{name: dict(ms=1e3 * float(np.median(t)),
                                   gflops_per_s=flops[name] / float(np.median(t)) / 1e9)
@@ -246,12 +318,71 @@ def measure_blocks(cfg, backbone, plugins, n, args) -> dict:
 
 
 def blocks_table(blocks) -> str:
-    names = [key for key in blocks[0] if key != "n"]
+    names = [key for key in blocks[0] if key.startswith(("attention", "ffn"))
+             and "alone" not in key]
     lines = ["| n | " + " | ".join(f"{name} block ms (GFLOP/s)" for name in names) + " |",
              "|---:|" + "---:|" * len(names)]
     for b in blocks:
         cells = [f"{b[name]['ms']:.1f} ({b[name]['gflops_per_s']:.0f})" for name in names]
         lines.append(f"| {b['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
+    """Table 4 rows from the block timings: per n and k, the frozen FFN alone at ceil(n/k)
+    rows (JAX, PyTorch) and the plugin's own time (`plugins.merge` + `plugins.expand`, each
+    jitted and timed alone), against its analytic FLOPs at the rate of the FFN alone at n rows.
+    """
+    rows = []
+    for b in blocks:
+        n = b["n"]
+        full = b[f"ffn alone {n}"]
+        for k in [1, *(pcfg.ratio for pcfg, _ in plugins.values())]:
+            m = -(-n // k)
+            alone = b[f"ffn alone {m}"]
+            row = dict(n=n, ratio=k, rows=batch * m, jax_ms=alone["ms"],
+                       jax_gflops_per_s=alone["gflops_per_s"],
+                       jax_rate_vs_full=alone["gflops_per_s"] / full["gflops_per_s"])
+            if f"torch ffn alone {m}" in b:
+                t_alone, t_full = b[f"torch ffn alone {m}"], b[f"torch ffn alone {n}"]
+                row.update(torch_ms=t_alone["ms"], torch_gflops_per_s=t_alone["gflops_per_s"],
+                           torch_rate_vs_full=t_alone["gflops_per_s"] / t_full["gflops_per_s"])
+            if k > 1:
+                pcfg = next(p for p, _ in plugins.values() if p.ratio == k)
+                analytic = batch * encoder_flops(cfg.replace(num_layers=1), n, ratio=pcfg)["plugin"]
+                row.update(plugin_ms=b[f"merge k={k}"]["ms"] + b[f"expand k={k}"]["ms"],
+                           plugin_ms_at_ffn_rate=1e3 * analytic / (1e9 * full["gflops_per_s"]))
+            rows.append(row)
+    return rows
+
+
+def thin_matmul_table(blocks) -> str:
+    """Table 5: the plugin's largest matmul alone, JAX vs PyTorch (GFLOP/s)."""
+    has_torch = "torch x @ W_i^x" in blocks[0]
+    lines = ["| n | JAX ms (GFLOP/s) |" + (" PyTorch ms (GFLOP/s) |" if has_torch else ""),
+             "|---:|---:|" + ("---:|" if has_torch else "")]
+    for b in blocks:
+        cells = [str(b["n"])] + [f"{b[name]['ms']:.3f} ({b[name]['gflops_per_s']:.0f})"
+                                 for name in ("x @ W_i^x", "torch x @ W_i^x") if name in b]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plugin_costs_table(rows) -> str:
+    has_torch = "torch_ms" in rows[0]
+    head = ("| n | k | FFN rows | JAX FFN alone ms (GFLOP/s) | JAX rate vs k = 1 |"
+            + (" PyTorch FFN alone ms (GFLOP/s) | PyTorch rate vs k = 1 |" if has_torch else "")
+            + " plugin ms | plugin ms at the k = 1 FFN's rate |")
+    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [str(r["n"]), str(r["ratio"]), str(r["rows"]),
+                 f"{r['jax_ms']:.2f} ({r['jax_gflops_per_s']:.0f})", f"{r['jax_rate_vs_full']:.2f}"]
+        if has_torch:
+            cells += [f"{r['torch_ms']:.2f} ({r['torch_gflops_per_s']:.0f})",
+                      f"{r['torch_rate_vs_full']:.2f}"]
+        cells += ([f"{r['plugin_ms']:.2f}", f"{r['plugin_ms_at_ffn_rate']:.2f}"]
+                  if "plugin_ms" in r else ["-", "-"])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -377,21 +508,31 @@ def main(argv=None) -> dict:
         rows += r
         frames.append(f)
         if args.breakdown:
-            blocks.append(measure_blocks(cfg, backbone, plugins, n, args))
+            blocks.append(measure_blocks(cfg, backbone, plugins, n, args,
+                                         getattr(factory, "ffn", None)))
         print(f"n = {n}: done in {time.time() - tic:.0f} s", file=sys.stderr, flush=True)
     info["load_average_end"] = _load_average()
     sections = [header(info, cfg, args), "Compressed vs uncompressed encoder (JAX):",
                 compression_table(rows), "Uncompressed encoder, JAX vs PyTorch"
                 + (" and model FLOPs utilisation" if peak else "") + ":", framework_table(frames)]
     if blocks:
+        costs = plugin_costs(blocks, plugins, cfg, args.batch)
         sections += ["Where the time goes: one encoder layer's blocks alone (JAX; pre-norm and "
-                     "residual included; FLOP rate = analytic FLOPs / time):", blocks_table(blocks)]
+                     "residual included; FLOP rate = analytic FLOPs / time):", blocks_table(blocks),
+                     "The frozen FFN alone at the sizes compression gives it (rows = batch x "
+                     "ceil(n/k)), and the plugin's own time (see benchmarks/README.md):",
+                     plugin_costs_table(costs)]
+        if "x @ W_i^x" in blocks[0]:
+            sections += [f"The plugin's largest matmul alone, x @ W_i^x ([batch x n, "
+                         f"{cfg.d_model}] x [{cfg.d_model}, {args.bottleneck}]):",
+                         thin_matmul_table(blocks)]
     text = "\n\n".join(sections)
     print(text)
     payload = dict(machine=info, args=vars(args), config=dict(d_model=cfg.d_model, d_ff=cfg.d_ff,
                    num_heads=cfg.num_heads, d_kv=cfg.d_kv, num_layers=cfg.num_layers,
                    feed_forward_proj=cfg.feed_forward_proj, dtype=cfg.dtype),
                    peak_flops=peak, compression=rows, frameworks=frames, blocks=blocks,
+                   plugin_costs=costs if blocks else [],
                    raw_ms=raw)
     base = save(args.out, args.name or machine_slug(info), text, payload)
     print(f"\nwrote {base}.md and {base}.json")
