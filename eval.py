@@ -23,7 +23,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)
-    from variator_jax import evaluate
+    from variator_jax import evaluate, host
+    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     try:
         evaluate.evaluate(FLAGS.config, FLAGS.workdir)
     except evaluate.UserError as e:

@@ -66,6 +66,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
+    from variator_jax import host
+    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     _init_distributed()
     from variator_jax import train_lib  # After distributed init: it may touch devices.
     try:

@@ -46,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
+from variator_jax import host  # noqa: E402
 from variator_jax import plugins as plugins_lib  # noqa: E402
 from variator_jax import t5  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
@@ -73,6 +74,7 @@ def machine_info(torch_threads: int | None) -> dict:
                 device=jax.devices()[0].device_kind, device_count=jax.device_count(),
                 jax=jax.__version__, flax=flax.__version__, python=platform.python_version(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""), torch_threads=torch_threads,
+                malloc=host.malloc_setting(),
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 date=datetime.datetime.now().isoformat(timespec="seconds"))
     info["load_average_start"] = _load_average()
@@ -424,7 +426,7 @@ def header(info, cfg, args) -> str:
                       f"`{info.get('torch_attn')}`)")
     return (f"**Machine**: {info['cpu']}, {info['cores']} cores; JAX {info['jax']} on "
             f"{info['backend']} ({info['device']}, XLA's own thread pool over all cores); "
-            f"{torch_part}. XLA_FLAGS=`{info['xla_flags'] or '(none)'}`. "
+            f"{torch_part}. XLA_FLAGS=`{info['xla_flags'] or '(none)'}`; {info['malloc']}. "
             f"Load average at start {_fmt_load(info['load_average_start'])}, "
             f"end {_fmt_load(info.get('load_average_end'))}.\n\n"
             f"**Model**: {args.variant} widths (d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
@@ -468,6 +470,9 @@ def parse_args(argv):
                    help="peak TFLOP/s for MFU (default: a table of accelerators; none on CPU)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                    help="also time one layer's attention and FFN blocks alone (third table)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, variator_jax.host.keep_freed_memory() (as train.py and eval.py "
+                        "do): temporaries over 32 MiB then do not page-fault on every call")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--name", default=None, help="results file suffix (default: from the machine)")
     p.add_argument("--seed", type=int, default=0)
@@ -487,6 +492,8 @@ def torch_device(backend: str) -> str | None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.keep_freed_memory:
+        host.keep_freed_memory()
     cfg = vj.T5Config.variant(args.variant, num_layers=args.layers, num_decoder_layers=1,
                               dtype=args.dtype)
     backbone = vj.init_t5(jax.random.key(args.seed), cfg)

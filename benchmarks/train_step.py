@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 
-from variator_jax import sharding, train_lib
+from variator_jax import host, sharding, train_lib
 from variator_jax.plugins import PluginConfig, init_plugin, plugin_param_count
 from variator_jax.t5 import T5Config, init_t5
 
@@ -113,4 +113,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     main()

@@ -1,0 +1,102 @@
+"""Settings of the host process that running XLA on CPU depends on.
+
+XLA:CPU puts a call's temporaries in one block that it allocates on every call and frees after
+it. glibc's malloc serves a block over its mmap threshold (at most 32 MiB) with a fresh `mmap`
+and unmaps it on free, so every page of it faults in again on every call. For t5-base widths at
+batch 4, n = 512 that is ~12,000 page faults per encoder call, with or without a plugin: a
+fixed cost that also pulls the measured speedup of compression below the FLOPs ceiling
+(benchmarks/README.md, "Page faults"). XLA allocates on its worker threads, whose own malloc
+arenas showed the same faults for blocks of 40 MiB and more even with mmap turned off.
+
+`keep_freed_memory()` makes glibc serve every allocation from one heap and keep freed memory
+there: the next call reuses the same pages. It changes the whole process, so the command-line
+entry points call it (train.py, eval.py, the benchmarks); importing the library never does.
+The same effect from the shell:
+`MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+import jax
+
+# mallopt parameters, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_TRIM_NEVER = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB at the top are free.
+
+_ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc malloc to use one heap for all threads, never to `mmap` a block and never to
+    give freed heap back to the OS. Call it first thing, before any JAX computation.
+
+    Returns True when it took effect (Linux with glibc, JAX on CPU), False where it did
+    nothing: another platform; an accelerator, whose temporaries are not in host memory
+    (`accelerator_expected`); or an environment that already sets one of `MALLOC_ARENA_MAX`,
+    `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_` (glibc follows those; they win).
+    The process's resident memory then stays at its high-water mark.
+
+    Example:
+      >>> from variator_jax import host
+      >>> host.keep_freed_memory()  # doctest: +SKIP
+      True
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if not sys.platform.startswith("linux") or accelerator_expected():
+        return False
+    if any(name in os.environ for name in _ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # Not glibc (musl has no mallopt).
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # One arena for all threads: XLA allocates on its worker threads, and in their own arenas
+    # blocks of 40 MiB and more still faulted in on every call (measured with getrusage).
+    # Must come before those threads first allocate, i.e. before the first JAX computation.
+    _applied = all(mallopt(param, value) for param, value in (
+        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_NEVER)))
+    return _applied
+
+
+def accelerator_expected() -> bool:
+    """Whether JAX will run on something other than the CPU, decided without starting a
+    backend (that would start XLA's threads, after which the malloc setting comes too late):
+    `jax_platforms` (JAX_PLATFORMS) when set, else whether a TPU library or a PJRT plugin
+    (CUDA, ROCm, ...: the `jax_plugins` entry points and namespace package) is installed."""
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip().lower() != "cpu"
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return True
+    try:
+        import jax_plugins  # A namespace package: its modules are the installed plugins.
+    except ImportError:
+        return False
+    import pkgutil
+    return any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def malloc_setting() -> str:
+    """One line for benchmark headers: what malloc does with large blocks in this process."""
+    env = {k: os.environ[k] for k in _ENV if k in os.environ}
+    if env:
+        return "glibc malloc from the environment: " + ", ".join(f"{k}={v}" for k, v in env.items())
+    if _applied:
+        return "glibc malloc: one arena, no mmap, no trim (variator_jax.host.keep_freed_memory)"
+    return "malloc: the platform's default"
