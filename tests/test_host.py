@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from variator_jax import host, t5
+
 SCRIPT = r"""
 import resource, statistics, sys
 import jax, jax.numpy as jnp
@@ -43,3 +45,17 @@ def test_keep_freed_memory_stops_page_faults_on_large_temporaries():
     default, keep = _faults_per_call("default"), _faults_per_call("keep")
     assert min(default) > 8000, default
     assert max(keep) < 500, keep
+
+
+def test_encoder_attention_takes_larger_blocks_when_freed_memory_is_kept(monkeypatch):
+    """t5-base widths, batch 4, n = 1024 on CPU: 64-query blocks of 3 MiB of scores by default
+    (big temporaries would fault), the whole batch at once (192 MiB) when memory is kept."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setattr(host, "_applied", False)
+    assert not host.freed_memory_kept()
+    assert t5.attention_blocks(4, 12, 1024, 1024) == (1, 64)
+    monkeypatch.setattr(host, "_applied", True)
+    assert host.freed_memory_kept()
+    assert t5.attention_blocks(4, 12, 1024, 1024) == (4, 1024)
+    assert t5.attention_blocks(4, 12, 2048, 2048) == (1, 2048)  # One example: 192 MiB.
+    assert t5.attention_blocks(1, 12, 4096, 4096) == (1, 1024)  # 256 MiB still bounds them.

@@ -121,6 +121,7 @@ def test_blocked_encoder_attention_matches_hf(pair, blocks, monkeypatch):
     budget, expected = {"queries": (h * 16 * n * 4, (1, 16)),
                         "examples": (h * n * n * 4, (1, n))}[blocks]
     monkeypatch.setattr(t5, "ATTENTION_BLOCK_BYTES", budget)
+    monkeypatch.setattr(t5, "ATTENTION_BLOCK_BYTES_KEPT", budget)
     assert t5.attention_blocks(b, h, n, n) == expected  # Not the single dense block.
     encode = jax.jit(lambda p, i, m: t5.T5(cfg).apply({"params": p}, i, m, method=t5.T5.encode))
     with torch.no_grad():

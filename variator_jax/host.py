@@ -72,6 +72,16 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def freed_memory_kept() -> bool:
+    """Whether large freed blocks stay mapped in this process: `keep_freed_memory()` took
+    effect, or the environment set the same (one arena, no mmap). t5.py then runs encoder
+    attention in fewer, larger blocks."""
+    if _applied:
+        return True
+    return (os.environ.get("MALLOC_ARENA_MAX") == "1"
+            and os.environ.get("MALLOC_MMAP_MAX_") == "0")
+
+
 def accelerator_expected() -> bool:
     """Whether JAX will run on something other than the CPU, decided without starting a
     backend (that would start XLA's threads, after which the malloc setting comes too late):

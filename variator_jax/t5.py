@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from variator_jax import host
+
 # Published sizes (HF hub config.json files of google-t5/* and google/*).
 # (d_model, d_kv, d_ff, num_layers, num_heads); the decoder has as many layers.
 _T5_V1_0 = {
@@ -272,20 +274,31 @@ class ToeplitzBias(NamedTuple):
 # in page faults than in arithmetic. On CPU, encoder attention therefore runs in blocks whose
 # scores stay under this many bytes (and in cache); accelerators take one block.
 ATTENTION_BLOCK_BYTES = 4 << 20
+# With `host.keep_freed_memory()` in force the pages are reused, and the fewer the blocks the
+# faster (t5-base widths, the attention core alone): at n = 1024 one block took 0.64-0.74x the
+# time of 64-query blocks (batch 1 and 4), at n = 2048 0.51x; at n <= 512 all budgets were
+# within noise. This budget then only bounds the memory the scores take.
+ATTENTION_BLOCK_BYTES_KEPT = 256 << 20
+
+
+def _attention_budget() -> int:
+    return ATTENTION_BLOCK_BYTES_KEPT if host.freed_memory_kept() else ATTENTION_BLOCK_BYTES
 
 
 def attention_blocks(batch: int, heads: int, q_len: int, k_len: int) -> tuple[int, int]:
-    """(examples, queries) per attention block: all of it off CPU or when it fits the budget;
+    """(examples, queries) per attention block: all of it off CPU or when it fits the budget
+    (`ATTENTION_BLOCK_BYTES`, or `ATTENTION_BLOCK_BYTES_KEPT` when freed memory is kept);
     else whole examples per block if one fits, else one example and the largest power of two of
-    queries within the budget (1024 -> 64 at t5-base widths), or, where that would pad q_len
-    by more than 1/8, q_len split evenly into multiples of 8 (300 -> 152, not 256)."""
+    queries within the budget (1024 -> 64 at t5-base widths and 4 MiB), or, where that would pad
+    q_len by more than 1/8, q_len split evenly into multiples of 8 (300 -> 152, not 256)."""
     per_example = heads * q_len * k_len * 4
-    if jax.default_backend() != "cpu" or batch * per_example <= ATTENTION_BLOCK_BYTES:
+    budget = _attention_budget()
+    if jax.default_backend() != "cpu" or batch * per_example <= budget:
         return batch, q_len
-    if per_example <= ATTENTION_BLOCK_BYTES:
+    if per_example <= budget:
         return max(e for e in range(1, batch + 1)
-                   if batch % e == 0 and e * per_example <= ATTENTION_BLOCK_BYTES), q_len
-    rows = max(8, ATTENTION_BLOCK_BYTES // (heads * k_len * 4))  # Queries within the budget.
+                   if batch % e == 0 and e * per_example <= budget), q_len
+    rows = max(8, budget // (heads * k_len * 4))  # Queries within the budget.
     queries = 1 << (rows.bit_length() - 1)  # Measured faster than e.g. 80 at n = 1024.
     if -q_len % queries > q_len // 8:
         queries = 8 * _ceil_div(_ceil_div(q_len, _ceil_div(q_len, rows)), 8)
