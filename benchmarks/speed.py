@@ -8,7 +8,7 @@ Model: the widths of `--variant` (t5-base: d_model 768, d_ff 3072, 12 heads, so 
 dominates as in the real model) with `--layers` encoder layers, random weights; the speed of
 a layer does not depend on the weights, and per-layer ratios do not depend on the depth.
 
-Three tables (see benchmarks/README.md for every column):
+Five tables (see benchmarks/README.md for every column):
   1. the jitted `variator_jax.model.encode` with a k = 2/4/8 plugin vs without, as measured
      speedup and as a fraction of the analytic ceiling
      `encoder_flops(cfg, n)["total"] / encoder_flops(cfg, n, ratio=k)["total"]`
@@ -17,7 +17,13 @@ Three tables (see benchmarks/README.md for every column):
      `save_hf_t5` -> `from_pretrained`), batch and threads (target: JAX at least as fast);
      on an accelerator also model FLOPs utilisation;
   3. one layer's attention block and FFN block (plain and with each plugin) timed alone, with
-     their FLOP rates: where the gap between measured speedup and ceiling comes from.
+     their FLOP rates: where the gap between measured speedup and ceiling comes from;
+  4. the frozen FFN alone at n and ceil(n/k) rows, in JAX and PyTorch, and the plugin's
+     merge + expand alone against its analytic share: the matmul rate at the sizes
+     compression leaves;
+  5. the plugin's largest matmul (x @ W_i^x, [batch*n, d] x [d, r]) alone in both frameworks.
+On CPU it first calls `variator_jax.host.keep_freed_memory()` (`--no-keep-freed-memory` to
+compare glibc's defaults).
 Every variant of one length runs interleaved, round after round (order reversed every other
 round), so load from other processes hits them alike; times are medians over rounds and
 ratios are medians of the per-round ratios. Results: benchmarks/results/speed-<machine>.{md,json}.
