@@ -2,6 +2,7 @@
 
 Each case runs in a fresh interpreter: the setting is process-wide and must not leak into
 other tests, and the "before" case needs glibc's defaults."""
+import os
 import subprocess
 import sys
 
@@ -32,7 +33,9 @@ print(*medians)
 
 
 def _faults_per_call(mode):
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": "."}
+    # A clean environment: no MALLOC_* settings from the caller; the repository on the path.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True,
                          env=env, timeout=300, check=True)
     return [float(v) for v in out.stdout.split()[-2:]]
