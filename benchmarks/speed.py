@@ -180,7 +180,6 @@ def torch_encoder(cfg, backbone, threads: int, device: str):
             return out
         return run
     factory.ffn = encoder.block[0].layer[1].DenseReluDense  # Same weights as JAX's block_0.
-    factory.device = device
     return factory, dict(attn_implementation=getattr(model.config, "_attn_implementation", None),
                          device=device, threads=torch.get_num_threads())
 
@@ -251,17 +250,16 @@ def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
         flops[f"ffn k={k}"] = batch * (comp["ffn"] + comp["plugin"])
     run_ffn_alone = jax.jit(lambda p, x: t5.DenseReluDense(cfg).apply({"params": p}, x))
     ffn_params = layer["layer_1"]["DenseReluDense"]
-    for k in [1, *(pcfg.ratio for pcfg, _ in plugins.values())]:
+    for k in [1, *plugins]:
         rows = -(-n // k)
         x = h[:, :rows]
         fns[f"ffn alone {rows}"] = (lambda x=x: run_ffn_alone(ffn_params, x).block_until_ready())
         flops[f"ffn alone {rows}"] = batch * encoder_flops(cfg.replace(num_layers=1), rows)["ffn"]
         if torch_ffn is not None:
-            fns[f"torch ffn alone {rows}"] = _torch_closure(torch_ffn, np.asarray(x))
+            fns[f"torch ffn alone {rows}"] = _torch_closure(torch_ffn, torch_ffn, x)
             flops[f"torch ffn alone {rows}"] = flops[f"ffn alone {rows}"]
     # The plugin's two halves alone, on n padded to a multiple of k (as compressed_ffn does).
-    run_merge = jax.jit(plugins_lib.merge, static_argnums=3)
-    run_expand = jax.jit(plugins_lib.expand, static_argnums=3)
+    run_merge, run_expand = jax.jit(plugins_lib.merge), jax.jit(plugins_lib.expand)
     for k, (pcfg, params) in plugins.items():
         pad = -n % pcfg.ratio
         x = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
@@ -279,8 +277,8 @@ def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
         fns["x @ W_i^x"] = lambda w=w: _matmul(h, w).block_until_ready()
         flops["x @ W_i^x"] = 2 * batch * n * cfg.d_model * pcfg.bottleneck
         if torch_ffn is not None:
-            fns["torch x @ W_i^x"] = _torch_matmul(np.asarray(h), np.asarray(w),
-                                                   next(torch_ffn.parameters()))
+            import torch
+            fns["torch x @ W_i^x"] = _torch_closure(torch.matmul, torch_ffn, h, w)
             flops["torch x @ W_i^x"] = flops["x @ W_i^x"]
     return fns, flops
 
@@ -288,28 +286,16 @@ def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
 _matmul = jax.jit(jnp.matmul)
 
 
-def _torch_matmul(a, b, like):
-    """A no-argument closure computing a @ b in PyTorch, on `like`'s device and dtype."""
+def _torch_closure(fn, like, *arrays):
+    """A no-argument closure running `fn` on `arrays` (JAX or NumPy), copied once to the device
+    and dtype of the module `like`, to completion."""
     import torch
-    a_t, b_t = (torch.tensor(np.array(v), device=like.device, dtype=like.dtype) for v in (a, b))
-
-    def run():
-        out = a_t @ b_t
-        if like.device.type != "cpu":
-            torch.cuda.synchronize()
-        return out
-    return run
-
-
-def _torch_closure(module, x):
-    """A no-argument closure running `module` on x (a NumPy array) to completion."""
-    import torch
-    param = next(module.parameters())
-    x_t = torch.tensor(np.array(x), device=param.device, dtype=param.dtype)
+    param = next(like.parameters())
+    tensors = [torch.tensor(np.array(a), device=param.device, dtype=param.dtype) for a in arrays]
 
     def run():
         with torch.inference_mode():
-            out = module(x_t)
+            out = fn(*tensors)
         if param.device.type != "cpu":
             torch.cuda.synchronize()
         return out
@@ -345,7 +331,7 @@ def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
     for b in blocks:
         n = b["n"]
         full = b[f"ffn alone {n}"]
-        for k in [1, *(pcfg.ratio for pcfg, _ in plugins.values())]:
+        for k in [1, *plugins]:
             m = -(-n // k)
             alone = b[f"ffn alone {m}"]
             row = dict(n=n, ratio=k, rows=batch * m, jax_ms=alone["ms"],
@@ -356,8 +342,8 @@ def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
                 row.update(torch_ms=t_alone["ms"], torch_gflops_per_s=t_alone["gflops_per_s"],
                            torch_rate_vs_full=t_alone["gflops_per_s"] / t_full["gflops_per_s"])
             if k > 1:
-                pcfg = next(p for p, _ in plugins.values() if p.ratio == k)
-                analytic = batch * encoder_flops(cfg.replace(num_layers=1), n, ratio=pcfg)["plugin"]
+                analytic = batch * encoder_flops(cfg.replace(num_layers=1), n,
+                                                 ratio=plugins[k][0])["plugin"]
                 row.update(plugin_ms=b[f"merge k={k}"]["ms"] + b[f"expand k={k}"]["ms"],
                            plugin_ms_at_ffn_rate=1e3 * analytic / (1e9 * full["gflops_per_s"]))
             rows.append(row)
@@ -475,7 +461,8 @@ def parse_args(argv):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: a table of accelerators; none on CPU)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time one layer's attention and FFN blocks alone (third table)")
+                   help="also time one layer's blocks, the FFN, the plugin and its largest "
+                        "matmul alone (tables 3-5)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="on CPU, variator_jax.host.keep_freed_memory() (as train.py and eval.py "
                         "do): temporaries over 32 MiB then do not page-fault on every call")
