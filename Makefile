@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo serve clean
+.PHONY: install test demo serve reproduce clean
 
 install: $(STAMP)
 
@@ -30,5 +30,9 @@ demo: install
 serve: install
 	$(PY) -m benchmarks.serve
 
+# The paper's experiment in miniature (benchmarks/quality.py): ~45 min, cached and resumable.
+reproduce: install
+	$(PY) -m benchmarks.quality
+
 clean:
-	rm -rf $(VENV) demo_workdir
+	rm -rf $(VENV) demo_workdir quality_workdir

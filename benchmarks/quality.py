@@ -193,6 +193,8 @@ class Pipeline:
         t0 = time.time()
         if self.args.backbone:
             lm_dir, lm = self.args.backbone, None
+        elif self.mini is None:
+            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
         else:
             lm = train_lib.train_and_evaluate(self.lm_config(), self.path("lm"))
             lm_dir = lm["backbone_dir"]
@@ -340,8 +342,6 @@ def write(results: dict, out_dir: str) -> str:
 
 def main(argv=None):
     args = _parse(argv)
-    from variator_jax import host
-    host.keep_freed_memory()
     from variator_jax import train_lib
     try:
         results = Pipeline(args).run()
@@ -351,4 +351,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from variator_jax import host
+    host.keep_freed_memory()  # Before any JAX computation (see host.py).
     main()
