@@ -180,3 +180,29 @@ def test_eval_entries_name_compressors():
     assert evaluate.compressor_spec("tome:4") == vj.PluginConfig(ratio=4, compressor="tome")
     assert evaluate.compressor_spec("runs/k4/plugin") is None
     assert evaluate.compressor_spec("variator:4") is None  # Trained plugins come from files.
+
+
+def test_a_compressor_serves_like_a_plugin():
+    from variator_jax import serving
+    cfg, backbone = _model()
+    pcfg = vj.PluginConfig(ratio=4, compressor="tome")
+    plugin = (pcfg, vj.init_plugin(None, cfg, pcfg))
+    engine = serving.AdaptiveEngine(cfg, backbone, {4: plugin}, serving.bucket_grid([2], [16]))
+    ids, mask, _ = _batch(n=12)
+    served = engine.run(4, np.asarray(ids), np.asarray(mask))
+    direct = vj.encode(cfg, backbone, ids, mask, plugin)
+    real = np.asarray(mask)[..., None] > 0
+    np.testing.assert_allclose(np.where(real, served, 0), np.where(real, direct, 0), atol=1e-5)
+
+
+def test_attach_plugin_refuses_a_training_free_compressor(tmp_path):
+    import transformers
+    from variator_jax import torch_plugin
+    cfg, backbone = _model()
+    pcfg = vj.PluginConfig(ratio=4, compressor="mean_pool")
+    vj.save_plugin(tmp_path / "mp", pcfg, vj.init_plugin(None, cfg, pcfg),
+                   vj.backbone_identity(cfg, backbone))
+    vj.save_hf_t5(tmp_path / "hf", cfg, jax.device_get(backbone))
+    model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="training-free 'mean_pool' compressor"):
+        torch_plugin.attach_plugin(model, tmp_path / "mp")
