@@ -54,6 +54,8 @@ MINI = dict(n=64, target=16, vocab=4000, lm_steps=1000, lm_lr=2e-3, ft_steps=500
 # For the tests: a model and step counts that only prove the pipeline runs end to end.
 TINY_MODEL = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2, num_decoder_layers=1,
                   relative_attention_max_distance=16)
+# `make demo`: the same pipeline at k = 4 only, no ablations, fewer steps (~8 min on 2 cores).
+DEMO = dict(MINI, lm_steps=600, ft_steps=300, pretrain_steps=150, adapt_steps=100)
 TINY = dict(n=32, target=8, vocab=600, lm_steps=2, lm_lr=1e-3, ft_steps=2, ft_lr=1e-3,
             pretrain_steps=2, pretrain_lr=1e-3, adapt_steps=2, adapt_lr=1e-3, batch=4)
 BASELINES = ("mean_pool", "tome", "strided")
@@ -71,10 +73,10 @@ def load_config(name: str, arg: str | None = None):
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default=os.path.join(_ROOT, "quality_workdir"),
-                   help="where every stage runs (cached, resumable)")
-    p.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"),
-                   help="directory for quality-<machine>.json/.md/.png")
+    p.add_argument("--workdir", default="", help="where every stage runs (cached, "
+                   "resumable); default quality_workdir, demo_workdir for --preset=demo")
+    p.add_argument("--out", default="", help="directory for quality-<machine>.json/.md/.png; "
+                   "default benchmarks/results, WORKDIR/results for --preset=demo and tiny")
     p.add_argument("--backbone", default="", help="a pre-trained HF T5 dir: skips (a)")
     p.add_argument("--tokenizer", default="", help="tokenizer dir or 'byte' (default: the "
                    "backbone's; for the miniature, a vocabulary trained into WORKDIR/tokenizer)")
@@ -85,14 +87,24 @@ def _parse(argv):
     p.add_argument("--test_split", default="test", help="split of --data that (e) reports")
     p.add_argument("--corpus", default="", help="pre-training corpus for (a) and (c) "
                    "(default: CPython's docs + the task's training texts, written to WORKDIR)")
-    p.add_argument("--ratios", default="2,4,8", help="compression ratios k")
-    p.add_argument("--ablation_ratios", default="4", help="k at which the ablations run")
-    p.add_argument("--preset", choices=("mini", "tiny", "paper"), default="mini",
-                   help="mini: the miniature; tiny: seconds, for tests; paper: configs' settings")
+    p.add_argument("--ratios", default=None, help="compression ratios k (default 2,4,8; demo: 4)")
+    p.add_argument("--ablation_ratios", default=None,
+                   help="k at which the ablations run (default 4; demo: none)")
+    p.add_argument("--preset", choices=("mini", "demo", "tiny", "paper"), default="mini",
+                   help="mini: the miniature; demo: a shorter one at k = 4; tiny: seconds, for "
+                   "tests; paper: the configs' released settings")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
     p.add_argument("--eval_batch", type=int, default=64, help="eval and timing batch")
     p.add_argument("--speed_repeats", type=int, default=7, help="timed rounds per model")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    demo = args.preset == "demo"
+    args.ratios = args.ratios if args.ratios is not None else "4" if demo else "2,4,8"
+    args.ablation_ratios = (args.ablation_ratios if args.ablation_ratios is not None
+                            else "" if demo else "4")
+    args.workdir = args.workdir or os.path.join(_ROOT, "demo_workdir" if demo else "quality_workdir")
+    args.out = args.out or (os.path.join(args.workdir, "results") if args.preset in ("demo", "tiny")
+                            else os.path.join(_ROOT, "benchmarks", "results"))
+    return args
 
 
 # == Configs of the stages =========================================================================
@@ -100,7 +112,7 @@ class Pipeline:
     def __init__(self, args):
         self.args = args
         self.tiny = args.preset == "tiny"
-        self.mini = None if args.preset == "paper" else (TINY if self.tiny else MINI)
+        self.mini = {"mini": MINI, "demo": DEMO, "tiny": TINY}.get(args.preset)
         self.workdir = os.path.abspath(args.workdir)
         self.ratios = [int(k) for k in args.ratios.split(",") if k]
         self.ablation_ratios = [int(k) for k in args.ablation_ratios.split(",") if k]
@@ -238,6 +250,8 @@ class Pipeline:
         train_seconds = time.time() - t0
         results = self.evaluate(ft_dir, plugins)
         results["lm"] = self.lm_report(lm, lm_dir) if lm else {"backbone": lm_dir}
+        k = 4 if 4 in self.ratios else self.ratios[0]
+        results["examples"] = self.examples_report(ft_dir, plugins[("variator", k)], k)
         results["finetune_validation"] = ft.get("eval", {})
         results["pipeline_seconds"] = {"train": round(train_seconds), "eval": results.pop("_eval_seconds")}
         return results
@@ -290,6 +304,35 @@ class Pipeline:
         return dict(backbone=lm_dir, eval=lm.get("eval", {}), samples=samples)
 
 
+    def examples_report(self, ft_dir, plugin_dir, k, count=6):
+        """A few test examples with the teacher's and the k plugin's answers (classification)."""
+        import jax.numpy as jnp
+        import numpy as np
+        import variator_jax as vj
+        from variator_jax import data as data_lib
+        task = data_lib.get_task(self.args.task)
+        if task.kind != "classification":
+            return []
+        cfg, backbone = vj.load_hf_t5(ft_dir)
+        plugin = vj.load_plugin(plugin_dir, cfg=cfg, backbone=backbone)
+        tok = data_lib.load_tokenizer(self.tokenizer, ft_dir)
+        verbalizer = task.verbalizer_ids(tok)
+        examples = data_lib.read_source(self.args.data, self.args.test_split)[:count]
+        n = self.mini["n"] if self.mini else 256
+        ids = np.zeros((len(examples), n), np.int32)
+        for row, e in enumerate(examples):
+            x = tok.encode(task.format(e)[0], add_special_tokens=False)[: n - 1] + [tok.eos_token_id]
+            ids[row, : len(x)] = x
+        mask, start = jnp.asarray(ids > 0, jnp.int32), jnp.zeros((len(examples), 1), jnp.int32)
+        answer = lambda p: np.asarray(vj.forward(cfg, backbone, jnp.asarray(ids), mask, start, plugin=p)
+                                      ["logits"][:, 0][:, verbalizer]).argmax(-1)
+        teacher, student = answer(None), answer(plugin)
+        text = lambda e: next(v for key, v in e.items() if key != "label" and isinstance(v, str))
+        return [dict(text=text(e)[:100], label=task.labels[task.label_index(e)],
+                     teacher=task.labels[t], **{f"k{k}": task.labels[p]})
+                for e, t, p in zip(examples, teacher, student)]
+
+
 # == Outputs =======================================================================================
 def machine_slug(machine: str) -> str:
     """'AMD EPYC 7B13, 2 cores, cpu (jax 0.10.2)' -> 'cpu-amd-epyc-7b13-2c'."""
@@ -298,6 +341,23 @@ def machine_slug(machine: str) -> str:
     backend = "cpu" if ", cpu" in machine else "accel"
     slug = re.sub(r"[^a-z0-9]+", "-", model).strip("-")
     return f"{backend}-{slug}" + (f"-{cores.group(1)}c" if cores else "")
+
+
+def format_examples(results: dict) -> str:
+    """(a)'s completions and a few classified test examples, for a person to read."""
+    lines = []
+    lm = results.get("lm", {})
+    if lm.get("samples"):
+        lines += [f"(a) pre-trained LM, held-out span-corruption CE {lm['eval'].get('ce', float('nan')):.3f}:"]
+        for sample in lm["samples"]:
+            lines += [f"  input : {sample['input']}", f"  target: {sample['target']}",
+                      f"  output: {sample['output']}"]
+    if results.get("examples"):
+        key = next(k for k in results["examples"][0] if k.startswith("k") and k[1:].isdigit())
+        lines += ["", f"Test examples: gold label / teacher / plugin {key.replace('k', 'k=')}:"]
+        for e in results["examples"]:
+            lines.append(f"  {e['label']:>15} / {e['teacher']:<15} / {e[key]:<15} {e['text'][:60]!r}")
+    return "\n".join(lines)
 
 
 def format_table(results: dict) -> str:
@@ -353,6 +413,8 @@ def write(results: dict, out_dir: str) -> str:
     atomic_write(out_dir, f"{stem}.json", lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
     atomic_write(out_dir, f"{stem}.md", lambda tmp: write_text(tmp, table + "\n"))
     plot(results, os.path.join(out_dir, f"{stem}.png"))
+    print(format_examples(results))
+    print()
     print(table)
     print(f"Results written to {os.path.join(out_dir, stem)}.json, .md, .png")
     return os.path.join(out_dir, stem)
