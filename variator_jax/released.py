@@ -106,6 +106,8 @@ def import_released_plugin(path, cfg: T5Config, *, mask_aware: bool = True,
       >>> pcfg, plugin = import_released_plugin("plugin-t5_base-mux_4.pkl", cfg)
     """
     path = os.fspath(path)
+    if not np.isfinite(modelcenter_scale) or modelcenter_scale <= 0:
+        raise ValueError(f"modelcenter_scale must be a positive number, got {modelcenter_scale!r}")
     state = torch_load_weights_only(path)
     layers, prefix = _released_layers(state, path)
     k, d, r = _infer_dims(layers, path)
