@@ -129,6 +129,8 @@ def torch_load_weights_only(file: str) -> dict:
             f"{file}: refusing to load: this pickle is not weights-only loadable (it needs "
             f"{culprit.group(1) if culprit else 'an unsupported object'}); nothing in it was run. "
             "Re-save it as a plain state dict of tensors") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
     except Exception as e:  # zip and pickle readers raise RuntimeError, EOFError, KeyError, ...
         detail = str(e).split(". ")[0].strip()
         raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}"

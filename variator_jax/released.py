@@ -63,6 +63,7 @@ import os
 import re
 import sys
 import warnings
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -105,9 +106,21 @@ def import_released_plugin(path, cfg: T5Config, *, mask_aware: bool = True,
       >>> cfg, backbone = vj.load_hf_t5("/models/t5-base")
       >>> pcfg, plugin = import_released_plugin("plugin-t5_base-mux_4.pkl", cfg)
     """
+    return _convert(_read_released(path, cfg), mask_aware, modelcenter_scale, backbone)
+
+
+class _Released(NamedTuple):
+    """A released file, read and checked against a backbone config."""
+    path: str
+    layers: list  # per layer {DESIGN.md §4 file name: float32 array}, ModelCenter scale
+    k: int
+    d: int
+    r: int
+    embedding: object  # ModelCenter's `t5.input_embedding.weight` (a torch tensor) or None
+
+
+def _read_released(path, cfg: T5Config) -> _Released:
     path = os.fspath(path)
-    if not np.isfinite(modelcenter_scale) or modelcenter_scale <= 0:
-        raise ValueError(f"modelcenter_scale must be a positive number, got {modelcenter_scale!r}")
     state = torch_load_weights_only(path)
     layers, prefix = _released_layers(state, path)
     k, d, r = _infer_dims(layers, path)
@@ -115,11 +128,18 @@ def import_released_plugin(path, cfg: T5Config, *, mask_aware: bool = True,
         raise CheckpointError(
             f"{path}: the released plugin is for d_model {d} with {len(layers)} encoder layers, "
             f"the backbone has d_model {cfg.d_model} with {cfg.num_layers} encoder layers")
-    if backbone is not None and prefix + _EMBEDDING in state:
-        _check_scale(state[prefix + _EMBEDDING], backbone, modelcenter_scale, path)
-    pcfg = PluginConfig(ratio=k, bottleneck=r, mask_aware=mask_aware)
-    plugin = {f"block_{i}": _to_hf_scale(layer, d, float(modelcenter_scale))
-              for i, layer in enumerate(layers)}
+    return _Released(path, layers, k, d, r, state.get(prefix + _EMBEDDING))
+
+
+def _convert(released: _Released, mask_aware, modelcenter_scale, backbone):
+    """-> (PluginConfig, plugin tree on the HF scale)."""
+    if not np.isfinite(modelcenter_scale) or modelcenter_scale <= 0:
+        raise ValueError(f"modelcenter_scale must be a positive number, got {modelcenter_scale!r}")
+    if backbone is not None and released.embedding is not None:
+        _check_scale(released.embedding, backbone, modelcenter_scale, released.path)
+    pcfg = PluginConfig(ratio=released.k, bottleneck=released.r, mask_aware=mask_aware)
+    plugin = {f"block_{i}": _to_hf_scale(layer, released.d, float(modelcenter_scale))
+              for i, layer in enumerate(released.layers)}
     return pcfg, plugin
 
 
@@ -200,7 +220,7 @@ def _check_scale(embedding, backbone, s, source):
     if abs(ratio / s - 1) > 0.05:
         warnings.warn(f"{source}: its ModelCenter embedding is this backbone's divided by "
                       f"{ratio:.4g}, not by modelcenter_scale={s:g}: another backbone, or pass "
-                      f"modelcenter_scale={ratio:.3g}", stacklevel=3)
+                      f"modelcenter_scale={ratio:.3g}", stacklevel=4)
 
 
 # -- Command line -------------------------------------------------------------------------------
@@ -227,10 +247,11 @@ def main(argv=None) -> int:
             if not args.overwrite and os.path.exists(os.path.join(args.out_dir, name)):
                 raise FileExistsError(f"{args.out_dir} already holds {name}; "
                                       "pass --overwrite to replace it")
+        # config.json first: a file that does not fit fails before gigabytes of weights load.
+        released = _read_released(args.src, T5Config.from_hf(args.backbone))
         cfg, backbone = load_hf_t5(args.backbone)
-        pcfg, plugin = import_released_plugin(args.src, cfg, mask_aware=args.mask_aware == "true",
-                                              modelcenter_scale=args.modelcenter_scale,
-                                              backbone=backbone)
+        pcfg, plugin = _convert(released, args.mask_aware == "true", args.modelcenter_scale,
+                                backbone)
         save_plugin(args.out_dir, pcfg, plugin, backbone_identity(cfg, backbone))
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
