@@ -50,7 +50,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(d_model=128, d_kv=32, num_heads=4, d_ff=384, num_layers=4, num_decoder_layers=2,
              relative_attention_max_distance=64)
 MINI = dict(n=64, target=16, vocab=4000, lm_steps=1000, lm_lr=2e-3, ft_steps=1500, ft_lr=1e-3,
-            pretrain_steps=300, pretrain_lr=1e-3, adapt_steps=200, adapt_lr=5e-4, batch=32)
+            pretrain_steps=300, pretrain_lr=1e-3, adapt_steps=800, adapt_lr=1e-3, batch=32)
 # For the tests: a model and step counts that only prove the pipeline runs end to end.
 TINY_MODEL = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2, num_decoder_layers=1,
                   relative_attention_max_distance=16)
