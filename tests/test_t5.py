@@ -205,3 +205,28 @@ def test_from_hf_defaults_and_bad_activation():
     assert (cfg.vocab_size, cfg.num_decoder_layers, cfg.feed_forward_proj) == (32128, 6, "relu")
     with pytest.raises(ValueError, match="feed_forward_proj"):
         vj.T5Config.from_hf({"feed_forward_proj": "gelu-gated"})
+
+
+def test_remat_policies_give_the_same_gradients():
+    """`remat` changes what the backward pass recomputes, never the numbers; the layer is
+    really checkpointed (a remat in the jaxpr), and an unknown policy name fails in one line."""
+    cfg = vj.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2)
+    backbone = vj.init_t5(jax.random.key(0), cfg)
+    pcfg = vj.PluginConfig(ratio=2, bottleneck=4)
+    plugin = jax.tree.map(lambda x: x + 0.1, vj.init_plugin(jax.random.key(1), cfg, pcfg))
+    ids, mask, dec = padded_batch(64)
+
+    def grads(remat):
+        c = cfg.replace(remat=remat)
+        loss = lambda p: jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
+                                 ["encoder_hidden"] ** 2)
+        return jax.grad(loss)(plugin), str(jax.make_jaxpr(jax.grad(loss))(plugin))
+
+    want, jaxpr = grads("none")
+    assert "remat" not in jaxpr and "checkpoint" not in jaxpr
+    for policy in ("full", "dots_with_no_batch_dims_saveable"):
+        got, jaxpr = grads(policy)
+        assert "remat" in jaxpr or "checkpoint" in jaxpr
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    with pytest.raises(ValueError, match="T5Config.remat 'most' is not 'none', 'full' or one of"):
+        cfg.replace(remat="most")

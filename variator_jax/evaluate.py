@@ -63,11 +63,13 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     with train_lib.user_errors("tokenizer"):
         tokenizer = data_lib.load_tokenizer(config.get("tokenizer") or None, backbone_dir)
     with train_lib.user_errors(f"backbone {backbone_dir}"):
-        cfg, host_backbone = load_hf_t5(backbone_dir, dtype=config.get("dtype", "float32"))
+        cfg, host_backbone = load_hf_t5(backbone_dir, **train_lib.runtime_fields(config))
     with train_lib.user_errors("config.task"):
         task = data_lib.get_task(config.task)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
     rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
+    if config.mesh.get("fsdp", False):
+        rules = sharding.with_fsdp(rules)
     backbone = sharding.put_global(host_backbone, sharding.tree_shardings(
         mesh, logical_axes(cfg), host_backbone, rules))
     models = [Model("teacher", None)] + [

@@ -136,6 +136,21 @@ def init_plugin(rng, cfg: T5Config, pcfg: PluginConfig):
     return stacking.stack_layers(layers, jnp.stack)  # Leaves [num_layers, ...].
 
 
+def logical_axes(params):
+    """Logical axis names of stacked plugin params (`sharding.py` resolves them): `layers`,
+    and `embed` for every dim that is d_model or k*d / 2d of them, so that FSDP rules shard a
+    plugin and its optimizer state as they shard the backbone; by default it is replicated."""
+    from jax.sharding import PartitionSpec as P
+    names = {("compress", "kernel"): P("layers", "embed", None),
+             ("compress", "bias"): P("layers", None),
+             ("decompress", "wi", "kernel"): P("layers", "embed", None),
+             ("decompress", "wi", "bias"): P("layers", None),
+             ("decompress", "wo", "kernel"): P("layers", None, "embed"),
+             ("decompress", "wo", "bias"): P("layers", "embed")}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: names[tuple(k.key for k in path)], params)
+
+
 def plugin_param_count(cfg: T5Config, pcfg: PluginConfig) -> int:
     """Exact count, §1: per layer k*k*d + k + 2*d*r + r + r*d + d.
 
