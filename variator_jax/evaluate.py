@@ -33,7 +33,7 @@ from variator_jax.convert import load_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import headline_metric, squad_em_f1
 from variator_jax.model import forward, generate
-from variator_jax.plugins import PluginConfig, load_plugin, plugin_param_count
+from variator_jax.plugins import Plugin, PluginConfig, load_plugin, plugin_param_count
 from variator_jax.t5 import logical_axes
 
 UserError = train_lib.UserError
@@ -52,7 +52,7 @@ class Model:
 
     @property
     def plugin(self):
-        return None if self.pcfg is None else (self.pcfg, self.params)
+        return None if self.pcfg is None else Plugin(self.pcfg, self.params)
 
 
 def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict:

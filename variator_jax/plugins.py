@@ -93,6 +93,13 @@ class Plugin:
     def num_layers(self) -> int:
         return int(self.params["compress"]["kernel"].shape[0])
 
+    # Unpacks and indexes as the `(pcfg, params)` tuple it replaces: `pcfg, params = plugin`.
+    def __iter__(self):
+        return iter((self.config, self.params))
+
+    def __getitem__(self, i):
+        return (self.config, self.params)[i]
+
 
 def as_plugin(plugin) -> Plugin | None:
     """None, a `Plugin`, or `(PluginConfig, params)` -> `Plugin` (or None). Per-layer params
