@@ -3,7 +3,9 @@ r"""Trains a Variator plugin (or fine-tunes a backbone): a thin entry point over
   python train.py --config=configs/plugin.py:stage=pretrain --config.backbone=DIR --workdir=RUN
   python train.py --config=configs/demo.py --workdir=demo_workdir
 
-Running the same command again resumes from RUN's latest checkpoint. Multi-host: pass
+Running the same command again resumes from RUN's latest checkpoint. `--dry_run` only
+compiles the train step against abstract parameters and reports per-device memory and compile
+time in RUN/fit.json (variator_jax/fit.py); no weights needed. Multi-host: pass
 --coordinator_address, --num_processes and --process_id to every process; on a TPU pod or
 under SLURM without them, jax.distributed.initialize() finds them itself.
 """
@@ -19,6 +21,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and out
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("dry_run", False, "Compile the train step against abstract parameters, print "
+                  "per-device memory and compile time, write WORKDIR/fit.json; train nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -71,6 +75,10 @@ def main(argv):
     _init_distributed()
     from variator_jax import train_lib  # After distributed init: it may touch devices.
     try:
+        if FLAGS.dry_run:
+            from variator_jax import fit
+            fit.dry_run(FLAGS.config, FLAGS.workdir)
+            return
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train_lib.UserError as e:
         _fail(str(e))

@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 import variator_jax as vj  # noqa: E402
 from variator_jax import host  # noqa: E402
 from variator_jax import plugins as plugins_lib  # noqa: E402
+from variator_jax import stacking  # noqa: E402
 from variator_jax import t5  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.model import encode  # noqa: E402
@@ -218,6 +219,11 @@ def measure_length(cfg, backbone, plugins, n, args, torch_factory, peak):
 
 
 # -- Where the time goes: one layer's two blocks ---------------------------------------------------
+def _first_layer(params):
+    """Layer 0 of plugin params stacked over layers."""
+    return jax.tree.map(lambda x: x[0], params)
+
+
 def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
     """Jitted closures for one encoder layer's attention block and FFN block (plain and with
     each plugin), on the same hidden states -> ({name: fn}, {name: analytic FLOPs}).
@@ -225,25 +231,24 @@ def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
     Also the frozen FFN alone (no norm, residual or plugin) on `rows` = n and ceil(n/k)
     vectors per example, as "ffn alone {rows}" and, with `torch_ffn` (HF's module holding the
     same weights), "torch ffn alone {rows}": the matmul rate at the sizes compression leaves."""
-    layer = backbone["encoder"]["block_0"]
-    attn = {**layer["layer_0"], "SelfAttention": {key: w for key, w in
-                                                  layer["layer_0"]["SelfAttention"].items()
-                                                  if key != "relative_attention_bias"}}
+    layer = stacking.layer(backbone["encoder"], 0)
+    attn = layer["layer_0"]
     h = jax.random.normal(jax.random.key(1), (batch, n, cfg.d_model), jnp.dtype(cfg.dtype))
     mask = jnp.ones((batch, n), jnp.int32)
     # Position bias as a later layer receives it from block 0 (computed once per forward).
     offsets = jax.random.normal(jax.random.key(2), (cfg.num_heads, 2 * n - 1))
     bias = t5.ToeplitzBias(t5._mask_bias(mask), offsets)
     run_attn = jax.jit(lambda p, h, bias: t5.LayerSelfAttention(cfg).apply(
-        {"params": p}, h, bias, None)[0])
-    run_ffn = jax.jit(lambda p, h, m, plugin: t5.LayerFF(cfg).apply({"params": p}, h, m, plugin))
+        {"params": p}, h, bias)[0])
+    run_ffn = jax.jit(lambda p, h, m, plugin: t5.LayerFF(cfg, plugin and plugin[0]).apply(
+        {"params": p}, h, m, plugin and plugin[1]))
     fns = {"attention": lambda: run_attn(attn, h, bias).block_until_ready(),
            "ffn": lambda: run_ffn(layer["layer_1"], h, mask, None).block_until_ready()}
     one = encoder_flops(cfg.replace(num_layers=1), n)
     flops = {"attention": batch * (one["attention_proj"] + one["attention_scores"]),
              "ffn": batch * one["ffn"]}
     for k, (pcfg, params) in plugins.items():
-        layer_plugin = (pcfg, params["block_0"])
+        layer_plugin = (pcfg, _first_layer(params))
         fns[f"ffn k={k}"] = (lambda lp=layer_plugin: run_ffn(layer["layer_1"], h, mask, lp)
                              .block_until_ready())
         comp = encoder_flops(cfg.replace(num_layers=1), n, ratio=pcfg)
@@ -265,15 +270,15 @@ def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
         x = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         m = jnp.pad(mask, ((0, 0), (0, pad)))
         y = x[:, :x.shape[1] // pcfg.ratio]
-        fns[f"merge k={k}"] = (lambda x=x, m=m, p=params["block_0"], c=pcfg:
+        fns[f"merge k={k}"] = (lambda x=x, m=m, p=_first_layer(params), c=pcfg:
                                run_merge(x, m, p, c).block_until_ready())
-        fns[f"expand k={k}"] = (lambda y=y, x=x, p=params["block_0"], c=pcfg:
+        fns[f"expand k={k}"] = (lambda y=y, x=x, p=_first_layer(params), c=pcfg:
                                 run_expand(y, x, p, c).block_until_ready())
         flops[f"merge k={k}"] = flops[f"expand k={k}"] = 0  # Reported as times only.
     # The plugin's largest matmul, x @ W_i^x ([batch*n, d] x [d, r]), in both frameworks.
     if plugins:
         pcfg, params = next(iter(plugins.values()))
-        w = params["block_0"]["decompress"]["wi"]["kernel"][cfg.d_model:]
+        w = _first_layer(params)["decompress"]["wi"]["kernel"][cfg.d_model:]
         fns["x @ W_i^x"] = lambda w=w: _matmul(h, w).block_until_ready()
         flops["x @ W_i^x"] = 2 * batch * n * cfg.d_model * pcfg.bottleneck
         if torch_ffn is not None:
@@ -488,7 +493,7 @@ def main(argv=None) -> dict:
     if args.keep_freed_memory:
         host.keep_freed_memory()
     cfg = vj.T5Config.variant(args.variant, num_layers=args.layers, num_decoder_layers=1,
-                              dtype=args.dtype)
+                              attention_block_bytes=host.attention_block_bytes(), dtype=args.dtype)
     backbone = vj.init_t5(jax.random.key(args.seed), cfg)
     ratios = [int(k) for k in args.ratios.split(",") if k]
     plugins = {k: (vj.PluginConfig(ratio=k, bottleneck=args.bottleneck),

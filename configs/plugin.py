@@ -112,7 +112,7 @@ def get_config(arg=None):
 
 
 def add_eval_and_mesh(c):
-    """The eval.py and mesh fields every training config shares (finetune.py too)."""
+    """The eval.py, mesh and scale fields every training config shares (finetune.py too)."""
     # -- eval.py --------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
     c.eval.plugins = ""  # Comma-separated plugin dirs or training-free compressors (tome:4); "" = WORKDIR/plugin.
@@ -122,7 +122,13 @@ def add_eval_and_mesh(c):
     c.mesh = ml_collections.ConfigDict()  # Device mesh ("data", "model") and axis rules.
     c.mesh.data = -1  # Devices along the batch axis; -1 = all the rest.
     c.mesh.model = 1  # Devices along the backbone's mlp / heads / vocab dims (tensor parallel).
-    c.mesh.rules = (  # Logical axis -> mesh axis (or None); add ("embed", "data") for FSDP.
+    c.mesh.rules = (  # Logical axis -> mesh axis (or None).
         ("batch", "data"), ("vocab", "model"), ("mlp", "model"), ("heads", "model"),
-        ("kv", None), ("embed", None), ("relpos_buckets", None), ("length", None))
+        ("kv", None), ("embed", None), ("relpos_buckets", None), ("length", None),
+        ("layers", None))
+    c.mesh.fsdp = False  # Shard weights' embed dim over data too (FSDP); gathered layer by layer.
+
+    # -- Scale (DESIGN.md §5): see `python train.py ... --dry_run` for what fits ---------------
+    c.scan_layers = True  # nn.scan over layers: compile time independent of depth.
+    c.remat = "none"  # Recompute layers in backward: none | full | a jax.checkpoint_policies name.
     return c

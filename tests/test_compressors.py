@@ -166,8 +166,7 @@ def test_compressor_plugin_files_round_trip(tmp_path):
     vj.save_plugin(tmp_path / "tome", pcfg, vj.init_plugin(None, cfg, pcfg),
                    vj.backbone_identity(cfg, backbone))
     loaded_cfg, tree = vj.load_plugin(tmp_path / "tome", cfg=cfg, backbone=backbone)
-    assert loaded_cfg == pcfg and jax.tree_util.tree_leaves(tree) == []
-    assert len(tree) == cfg.num_layers
+    assert loaded_cfg == pcfg and tree == {}
     assert vj.plugin_param_count(cfg, pcfg) == 0
 
 

@@ -56,9 +56,12 @@ def test_encoder_attention_takes_larger_blocks_when_freed_memory_is_kept(monkeyp
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.setattr(host, "_applied", False)
     assert not host.freed_memory_kept()
-    assert t5.attention_blocks(4, 12, 1024, 1024) == (1, 64)
+    budget = host.attention_block_bytes()  # What train.py and eval.py put in T5Config.
+    assert budget == t5.ATTENTION_BLOCK_BYTES
+    assert t5.attention_blocks(4, 12, 1024, 1024, budget) == (1, 64)
     monkeypatch.setattr(host, "_applied", True)
     assert host.freed_memory_kept()
-    assert t5.attention_blocks(4, 12, 1024, 1024) == (4, 1024)
-    assert t5.attention_blocks(4, 12, 2048, 2048) == (1, 2048)  # One example: 192 MiB.
-    assert t5.attention_blocks(1, 12, 4096, 4096) == (1, 1024)  # 256 MiB still bounds them.
+    budget = host.attention_block_bytes()
+    assert t5.attention_blocks(4, 12, 1024, 1024, budget) == (4, 1024)
+    assert t5.attention_blocks(4, 12, 2048, 2048, budget) == (1, 2048)  # One example: 192 MiB.
+    assert t5.attention_blocks(1, 12, 4096, 4096, budget) == (1, 1024)  # 256 MiB bounds them.

@@ -1,5 +1,6 @@
 """The plugin (DESIGN §1) against an independent NumPy restatement and the PyTorch export."""
 import json
+import os
 import warnings
 
 import jax
@@ -25,12 +26,18 @@ def _file_layer_to_tree(layer):
             "decompress": {"wi": lin("decompress.wi"), "wo": lin("decompress.wo")}}
 
 
-def random_plugin(cfg, pcfg, seed=0, scale=0.3):
-    """Plugin trees with non-trivial weights (the init is near zero and would hide bugs)."""
+def random_plugin(cfg, pcfg, seed=0, scale=0.3, per_layer=False):
+    """Plugin params with non-trivial weights (the init is near zero and would hide bugs),
+    stacked over layers as `init_plugin` makes them, or `per_layer` ({"block_i": ...})."""
     rng = np.random.default_rng(seed)
-    return {f"block_{i}": _file_layer_to_tree(ref.random_plugin_layer(rng, cfg.d_model, pcfg.ratio,
-                                                                      pcfg.bottleneck, scale))
-            for i in range(cfg.num_layers)}
+    layers = {f"block_{i}": _file_layer_to_tree(ref.random_plugin_layer(rng, cfg.d_model, pcfg.ratio,
+                                                                        pcfg.bottleneck, scale))
+              for i in range(cfg.num_layers)}
+    return layers if per_layer else plugins.as_plugin((pcfg, layers)).params
+
+
+def _layer(params, i):
+    return jax.tree.map(lambda x: x[i], params)
 
 
 @pytest.mark.parametrize("k,n,mask_aware", [(1, 5, True), (2, 7, True), (3, 8, True),
@@ -108,7 +115,7 @@ def test_padding_invariance(mask_aware):
 
 def test_all_pad_groups_give_zero_and_fully_padded_rows_no_nan():
     pcfg = vj.PluginConfig(ratio=2, bottleneck=R)
-    layer = random_plugin(vj.T5Config(d_model=D, num_layers=1), pcfg)["block_0"]
+    layer = random_plugin(vj.T5Config(d_model=D, num_layers=1), pcfg, per_layer=True)["block_0"]
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, D)), jnp.float32)
     mask = jnp.array([[1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
     merged = plugins.merge(x, mask, layer, pcfg)
@@ -149,7 +156,7 @@ def test_gradients_reach_only_the_plugin():
 def test_init_follows_the_released_code():
     cfg = vj.T5Config(d_model=64, num_layers=2, vocab_size=10)
     pcfg = vj.PluginConfig(ratio=4)
-    layer = vj.init_plugin(jax.random.key(0), cfg, pcfg)["block_1"]
+    layer = _layer(vj.init_plugin(jax.random.key(0), cfg, pcfg), 1)
     assert layer["compress"]["kernel"].shape == (4 * 64, 4)
     assert abs(float(jnp.std(layer["compress"]["kernel"])) / np.sqrt(2 / (4 * 64)) - 1) < 0.1
     for w in (layer["decompress"]["wi"]["kernel"], layer["decompress"]["wo"]["kernel"]):
@@ -194,6 +201,42 @@ def test_plugin_file_round_trip_and_layout(tmp_path):
     other = vj.init_t5(jax.random.key(7), cfg)
     with pytest.warns(UserWarning, match="fingerprints differ"):
         vj.load_plugin(tmp_path, cfg=cfg, backbone=other)
+
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "pre_scan")
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_plugin_saved_before_layers_were_stacked(scan):
+    """tests/data/pre_scan: a backbone, a plugin and their outputs written by the code before
+    scanned layers (per-layer trees, commit def7a97). They load unchanged, the fingerprint
+    matches (no warning), and the model gives the same outputs, scanned or not."""
+    cfg, backbone = vj.load_hf_t5(f"{DATA}/backbone", scan_layers=scan)
+    assert ("layers" in backbone["encoder"]) == scan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pcfg, plugin = vj.load_plugin(f"{DATA}/plugin", cfg=cfg, backbone=backbone)
+    config = json.loads(open(f"{DATA}/plugin/plugin_config.json").read())
+    assert plugins.backbone_fingerprint(backbone) == config["backbone"]["fingerprint"]
+    want = np.load(f"{DATA}/expected.npz")
+    ids, mask = want["input_ids"], want["attention_mask"]
+    for form in ((pcfg, plugin), plugins.Plugin(pcfg, plugin)):
+        got = vj.encode(cfg, backbone, ids, mask, form)
+        assert rel_diff(np.asarray(got)[mask > 0], want["encoder_hidden"][mask > 0]) < 1e-5
+    np.testing.assert_array_equal(vj.generate(cfg, backbone, ids, mask, 5), want["generated"])
+
+
+def test_per_layer_params_are_accepted():
+    """Params in the per-layer layout of earlier versions run as their stacked form does."""
+    cfg, backbone = _tiny()
+    pcfg = vj.PluginConfig(ratio=2, bottleneck=R)
+    ids = np.random.default_rng(2).integers(2, 40, (2, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    outs = [vj.encode(cfg, backbone, ids, mask, (pcfg, random_plugin(cfg, pcfg, per_layer=p)))
+            for p in (True, False)]
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(TypeError, match="not a PluginConfig"):
+        plugins.as_plugin(({}, {}))
 
 
 def test_plugin_file_errors(tmp_path):
@@ -250,3 +293,21 @@ def test_switching_plugins_compiles_once_per_ratio():
     assert vj.forward._cache_size() == before + 3
     # Different plugins of one ratio give different outputs: parameters really are arguments.
     assert rel_diff(outs[3], outs[4]) > 1e-3
+
+
+def test_bfloat16_student_close_to_float32():
+    """bf16 compute on the scanned model with a plugin: within 5e-2 relative of float32
+    (bf16 keeps 8 bits of mantissa, ~4e-3 per rounding; two layers of rounding stay well
+    inside), and not equal to it (the compute really ran in bf16)."""
+    cfg, backbone = _tiny()
+    assert cfg.scan_layers
+    pcfg = vj.PluginConfig(ratio=2, bottleneck=R)
+    plugin = (pcfg, random_plugin(cfg, pcfg))
+    ids, mask, dec = padded_batch(40)
+    full = vj.forward(cfg, backbone, ids, mask, dec, plugin=plugin)
+    half = vj.forward(cfg.replace(dtype="bfloat16"), backbone, ids, mask, dec, plugin=plugin)
+    real = mask > 0
+    for key in ("encoder_hidden", "decoder_hidden", "logits"):
+        a, b = np.asarray(half[key], np.float32), np.asarray(full[key])
+        a, b = (a[real], b[real]) if key == "encoder_hidden" else (a, b)
+        assert 1e-4 < rel_diff(a, b) < 5e-2, key

@@ -43,17 +43,24 @@ def test_backbone_shardings_follow_logical_axes():
     mesh = sharding.make_mesh(4, 2)
     shapes = jax.eval_shape(lambda: init_t5(jax.random.key(0), cfg))
     sh = sharding.tree_shardings(mesh, logical_axes(cfg), shapes, sharding.DEFAULT_RULES)
-    ffn = sh["encoder"]["block_0"]["layer_1"]["DenseReluDense"]
-    assert ffn["wi_0"]["kernel"].spec == P(None, "model")  # [embed, mlp]
-    assert ffn["wo"]["kernel"].spec == P("model")  # [mlp, embed]
+    ffn = sh["encoder"]["layers"]["layer_1"]["DenseReluDense"]  # Stacked: [layers, ...].
+    assert ffn["wi_0"]["kernel"].spec == P(None, None, "model")  # [layers, embed, mlp]
+    assert ffn["wo"]["kernel"].spec == P(None, "model")  # [layers, mlp, embed]
     assert sh["shared"]["embedding"].spec == P("model")  # [vocab, embed]; 384 % 2 == 0
-    q = sh["encoder"]["block_0"]["layer_0"]["SelfAttention"]["q"]["kernel"]
-    assert q.spec == P(None, "model")  # [embed, heads, kv]
+    q = sh["encoder"]["layers"]["layer_0"]["SelfAttention"]["q"]["kernel"]
+    assert q.spec == P(None, None, "model")  # [layers, embed, heads, kv]
     assert sh["encoder"]["final_layer_norm"]["weight"].spec == P()
     # Placing real values with these shardings gives each device its slice.
     backbone = sharding.put_global(jax.device_get(init_t5(jax.random.key(0), cfg)), sh)
-    wi = backbone["encoder"]["block_0"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"]
-    assert {s.data.shape for s in wi.addressable_shards} == {(32, 32)}
+    wi = backbone["encoder"]["layers"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"]
+    assert {s.data.shape for s in wi.addressable_shards} == {(2, 32, 32)}
+    # FSDP: `embed` over data as well; each device holds 1/8 of the kernel.
+    fsdp = sharding.tree_shardings(mesh, logical_axes(cfg), shapes,
+                                   sharding.with_fsdp(sharding.DEFAULT_RULES))
+    wi = fsdp["encoder"]["layers"]["layer_1"]["DenseReluDense"]["wi_0"]["kernel"]
+    assert wi.spec == P(None, "data", "model")
+    assert sharding.with_fsdp(sharding.with_fsdp(sharding.DEFAULT_RULES))[:2] == (
+        ("embed", "data"), ("batch", "data"))
 
 
 def test_global_batch_is_split_over_data():

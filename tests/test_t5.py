@@ -10,13 +10,17 @@ from variator_jax import t5
 from tests.hf_reference import VARIANTS, build_hf_t5, padded_batch, rel_diff, save_hf_dir
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
+@pytest.fixture(scope="module", params=[(v, scan) for v in sorted(VARIANTS)
+                                        for scan in ("scan", "unrolled")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, tmp_path_factory):
-    """(variant, HF model, our cfg, our backbone loaded from the HF directory)."""
-    hf = build_hf_t5(request.param)
-    path = save_hf_dir(hf, str(tmp_path_factory.mktemp(request.param)), request.param)
-    cfg, backbone = vj.load_hf_t5(path)
-    return request.param, hf, cfg, backbone
+    """(variant, HF model, our cfg, our backbone loaded from the HF directory), with the layers
+    scanned (`nn.scan`, parameters stacked) or unrolled."""
+    variant, layout = request.param
+    hf = build_hf_t5(variant)
+    path = save_hf_dir(hf, str(tmp_path_factory.mktemp(variant)), variant)
+    cfg, backbone = vj.load_hf_t5(path, scan_layers=layout == "scan")
+    return variant, hf, cfg, backbone
 
 
 def test_config_reads_variant_conventions(pair):
@@ -108,10 +112,10 @@ def test_generate_cache_equals_teacher_forcing(pair):
 
 
 @pytest.mark.parametrize("blocks", ["queries", "examples"])
-def test_blocked_encoder_attention_matches_hf(pair, blocks, monkeypatch):
-    """Long inputs on CPU run encoder attention in blocks (t5.ATTENTION_BLOCK_BYTES): forced
-    here on a tiny model, both kinds of block (query rows, with padding to a multiple of the
-    block; whole examples) must still give HF's encoder output."""
+def test_blocked_encoder_attention_matches_hf(pair, blocks):
+    """Long inputs on CPU run encoder attention in blocks (T5Config.attention_block_bytes):
+    forced here on a tiny model, both kinds of block (query rows, with padding to a multiple
+    of the block; whole examples) must still give HF's encoder output."""
     _, hf, cfg, backbone = pair
     b, n, h = 3, 37, cfg.num_heads
     rng = np.random.default_rng(5)
@@ -120,9 +124,8 @@ def test_blocked_encoder_attention_matches_hf(pair, blocks, monkeypatch):
     mask[1, 20:], mask[2, 3:] = 0, 0
     budget, expected = {"queries": (h * 16 * n * 4, (1, 16)),
                         "examples": (h * n * n * 4, (1, n))}[blocks]
-    monkeypatch.setattr(t5, "ATTENTION_BLOCK_BYTES", budget)
-    monkeypatch.setattr(t5, "ATTENTION_BLOCK_BYTES_KEPT", budget)
-    assert t5.attention_blocks(b, h, n, n) == expected  # Not the single dense block.
+    cfg = cfg.replace(attention="blocked", attention_block_bytes=budget)
+    assert t5.attention_blocks(b, h, n, n, budget) == expected  # Not the single dense block.
     encode = jax.jit(lambda p, i, m: t5.T5(cfg).apply({"params": p}, i, m, method=t5.T5.encode))
     with torch.no_grad():
         ref = hf.get_encoder()(input_ids=torch.tensor(ids, dtype=torch.long),
@@ -202,3 +205,28 @@ def test_from_hf_defaults_and_bad_activation():
     assert (cfg.vocab_size, cfg.num_decoder_layers, cfg.feed_forward_proj) == (32128, 6, "relu")
     with pytest.raises(ValueError, match="feed_forward_proj"):
         vj.T5Config.from_hf({"feed_forward_proj": "gelu-gated"})
+
+
+def test_remat_policies_give_the_same_gradients():
+    """`remat` changes what the backward pass recomputes, never the numbers; the layer is
+    really checkpointed (a remat in the jaxpr), and an unknown policy name fails in one line."""
+    cfg = vj.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2)
+    backbone = vj.init_t5(jax.random.key(0), cfg)
+    pcfg = vj.PluginConfig(ratio=2, bottleneck=4)
+    plugin = jax.tree.map(lambda x: x + 0.1, vj.init_plugin(jax.random.key(1), cfg, pcfg))
+    ids, mask, dec = padded_batch(64)
+
+    def grads(remat):
+        c = cfg.replace(remat=remat)
+        loss = lambda p: jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
+                                 ["encoder_hidden"] ** 2)
+        return jax.grad(loss)(plugin), str(jax.make_jaxpr(jax.grad(loss))(plugin))
+
+    want, jaxpr = grads("none")
+    assert "remat" not in jaxpr and "checkpoint" not in jaxpr
+    for policy in ("full", "dots_with_no_batch_dims_saveable"):
+        got, jaxpr = grads(policy)
+        assert "remat" in jaxpr or "checkpoint" in jaxpr
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+    with pytest.raises(ValueError, match="T5Config.remat 'most' is not 'none', 'full' or one of"):
+        cfg.replace(remat="most")

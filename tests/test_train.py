@@ -139,7 +139,11 @@ def test_one_device_and_a_4x2_mesh_train_the_same_plugin(hf_dir, tmp_path):
     assert plugins[0].keys() == plugins[1].keys()
     moved = 0.0
     for key in plugins[0]:
-        np.testing.assert_allclose(plugins[1][key], plugins[0][key], rtol=2e-5, atol=2e-6,
+        # Summation order differs between 1 and 8 devices; AdamW moves every weight by up to
+        # lr = 1e-2 per step whatever its gradient's size, so an element whose gradient nearly
+        # cancels carries that noise into the weight: measured up to 8.2e-6 after 8 steps
+        # (scanned or unrolled layers alike, with activation constraints on the mesh).
+        np.testing.assert_allclose(plugins[1][key], plugins[0][key], rtol=2e-5, atol=2e-5,
                                    err_msg=key)
         moved = max(moved, float(np.abs(plugins[0][key]).max()))
     assert moved > 0  # (Trained weights, not two untouched inits.)
@@ -225,7 +229,7 @@ def test_finetune_state_shards_backbone_and_adam_moments_alike(hf_dir, tmp_path)
     backbone = sh.put_global(run.host_backbone, shardings)
     abstract, state_sh, make = train_lib._initial_state(run, tx, backbone)
     state = make()
-    path = ("encoder", "block_0", "layer_1", "DenseReluDense", "wi_0", "kernel")
+    path = ("encoder", "layers", "layer_1", "DenseReluDense", "wi_0", "kernel")  # [layers, ...]
     adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's first part is scale_by_adam.
 
     def get(tree):
@@ -234,8 +238,8 @@ def test_finetune_state_shards_backbone_and_adam_moments_alike(hf_dir, tmp_path)
         return tree
 
     from jax.sharding import PartitionSpec as P
-    assert get(state.params).sharding.spec == P(None, "model")
-    assert get(adam.mu).sharding.spec == get(adam.nu).sharding.spec == P(None, "model")
+    assert get(state.params).sharding.spec == P(None, None, "model")
+    assert get(adam.mu).sharding.spec == get(adam.nu).sharding.spec == P(None, None, "model")
     assert state.step.sharding.spec == P()
     np.testing.assert_array_equal(np.asarray(get(state.params)), get(run.host_backbone))
     assert not os.path.exists(str(tmp_path / "ft"))  # Preparing writes nothing.

@@ -7,12 +7,12 @@
 """
 from variator_jax.convert import CheckpointError, load_hf_t5, save_hf_t5
 from variator_jax.model import encode, forward, generate, shift_right
-from variator_jax.plugins import (PluginConfig, backbone_fingerprint, backbone_identity,
+from variator_jax.plugins import (Plugin, PluginConfig, backbone_fingerprint, backbone_identity,
                                   init_plugin, load_plugin, plugin_param_count, save_plugin)
 from variator_jax.t5 import T5Config, init_t5
 
 __all__ = [
-    "CheckpointError", "PluginConfig", "T5Config", "backbone_fingerprint", "backbone_identity",
+    "CheckpointError", "Plugin", "PluginConfig", "T5Config", "backbone_fingerprint", "backbone_identity",
     "encode", "forward", "generate", "init_plugin", "init_t5", "load_hf_t5", "load_plugin",
     "plugin_param_count", "save_hf_t5", "save_plugin", "shift_right",
 ]

@@ -1,6 +1,8 @@
 """HF T5 checkpoint directory <-> Flax backbone tree.
 
-A declarative table maps each HF key to a Flax path and a small transform; loading checks
+A declarative table maps each HF key to a Flax path of the per-layer layout and a small
+transform (`stacking.py`: a scanned model's `layers` entry is the same path of `block_0 ..
+block_{L-1}` stacked, and the stack's position bias sits in block 0 as in HF); loading checks
 that the key sets match and every shape fits, and names the offending keys when they do not.
 Nothing is half-loaded: the tree is returned only once every tensor has been read and checked.
 Reading never runs code: safetensors, or `torch.load(..., weights_only=True)` for .bin.
@@ -17,6 +19,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
+from variator_jax import stacking
 from variator_jax.fileio import atomic_write, get_path, set_path, write_text
 from variator_jax.t5 import T5Config, init_t5
 
@@ -57,7 +60,8 @@ def _to_hf(kind: str, x: np.ndarray, cfg: T5Config) -> np.ndarray:
 
 
 def key_table(cfg: T5Config) -> list[_Row]:
-    """Every HF key of a T5ForConditionalGeneration with `cfg`, with its Flax path."""
+    """Every HF key of a T5ForConditionalGeneration with `cfg`, with its Flax path in the
+    per-layer layout (`stacking.to_per_layer`)."""
     rows = [_Row("shared.weight", ("shared", "embedding"), "copy")]
     ffn = ["wi_0", "wi_1", "wo"] if cfg.is_gated else ["wi", "wo"]
     for stack, n_layers in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
@@ -171,8 +175,11 @@ def _read_all(path: str) -> dict[str, np.ndarray]:
 
 
 # -- Public API ---------------------------------------------------------------------------------
-def load_hf_t5(path: str | os.PathLike, dtype: str = "float32"):
+def load_hf_t5(path: str | os.PathLike, dtype: str = "float32", **overrides):
     """Reads an HF T5 directory (config.json + weights) -> (T5Config, backbone tree, float32).
+
+    `overrides`: runtime fields of the config (`scan_layers=False`, `remat=...`; see
+    `t5.RUNTIME_FIELDS`); the tree's layout follows `scan_layers`.
 
     The output embedding follows what the file holds, as HF does: an `lm_head.weight` that
     differs from `shared.weight` is a separate head; a missing or identical one is tied.
@@ -183,7 +190,7 @@ def load_hf_t5(path: str | os.PathLike, dtype: str = "float32"):
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    cfg = T5Config.from_hf(path, dtype=dtype)
+    cfg = T5Config.from_hf(path, dtype=dtype, **overrides)
     tensors = _read_all(path)
     head = tensors.pop("lm_head.weight", None)
     untied = head is not None and ("shared.weight" not in tensors
@@ -195,7 +202,8 @@ def load_hf_t5(path: str | os.PathLike, dtype: str = "float32"):
 
 
 def tree_from_hf(cfg: T5Config, tensors: dict[str, np.ndarray], source: str = "checkpoint"):
-    """HF state dict (numpy) -> backbone tree, with strict key and shape checks."""
+    """HF state dict (numpy) -> backbone tree (scanned if `cfg.scan_layers`), with strict key
+    and shape checks."""
     rows = key_table(cfg)
     expected = {r.hf_key for r in rows}
     present = set(tensors) - _IGNORED
@@ -209,7 +217,8 @@ def tree_from_hf(cfg: T5Config, tensors: dict[str, np.ndarray], source: str = "c
             msg.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:6])}"
                        + (", ..." if len(unexpected) > 6 else ""))
         raise CheckpointError("; ".join(msg))
-    shapes = jax.eval_shape(lambda: init_t5(jax.random.key(0), cfg))
+    shapes = stacking.to_per_layer(jax.eval_shape(lambda: init_t5(jax.random.key(0), cfg)),
+                                   take=lambda x, i: jax.ShapeDtypeStruct(x.shape[1:], x.dtype))
     tree: dict = {}
     for row in rows:
         want = get_path(shapes, row.path).shape
@@ -222,11 +231,12 @@ def tree_from_hf(cfg: T5Config, tensors: dict[str, np.ndarray], source: str = "c
                 f"{source}: {row.hf_key} has shape {tuple(tensors[row.hf_key].shape)}, "
                 f"expected {tuple(_to_hf(row.kind, np.zeros(want, np.float32), cfg).shape)}")
         set_path(tree, row.path, np.ascontiguousarray(value, np.float32))
-    return tree
+    return stacking.from_per_layer(tree, cfg.scan_layers, np.stack)
 
 
 def tree_to_hf(cfg: T5Config, backbone) -> dict[str, np.ndarray]:
-    """Backbone tree -> HF state dict (numpy float32, contiguous)."""
+    """Backbone tree (any layout) -> HF state dict (numpy float32, contiguous)."""
+    backbone = stacking.to_per_layer(backbone, take=lambda x, i: np.asarray(x[i], np.float32))
     return {row.hf_key: np.ascontiguousarray(_to_hf(row.kind, np.asarray(get_path(backbone, row.path),
                                                                          np.float32), cfg))
             for row in key_table(cfg)}

@@ -34,7 +34,7 @@ from variator_jax.convert import load_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import headline_metric, squad_em_f1
 from variator_jax.model import forward, generate
-from variator_jax.plugins import PluginConfig, init_plugin, load_plugin, plugin_param_count
+from variator_jax.plugins import Plugin, PluginConfig, init_plugin, load_plugin, plugin_param_count
 from variator_jax.t5 import logical_axes
 
 UserError = train_lib.UserError
@@ -53,7 +53,7 @@ class Model:
 
     @property
     def plugin(self):
-        return None if self.pcfg is None else (self.pcfg, self.params)
+        return None if self.pcfg is None else Plugin(self.pcfg, self.params)
 
 
 def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict:
@@ -64,11 +64,13 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     with train_lib.user_errors("tokenizer"):
         tokenizer = data_lib.load_tokenizer(config.get("tokenizer") or None, backbone_dir)
     with train_lib.user_errors(f"backbone {backbone_dir}"):
-        cfg, host_backbone = load_hf_t5(backbone_dir, dtype=config.get("dtype", "float32"))
+        cfg, host_backbone = load_hf_t5(backbone_dir, **train_lib.runtime_fields(config))
     with train_lib.user_errors("config.task"):
         task = data_lib.get_task(config.task)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
     rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
+    if config.mesh.get("fsdp", False):
+        rules = sharding.with_fsdp(rules)
     backbone = sharding.put_global(host_backbone, sharding.tree_shardings(
         mesh, logical_axes(cfg), host_backbone, rules))
     models = [Model("teacher", None)] + [

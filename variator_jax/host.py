@@ -74,8 +74,8 @@ def keep_freed_memory() -> bool:
 
 def freed_memory_kept() -> bool:
     """Whether large freed blocks stay mapped in this process: `keep_freed_memory()` took
-    effect, or the environment set the same (one arena, no mmap). t5.py then runs encoder
-    attention in fewer, larger blocks."""
+    effect, or the environment set the same (one arena, no mmap). Encoder attention on CPU
+    can then run in fewer, larger blocks (`attention_block_bytes`)."""
     if _applied:
         return True
     return (os.environ.get("MALLOC_ARENA_MAX") == "1"
@@ -110,3 +110,12 @@ def malloc_setting() -> str:
     if _applied:
         return "glibc malloc: one arena, no mmap, no trim (variator_jax.host.keep_freed_memory)"
     return "malloc: the platform's default"
+
+
+def attention_block_bytes() -> int:
+    """The budget of CPU encoder-attention blocks for this process, for
+    `T5Config.attention_block_bytes`: `t5.ATTENTION_BLOCK_BYTES_KEPT` when freed memory is
+    kept (`freed_memory_kept`), else `t5.ATTENTION_BLOCK_BYTES`. The entry points put it in
+    the config; the model itself never reads process state."""
+    from variator_jax import t5
+    return t5.ATTENTION_BLOCK_BYTES_KEPT if freed_memory_kept() else t5.ATTENTION_BLOCK_BYTES

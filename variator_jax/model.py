@@ -1,8 +1,8 @@
 """Forward passes over (config, backbone tree, optional plugin): teacher and student alike.
 
 The teacher is `forward(..., plugin=None)`; the student is the same call with
-`plugin=(pcfg, plugin_params)`. Configs are static pytree data, so passing a different
-plugin of the same ratio reuses the compiled function.
+`plugin=(pcfg, plugin_params)` or a `plugins.Plugin`. Configs are static pytree data, so
+passing a different plugin of the same ratio reuses the compiled function.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from variator_jax.plugins import as_plugin
 from variator_jax.t5 import T5, T5Config
 
 
@@ -19,8 +20,7 @@ def shift_right(targets, start_id: int = 0):
     return jnp.concatenate([jnp.full_like(targets[:, :1], start_id), targets[:, :-1]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("deterministic",))
-def forward(cfg: T5Config, backbone, input_ids, attention_mask, decoder_input_ids,
+def apply_forward(cfg: T5Config, backbone, input_ids, attention_mask, decoder_input_ids,
             decoder_attention_mask=None, plugin=None, *, deterministic: bool = True,
             dropout_rng=None):
     """The full encoder-decoder pass.
@@ -29,7 +29,8 @@ def forward(cfg: T5Config, backbone, input_ids, attention_mask, decoder_input_id
       input_ids, attention_mask: [batch, n] int; mask 1 for real tokens, 0 for padding.
       decoder_input_ids: [batch, m] (targets shifted right, see `shift_right`).
       decoder_attention_mask: optional [batch, m]; masks padded decoder keys.
-      plugin: None (the uncompressed teacher) or `(PluginConfig, plugin_params)`.
+      plugin: None (the uncompressed teacher), `(PluginConfig, plugin_params)` or a
+        `plugins.Plugin`.
       deterministic: False enables dropout, drawn from `dropout_rng`.
     Returns:
       dict with `logits` [batch, m, vocab] float32, `encoder_hidden` [batch, n, d_model]
@@ -41,13 +42,18 @@ def forward(cfg: T5Config, backbone, input_ids, attention_mask, decoder_input_id
     """
     rngs = None if deterministic else {"dropout": dropout_rng}
     return T5(cfg).apply({"params": backbone}, input_ids, attention_mask, decoder_input_ids,
-                         decoder_attention_mask, plugin, deterministic, rngs=rngs)
+                         decoder_attention_mask, as_plugin(plugin), deterministic, rngs=rngs)
+
+
+# `forward` jitted on its own. Steps that are jitted as a whole call `apply_forward`: a nested
+# jit would reuse a trace made outside the step's `sharding.activation_sharding` context.
+forward = jax.jit(apply_forward, static_argnames=("deterministic",))
 
 
 @jax.jit
 def encode(cfg: T5Config, backbone, input_ids, attention_mask, plugin=None):
     """Encoder only: [batch, n] -> [batch, n, d_model] (the part a plugin accelerates)."""
-    return T5(cfg).apply({"params": backbone}, input_ids, attention_mask, plugin,
+    return T5(cfg).apply({"params": backbone}, input_ids, attention_mask, as_plugin(plugin),
                          method=T5.encode)
 
 
@@ -70,13 +76,12 @@ def generate(cfg: T5Config, backbone, input_ids, attention_mask, max_new_tokens:
     """
     enc = encode(cfg, backbone, input_ids, attention_mask, plugin)
     batch, dt = input_ids.shape[0], jnp.dtype(cfg.dtype)
-    kv = jnp.zeros((batch, max_new_tokens, cfg.num_heads, cfg.d_kv), dt)
-    cache = [{"self": {"k": kv, "v": kv}, "cross": {}} for _ in range(cfg.num_decoder_layers)]
-    start = jnp.full((batch, 1), cfg.decoder_start_token_id, jnp.int32)
-    # Step 0 outside the loop: it fills the cross-attention keys/values, which changes the
-    # cache's structure; the scanned steps then see a fixed structure.
-    logits, cache = _decode_step(cfg, backbone, start, enc, attention_mask, cache, 0)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The whole cache up front, stacked over decoder layers: the cross-attention keys/values
+    # of `enc`, and zeros for the self-attention slots; every step then sees one structure.
+    kv = jnp.zeros((cfg.num_decoder_layers, batch, max_new_tokens, cfg.num_heads, cfg.d_kv), dt)
+    cache = {"self": {"k": kv, "v": kv},
+             "cross": T5(cfg).apply({"params": backbone}, enc, method=T5.cross_cache)}
+    start = jnp.full((batch,), cfg.decoder_start_token_id, jnp.int32)
 
     def step(carry, index):
         token, cache, done = carry
@@ -85,6 +90,6 @@ def generate(cfg: T5Config, backbone, input_ids, attention_mask, max_new_tokens:
         nxt = jnp.where(done, cfg.pad_token_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
         return (nxt, cache, done | (nxt == cfg.eos_token_id)), nxt
 
-    _, rest = jax.lax.scan(step, (first, cache, first == cfg.eos_token_id),
-                           jnp.arange(1, max_new_tokens))
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    _, tokens = jax.lax.scan(step, (start, cache, jnp.zeros((batch,), bool)),
+                             jnp.arange(max_new_tokens))
+    return tokens.T

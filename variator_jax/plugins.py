@@ -8,9 +8,12 @@ position's own input:
     s_g = W_c concat(X_g) + b_c;  c_g = sum_j softmax(s_g)_j X_g[j]
     y_g = Dropout(FFN(c_g));      o_i = y_g(i) + W_o tanh(W_i [y_g(i); x_i] + b_i) + b_o
 
-The plugin tree is `{"block_{i}": {"compress": {kernel [k*d, k], bias [k]},
-"decompress": {"wi": {kernel [2d, r], bias [r]}, "wo": {kernel [r, d], bias [d]}}}}`
-(Flax convention, kernel = [in, out]); files use PyTorch's [out, in] (see `save_plugin`).
+In memory the plugin's params are stacked over the encoder's layers (as a scanned backbone's
+are): `{"compress": {kernel [L, k*d, k], bias [L, k]}, "decompress": {"wi": {kernel
+[L, 2d, r], bias [L, r]}, "wo": {kernel [L, r, d], bias [L, d]}}}` (Flax convention, kernel =
+[in, out]). Files stay per layer, in PyTorch's [out, in] (DESIGN.md §4, see `save_plugin`).
+`Plugin` pairs the params with their static `PluginConfig`; the model also takes the
+`(pcfg, params)` tuple of the public API, and per-layer `{"block_{i}": ...}` params.
 """
 from __future__ import annotations
 
@@ -20,13 +23,21 @@ import json
 import os
 import warnings
 
+from typing import TYPE_CHECKING, Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from variator_jax import compressors
+from variator_jax import compressors, stacking
 from variator_jax.fileio import atomic_write, get_path, set_path, write_text
-from variator_jax.t5 import NEG_INF, T5Config
+
+if TYPE_CHECKING:  # t5.py imports this module; only the annotations name its config.
+    from variator_jax.t5 import T5Config
+
+# Large negative instead of -inf: a fully padded row then softmaxes to uniform, never NaN (as HF).
+NEG_INF = -1e10
 
 PLUGIN_FILE = "plugin.safetensors"
 CONFIG_FILE = "plugin_config.json"
@@ -76,29 +87,89 @@ class PluginConfig:
 jax.tree_util.register_static(PluginConfig)
 
 
+@flax.struct.dataclass
+class Plugin:
+    """A plugin as one pytree: its static `config` and its array `params`, stacked over the
+    encoder's layers (leading axis [num_layers]). What the model runs internally; `as_plugin`
+    makes one from the public `(pcfg, params)` tuple.
+
+    Example:
+      >>> plugin = Plugin(PluginConfig(ratio=4), init_plugin(rng, cfg, PluginConfig(ratio=4)))
+      >>> out = forward(cfg, backbone, ids, mask, dec, plugin=plugin)
+    """
+    config: PluginConfig = flax.struct.field(pytree_node=False)
+    params: Any
+
+    @property
+    def num_layers(self) -> int | None:
+        """Encoder layers the params are for; None for a training-free compressor (any)."""
+        return _plugin_dims(self.params)[1]
+
+    # Unpacks and indexes as the `(pcfg, params)` tuple it replaces: `pcfg, params = plugin`.
+    def __iter__(self):
+        return iter((self.config, self.params))
+
+    def __getitem__(self, i):
+        return (self.config, self.params)[i]
+
+
+def as_plugin(plugin) -> Plugin | None:
+    """None, a `Plugin`, or `(PluginConfig, params)` -> `Plugin` (or None). Per-layer params
+    (`{"block_0": ..., "block_1": ...}`, the layout before layers were stacked) are stacked."""
+    if plugin is None or isinstance(plugin, Plugin):
+        return plugin
+    try:
+        pcfg, params = plugin
+    except (TypeError, ValueError):
+        raise TypeError(f"plugin must be None, a Plugin or a (PluginConfig, params) tuple, got "
+                        f"{type(plugin).__name__}") from None
+    if not isinstance(pcfg, PluginConfig):
+        raise TypeError(f"plugin tuple starts with {type(pcfg).__name__}, not a PluginConfig")
+    if isinstance(params, dict) and "block_0" in params:
+        params = stacking.stack_layers([params[f"block_{i}"] for i in range(len(params))],
+                                       jnp.stack)
+    return Plugin(pcfg, params)
+
+
 def init_plugin(rng, cfg: T5Config, pcfg: PluginConfig):
     """A fresh plugin, float32, initialised as the released code does.
 
     W_c ~ N(0, 2/(k*d)); W_i, W_o ~ N(0, 0.01^2); biases 0 -- so a new plugin starts close
     to "copy the merged FFN output back", and the MLP learns the per-position correction.
+    Returns the params stacked over layers (leaves [cfg.num_layers, ...], see the module doc).
 
     Example:
       >>> plugin = init_plugin(jax.random.key(0), cfg, PluginConfig(ratio=4))
     """
     k, d, r = pcfg.ratio, cfg.d_model, pcfg.bottleneck
-    if not pcfg.trainable:
-        return {f"block_{i}": {} for i in range(cfg.num_layers)}
-    tree = {}
-    for i, key in enumerate(jax.random.split(rng, cfg.num_layers)):
+    if not pcfg.trainable:  # A training-free compressor: nothing to learn, in any layer.
+        return {}
+    layers = []
+    for key in jax.random.split(rng, cfg.num_layers):
         kc, ki, ko = jax.random.split(key, 3)
-        tree[f"block_{i}"] = {
+        layers.append({
             "compress": {"kernel": jax.random.normal(kc, (k * d, k)) * np.sqrt(2.0 / (k * d)),
                          "bias": jnp.zeros((k,))},
             "decompress": {"wi": {"kernel": jax.random.normal(ki, (2 * d, r)) * 0.01,
                                   "bias": jnp.zeros((r,))},
                            "wo": {"kernel": jax.random.normal(ko, (r, d)) * 0.01,
-                                  "bias": jnp.zeros((d,))}}}
-    return tree
+                                  "bias": jnp.zeros((d,))}}})
+    return stacking.stack_layers(layers, jnp.stack)  # Leaves [num_layers, ...].
+
+
+def logical_axes(params):
+    """Logical axis names of stacked plugin params (`sharding.py` resolves them): `layers`,
+    and `embed` for every dim that is d_model or k*d / 2d of them, so that FSDP rules shard a
+    plugin and its optimizer state as they shard the backbone; by default it is replicated."""
+    from jax.sharding import PartitionSpec as P
+    names = {("compress", "kernel"): P("layers", "embed", None),
+             ("compress", "bias"): P("layers", None),
+             ("decompress", "wi", "kernel"): P("layers", "embed", None),
+             ("decompress", "wi", "bias"): P("layers", None),
+             ("decompress", "wo", "kernel"): P("layers", None, "embed"),
+             ("decompress", "wo", "bias"): P("layers", "embed")}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: names[tuple(k.key for k in path)], params)
 
 
 def plugin_param_count(cfg: T5Config, pcfg: PluginConfig) -> int:
@@ -170,41 +241,47 @@ def compressed_ffn(x, mask, layer, pcfg: PluginConfig, ffn):
 
 
 def _check_layer_shapes(layer, pcfg, d_model):
+    """One layer's params, or all layers' stacked: the compress kernel is [..., k*d, k]."""
     if not pcfg.trainable:
         if layer:
             raise ValueError(f"a {pcfg.compressor} compressor has no parameters, got {sorted(layer)}")
         return
     kernel = layer["compress"]["kernel"]
-    if kernel.shape[0] // max(kernel.shape[1], 1) != d_model:
-        raise ValueError(f"plugin d_model {kernel.shape[0] // kernel.shape[1]} != model d_model {d_model}")
-    if kernel.shape[1] != pcfg.ratio:
-        raise ValueError(f"plugin weights have ratio {kernel.shape[1]} != PluginConfig.ratio {pcfg.ratio}")
+    if kernel.shape[-2] // max(kernel.shape[-1], 1) != d_model:
+        raise ValueError(f"plugin d_model {kernel.shape[-2] // kernel.shape[-1]} != model d_model {d_model}")
+    if kernel.shape[-1] != pcfg.ratio:
+        raise ValueError(f"plugin weights have ratio {kernel.shape[-1]} != PluginConfig.ratio {pcfg.ratio}")
 
 
 def check_compatible(cfg: T5Config, pcfg: PluginConfig, plugin) -> None:
-    """Raises a one-line ValueError if `plugin` cannot run on a backbone with `cfg`."""
+    """Raises a one-line ValueError if `plugin` (its params) cannot run on a backbone with `cfg`."""
+    plugin = as_plugin((pcfg, plugin)).params
     d, layers = _plugin_dims(plugin)
     if d is not None and d != cfg.d_model:
         raise ValueError(f"plugin d_model {d} != model d_model {cfg.d_model}")
-    if layers != cfg.num_layers:
+    if layers is not None and layers != cfg.num_layers:
         raise ValueError(f"plugin num_layers {layers} != model num_layers (encoder) {cfg.num_layers}")
-    _check_layer_shapes(plugin["block_0"], pcfg, cfg.d_model)
+    _check_layer_shapes(plugin, pcfg, cfg.d_model)
 
 
-def _plugin_dims(plugin) -> tuple[int | None, int]:
-    """(d_model, layers) of a plugin tree; d_model None for a training-free one (no arrays)."""
-    if not plugin["block_0"]:
-        return None, len(plugin)
-    return int(plugin["block_0"]["decompress"]["wo"]["kernel"].shape[1]), len(plugin)
+def _plugin_dims(params) -> tuple[int | None, int | None]:
+    """Stacked params -> (d_model, num_layers); (None, None) for a training-free compressor,
+    whose empty tree fits any backbone."""
+    if not params:
+        return None, None
+    kernel = params["decompress"]["wo"]["kernel"]  # [layers, r, d]
+    return int(kernel.shape[-1]), int(kernel.shape[0])
 
 
 # -- Backbone identity ------------------------------------------------------------------------
 def backbone_fingerprint(backbone) -> str:
     """A short hash of a backbone's identity: every leaf's path and shape, the layer-norm
     weights and the first rows of the embedding. Cheap for an 11B model, and any fine-tuning
-    run changes it."""
+    run changes it. Read in the per-layer layout (`stacking.to_per_layer`), so a scanned and an
+    unrolled copy of one backbone agree, as do plugins saved before layers were stacked."""
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(backbone)[0]:
+    per_layer = stacking.to_per_layer(backbone, take=_LayerSlice)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(per_layer)[0]:
         name = jax.tree_util.keystr(path)
         h.update(f"{name}{tuple(leaf.shape)}".encode())
         if "layer_norm" in name:
@@ -212,6 +289,20 @@ def backbone_fingerprint(backbone) -> str:
         elif name.endswith("['shared']['embedding']"):
             h.update(np.asarray(leaf[:16], np.float32).tobytes())
     return h.hexdigest()[:16]
+
+
+class _LayerSlice:
+    """Layer `i` of a stacked leaf, sliced only if read (a fingerprint reads few leaves)."""
+
+    def __init__(self, stacked, i):
+        self.stacked, self.i = stacked, i
+
+    @property
+    def shape(self):
+        return tuple(self.stacked.shape[1:])
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.stacked[self.i], dtype)
 
 
 def backbone_identity(cfg: T5Config, backbone) -> dict:
@@ -222,13 +313,14 @@ def backbone_identity(cfg: T5Config, backbone) -> dict:
 
 # -- Files --------------------------------------------------------------------------------------
 def _file_rows(num_layers: int):
-    """(file key, tree path, transposed) for every tensor, in the PyTorch Linear convention."""
+    """(file key, layer, path in the stacked tree, transposed) for every tensor of the file, in
+    the PyTorch Linear convention: one stacked entry is the same key of every layer."""
     for i in range(num_layers):
         pre = f"encoder.block.{i}.plugin"
         for name, path in (("compress", ("compress",)), ("decompress.wi", ("decompress", "wi")),
                            ("decompress.wo", ("decompress", "wo"))):
-            yield f"{pre}.{name}.weight", (f"block_{i}",) + path + ("kernel",), True
-            yield f"{pre}.{name}.bias", (f"block_{i}",) + path + ("bias",), False
+            yield f"{pre}.{name}.weight", i, path + ("kernel",), True
+            yield f"{pre}.{name}.bias", i, path + ("bias",), False
 
 
 def save_plugin(directory, pcfg: PluginConfig, plugin, backbone_id: str | dict | None = None):
@@ -240,12 +332,14 @@ def save_plugin(directory, pcfg: PluginConfig, plugin, backbone_id: str | dict |
     from safetensors.numpy import save_file
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    plugin = as_plugin((pcfg, plugin)).params
     d, layers = _plugin_dims(plugin)
-    if d is None:  # A training-free compressor: the backbone's width, when it is known.
-        d = (backbone_id or {}).get("d_model") if isinstance(backbone_id, dict) else None
+    if d is None:  # A training-free compressor: the backbone's sizes, when they are known.
+        known = backbone_id if isinstance(backbone_id, dict) else {}
+        d, layers = known.get("d_model"), known.get("num_layers")
     tensors = {}
-    for key, path, transposed in _file_rows(layers if pcfg.trainable else 0):
-        value = np.asarray(get_path(plugin, path), np.float32)
+    for key, i, path, transposed in _file_rows(layers if pcfg.trainable else 0):
+        value = np.asarray(get_path(plugin, path)[i], np.float32)
         tensors[key] = np.ascontiguousarray(value.T if transposed else value)
     if isinstance(backbone_id, str):
         backbone_id = {"name": backbone_id}
@@ -258,7 +352,7 @@ def save_plugin(directory, pcfg: PluginConfig, plugin, backbone_id: str | dict |
 
 
 def load_plugin(directory, *, cfg: T5Config | None = None, backbone=None):
-    """Reads a plugin directory -> (PluginConfig, plugin tree of float32 jax arrays).
+    """Reads a plugin directory -> (PluginConfig, params: float32 jax arrays stacked over layers).
 
     With `cfg`, checks that the plugin fits that backbone (d_model, layers) and raises a
     ValueError naming both numbers; with `backbone` too, warns if its fingerprint differs
@@ -278,8 +372,10 @@ def load_plugin(directory, *, cfg: T5Config | None = None, backbone=None):
         pcfg = PluginConfig(**{f.name: config[f.name] if f.default is dataclasses.MISSING
                                else config.get(f.name, f.default)
                                for f in dataclasses.fields(PluginConfig)})
-        layers = int(config["num_layers"])
-        d = None if config["d_model"] is None and not pcfg.trainable else int(config["d_model"])
+        sizes = [config["d_model"], config["num_layers"]]
+        if pcfg.trainable or None not in sizes:  # A compressor may not know its backbone.
+            sizes = [int(v) for v in sizes]
+        d, layers = sizes
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_path}: not a valid plugin config ({type(e).__name__}: {e})") from None
     try:
@@ -303,16 +399,16 @@ def _tree_from_file(tensors, pcfg, d, layers, source):
         if tensors:
             raise ValueError(f"{source}: a {pcfg.compressor} compressor has no parameters, "
                              f"but the file holds {len(tensors)} tensors")
-        return {f"block_{i}": {} for i in range(layers)}
+        return {}
     want = {"compress": ((k, k * d), (k,)), "decompress.wi": ((r, 2 * d), (r,)),
             "decompress.wo": ((d, r), (d,))}
     rows = list(_file_rows(layers))
-    unexpected = sorted(set(tensors) - {key for key, _, _ in rows})
+    unexpected = sorted(set(tensors) - {row[0] for row in rows})
     if unexpected:
         raise ValueError(f"{source}: unexpected key {unexpected[0]}"
                          + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    tree: dict = {}
-    for key, path, transposed in rows:
+    layer_trees: list[dict] = [{} for _ in range(layers)]
+    for key, i, path, transposed in rows:
         if key not in tensors:
             raise ValueError(f"{source}: missing key {key}")
         name = key.split(".plugin.")[1].rsplit(".", 1)[0]
@@ -320,5 +416,5 @@ def _tree_from_file(tensors, pcfg, d, layers, source):
         if tensors[key].shape != shape:
             raise ValueError(f"{source}: {key} has shape {tensors[key].shape}, expected {shape}")
         value = tensors[key].T if transposed else tensors[key]
-        set_path(tree, path, jnp.asarray(value, jnp.float32))
-    return tree
+        set_path(layer_trees[i], path, np.asarray(value, np.float32))
+    return stacking.stack_layers(layer_trees, lambda xs: jnp.asarray(np.stack(xs)))

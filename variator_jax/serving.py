@@ -40,7 +40,7 @@ import numpy as np
 
 from variator_jax import flops
 from variator_jax.model import encode, generate
-from variator_jax.plugins import PluginConfig, check_compatible
+from variator_jax.plugins import Plugin, PluginConfig, check_compatible
 from variator_jax.t5 import T5Config
 
 OFF = 1  # The ratio of the uncompressed teacher: no plugin.
@@ -138,7 +138,8 @@ class AdaptiveEngine:
 
     Args:
       cfg, backbone: the frozen T5 (`init_t5` or `load_hf_t5`).
-      plugins: ratio -> `(PluginConfig, params)`; ratio 1 (off, the teacher) is always added.
+      plugins: ratio -> `(PluginConfig, params)` or a `Plugin`; ratio 1 (off, the teacher) is
+        always added; kept as `Plugin`s (which unpack like the tuple).
         Each plugin is checked against the backbone and against its key.
       buckets: the input shapes to compile (see `bucket_grid`); a request of more rows than
         the largest bucket runs in several calls, one longer than the longest is refused.
@@ -169,7 +170,7 @@ class AdaptiveEngine:
         for ratio, plugin in sorted(plugins.items()):
             self._check_plugin(int(ratio), plugin)
             if int(ratio) != OFF:
-                self.plugins[int(ratio)] = (plugin[0], jax.device_put(plugin[1]))
+                self.plugins[int(ratio)] = Plugin(plugin[0], jax.device_put(plugin[1]))
         self.ratios = tuple(sorted(self.plugins))
         self._executables: dict[tuple[int, Bucket], Any] = {}
         start = time.perf_counter()
@@ -208,7 +209,7 @@ class AdaptiveEngine:
         if plugin[0] != self.plugins[ratio][0]:
             raise ValueError(f"plugin config {plugin[0]} differs from the compiled "
                              f"{self.plugins[ratio][0]}")
-        self.plugins[ratio] = (plugin[0], jax.device_put(plugin[1]))
+        self.plugins[ratio] = Plugin(plugin[0], jax.device_put(plugin[1]))
 
     @property
     def max_length(self) -> int:

@@ -12,7 +12,9 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -24,7 +26,9 @@ MESH_AXES = ("data", "model")
 # t5x-style: batch over data; the wide dims of the backbone (FFN, heads, vocabulary) over
 # model (Megatron-style tensor parallelism). Rules are tried in order for each logical name;
 # a mesh axis is used at most once per array. For models that do not fit one device's
-# memory replicated along `data`, add ("embed", "data") (fully-sharded data parallelism).
+# memory replicated along `data`, `mesh.fsdp` puts ("embed", "data") first (`with_fsdp`).
+# `layers` is the stacking axis of scanned parameters: never sharded, so that a scan step
+# slices one layer locally and gathers only that layer's shards.
 DEFAULT_RULES = (
     ("batch", "data"),
     ("vocab", "model"),
@@ -34,7 +38,59 @@ DEFAULT_RULES = (
     ("embed", None),
     ("relpos_buckets", None),
     ("length", None),
+    ("layers", None),
 )
+
+
+def with_fsdp(rules):
+    """`rules` with parameters' `embed` dims fully sharded over `data` (FSDP, ZeRO-3): each
+    device holds 1/data of every weight and all-gathers one layer's weights inside the scan
+    when it runs that layer. Activations keep `batch` on `data` (a mesh axis is used once per
+    array, and `batch` comes first in activations' names), so their `embed` stays whole."""
+    rules = tuple(tuple(r) for r in rules)
+    if ("embed", "data") in rules:
+        return rules
+    return (("embed", "data"),) + rules
+
+
+# -- Activations ---------------------------------------------------------------------------------
+# The mesh and rules a step is being traced for, so that model code can constrain activations
+# by logical names (`constrain`) without knowing the mesh. Set by `activation_sharding` around
+# the traced function's body; outside it, constraints are no-ops (single device, eager use).
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules):
+    """While tracing inside this context, `constrain` and `batch_shards` use `mesh`/`rules`."""
+    previous = getattr(_ACTIVE, "value", None)
+    _ACTIVE.value = (mesh, tuple(tuple(r) for r in rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.value = previous
+
+
+def constrain(x, logical: Sequence[str | None]):
+    """`with_sharding_constraint` by logical names (t5x / MaxText on the residual stream);
+    `logical` names x's leading dims. A no-op outside `activation_sharding`."""
+    active = getattr(_ACTIVE, "value", None)
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = mesh_spec(tuple(logical) + (None,) * (x.ndim - len(logical)), rules, x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_shards(batch: int) -> int:
+    """Over how many devices a batch of `batch` rows is split in the step being traced (1
+    outside `activation_sharding`): CPU attention blocks are sized per device from it."""
+    active = getattr(_ACTIVE, "value", None)
+    if active is None:
+        return 1
+    mesh, rules = active
+    spec = mesh_spec(("batch",), rules, (batch,), mesh)
+    return mesh.shape[spec[0]] if len(spec) and spec[0] is not None else 1
 
 
 def make_mesh(data: int = -1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from variator_jax import host
+from variator_jax import plugins, sharding
+from variator_jax.plugins import NEG_INF, PluginConfig
 
 # Published sizes (HF hub config.json files of google-t5/* and google/*).
 # (d_model, d_kv, d_ff, num_layers, num_heads); the decoder has as many layers.
@@ -60,6 +61,11 @@ class T5Config:
     decoder_start_token_id: int = 0
     dtype: str = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); params stay float32.
     name: str = ""  # Identity of the backbone (variant name or path), for plugin fingerprints.
+    # How the model runs, not what it is (never written to config.json; see RUNTIME_FIELDS):
+    scan_layers: bool = True  # nn.scan over each stack's layers (params stacked on `layers`).
+    remat: str = "none"  # Per-layer rematerialisation: "none", "full", or a jax.checkpoint_policies name.
+    attention: str = "auto"  # Encoder self-attention: "dense", "blocked", "auto" (blocked on CPU).
+    attention_block_bytes: int = 4 << 20  # "blocked": bytes of float32 scores per block, per device.
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -73,6 +79,10 @@ class T5Config:
         for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
+        remat_policy(self.remat)  # Raises for an unknown name.
+        if self.attention not in ("auto", "dense", "blocked"):
+            raise ValueError(f"T5Config.attention {self.attention!r} is not 'auto', 'dense' or "
+                             "'blocked'")
 
     # -- Derived ---------------------------------------------------------------------------------
     @property
@@ -120,7 +130,7 @@ class T5Config:
         if model_type not in ("t5", "mt5"):
             raise ValueError(f"config model_type is {model_type!r}, not a T5 (expected 't5' or 'mt5')")
         fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in fields and k not in ("dtype", "name")}
+        kw = {k: v for k, v in d.items() if k in fields and k not in RUNTIME_FIELDS}
         kw.setdefault("tie_word_embeddings", True)
         if "scale_decoder_outputs" not in d:
             kw["scale_decoder_outputs"] = kw["tie_word_embeddings"]
@@ -131,7 +141,7 @@ class T5Config:
     def to_hf(self) -> dict:
         """The config.json dict HF `T5ForConditionalGeneration.from_pretrained` reads."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name not in ("dtype", "name")}
+             if f.name not in RUNTIME_FIELDS}
         d.update(model_type="t5", architectures=["T5ForConditionalGeneration"],
                  is_encoder_decoder=True, is_gated_act=self.is_gated,
                  dense_act_fn=self.activation)
@@ -159,16 +169,38 @@ class T5Config:
 # A config is static data: passing it to a jitted function keys the cache, it is never traced.
 jax.tree_util.register_static(T5Config)
 
+# Fields that say how this process runs the model, not what the model is: never read from or
+# written to an HF config.json.
+RUNTIME_FIELDS = ("dtype", "name", "scan_layers", "remat", "attention", "attention_block_bytes")
+
+
+# jax.checkpoint_policies that are policies themselves (the others are factories of policies).
+_READY_POLICIES = ("dots_with_no_batch_dims_saveable", "dots_saveable", "checkpoint_dots",
+                   "checkpoint_dots_with_no_batch_dims", "nothing_saveable", "everything_saveable")
+
+
+def remat_policy(name: str):
+    """`T5Config.remat` -> (remat?, policy). "none": keep every activation; "full": recompute
+    the whole layer in the backward pass (policy None); any other name is a ready policy of
+    `jax.checkpoint_policies` (e.g. "dots_with_no_batch_dims_saveable": keep matmul outputs
+    without batch dims, recompute the rest; "dots_saveable": keep every matmul output)."""
+    if name == "none":
+        return False, None
+    if name == "full":
+        return True, None
+    if name not in _READY_POLICIES:
+        raise ValueError(f"T5Config.remat {name!r} is not 'none', 'full' or one of "
+                         f"jax.checkpoint_policies' {', '.join(_READY_POLICIES)}")
+    policy = getattr(jax.checkpoint_policies, name)
+    return True, policy
+
 
 # ================================================================================================
 # Flax Linen modules. Parameter names mirror HF T5 (`encoder.block.3.layer.1.DenseReluDense.wi`
-# is `encoder/block_3/layer_1/DenseReluDense/wi`), so conversion is a rename plus transposes.
+# is `encoder/block_3/layer_1/DenseReluDense/wi`, or layer 3 of `encoder/layers/layer_1/...`
+# when scanned; see stacking.py), so conversion is a rename, transposes and stacking.
 # Every parameter carries logical axis names; only sharding.py maps them onto a mesh.
 # ================================================================================================
-
-
-# Large negative instead of -inf: a fully padded row then softmaxes to uniform, never NaN (as HF).
-NEG_INF = -1e10
 
 
 def _dense_init(axes):
@@ -217,7 +249,8 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
 
 
 class RelativePositionBias(nn.Module):
-    """Learned bias per (bucket, head); owned by a stack's first layer and shared by the rest."""
+    """Learned bias per (bucket, head); owned by a stack and shared by all its layers (HF keeps
+    it in the first layer's self-attention; conversion moves it, see stacking.py)."""
     cfg: T5Config
     bidirectional: bool
 
@@ -271,29 +304,33 @@ class ToeplitzBias(NamedTuple):
 # XLA:CPU gives each call one fresh block of temporaries, and glibc maps blocks over 32 MiB
 # afresh each time, so every page of them is faulted in on every call (~3 us per 4 KiB here):
 # a dense [batch, heads, n, n] float32 score tensor (48 MiB for t5-base at n = 1024) costs more
-# in page faults than in arithmetic. On CPU, encoder attention therefore runs in blocks whose
-# scores stay under this many bytes (and in cache); accelerators take one block.
+# in page faults than in arithmetic. On CPU (`T5Config.attention` "auto" or "blocked") encoder
+# attention therefore runs in blocks whose scores stay under `T5Config.attention_block_bytes`
+# per device (default this many, and in cache); accelerators take one block.
 ATTENTION_BLOCK_BYTES = 4 << 20
 # With `host.keep_freed_memory()` in force the pages are reused, and the fewer the blocks the
 # faster (t5-base widths, the attention core alone): at n = 1024 one block took 0.64-0.74x the
 # time of 64-query blocks (batch 1 and 4), at n = 2048 0.51x; at n <= 512 all budgets were
-# within noise. This budget then only bounds the memory the scores take.
+# within noise. The entry points that keep freed memory set this budget in the config
+# (`host.attention_block_bytes`); it then only bounds the memory the scores take.
 ATTENTION_BLOCK_BYTES_KEPT = 256 << 20
 
 
-def _attention_budget() -> int:
-    return ATTENTION_BLOCK_BYTES_KEPT if host.freed_memory_kept() else ATTENTION_BLOCK_BYTES
+def uses_blocked_attention(cfg: T5Config) -> bool:
+    """Whether encoder self-attention runs in blocks: "blocked", or "auto" on a CPU backend."""
+    return cfg.attention == "blocked" or (cfg.attention == "auto"
+                                          and jax.default_backend() == "cpu")
 
 
-def attention_blocks(batch: int, heads: int, q_len: int, k_len: int) -> tuple[int, int]:
-    """(examples, queries) per attention block: all of it off CPU or when it fits the budget
-    (`ATTENTION_BLOCK_BYTES`, or `ATTENTION_BLOCK_BYTES_KEPT` when freed memory is kept);
-    else whole examples per block if one fits, else one example and the largest power of two of
-    queries within the budget (1024 -> 64 at t5-base widths and 4 MiB), or, where that would pad
-    q_len by more than 1/8, q_len split evenly into multiples of 8 (300 -> 152, not 256)."""
+def attention_blocks(batch: int, heads: int, q_len: int, k_len: int,
+                     budget: int = ATTENTION_BLOCK_BYTES) -> tuple[int, int]:
+    """(examples, queries) per attention block, for `batch` examples on one device: all of it
+    when its float32 scores fit `budget` bytes; else whole examples per block if one fits, else
+    one example and the largest power of two of queries within the budget (1024 -> 64 at
+    t5-base widths and 4 MiB), or, where that would pad q_len by more than 1/8, q_len split
+    evenly into multiples of 8 (300 -> 152, not 256)."""
     per_example = heads * q_len * k_len * 4
-    budget = _attention_budget()
-    if jax.default_backend() != "cpu" or batch * per_example <= budget:
+    if batch * per_example <= budget:
         return batch, q_len
     if per_example <= budget:
         return max(e for e in range(1, batch + 1)
@@ -312,7 +349,8 @@ def _ceil_div(a: int, b: int) -> int:
 def blocked_attention(q, k, v, bias: ToeplitzBias, block: tuple[int, int], dropout=None):
     """softmax(q k^T + bias) v, one block of examples x queries at a time (exact blocking).
 
-    q, k, v: [batch, n, heads, d_kv] in the compute dtype; `block` from `attention_blocks`.
+    q, k, v: [batch, n, heads, d_kv] in the compute dtype; `block` (examples, queries) from
+    `attention_blocks`, with examples counted over all devices the batch is sharded over.
     `dropout` (weights -> weights) only with a single block. Returns [batch, n, heads, d_kv].
     """
     b, n, h, d = q.shape
@@ -340,71 +378,72 @@ def blocked_attention(q, k, v, bias: ToeplitzBias, block: tuple[int, int], dropo
                           jnp.arange((n + pad) // queries))  # [blocks, e, h, queries, d]
         return jnp.moveaxis(out, 0, 2).reshape(qg.shape)
 
-    if examples == b:
+    if examples >= b:
         out = example_block((q, k, v, bias.mask))
     else:
-        split = lambda x: x.reshape(b // examples, examples, *x.shape[1:])
-        out = jax.lax.map(example_block, tuple(map(split, (q, k, v, bias.mask)))).reshape(q.shape)
+        # Block j holds examples j, j + b/examples, ...: the batch axis is split minor-major, so
+        # a batch sharded over devices stays sharded inside every block, and each device
+        # works on its own examples (`examples` counts all devices' examples per block).
+        split = lambda x: sharding.constrain(jnp.swapaxes(
+            x.reshape(examples, b // examples, *x.shape[1:]), 0, 1), (None, "batch"))
+        out = jax.lax.map(example_block, tuple(map(split, (q, k, v, bias.mask))))
+        out = jnp.swapaxes(out, 0, 1).reshape(q.shape)
     return out[:, :, :n].transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
     """T5 multi-head attention: no 1/sqrt(d_kv) scaling (folded into the init), additive bias.
 
-    `bias` [batch|1, heads|1, q, k] float32 holds the mask (and, after the first layer, the
-    position bias). A layer with `has_relative_bias` adds its learned bias for `positions`
-    (q_pos [q], k_pos [k]) and returns the sum, which the stack shares with later layers.
+    `bias` [batch|1, heads|1, q, k] float32 holds the mask plus the stack's position bias.
     The encoder passes a `ToeplitzBias` instead (self-attention over the full sequence, where
-    the position bias is a function of k - q): the first layer fills in its `offsets`, and
-    attention runs in blocks (`blocked_attention`) that never hold [batch, heads, n, n].
+    the position bias is a function of k - q); on CPU (`uses_blocked_attention`) attention then
+    runs in blocks (`blocked_attention`) that never hold [batch, heads, n, n].
 
     `cache`: None (no caching); for self-attention while decoding, a dict of `k`, `v`
     [batch, max_len, heads, d_kv] and `index` (the new keys/values are written there and
     attention runs over the whole cache, the bias masking unwritten slots); for
-    cross-attention, {} (keys/values are computed from `kv` and returned) or the returned dict.
+    cross-attention, the dict of precomputed `k`, `v`. With `x` None the call only computes
+    the keys/values of `kv` and returns them as that cross-attention cache.
+    Returns (output [batch, q_len, d_model], cache).
     """
     cfg: T5Config
-    has_relative_bias: bool = False
-    bidirectional: bool = True
 
     @nn.compact
-    def __call__(self, x, kv, bias, positions=None, deterministic=True, cache=None):
+    def __call__(self, x, kv, bias, deterministic=True, cache=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         proj = functools.partial(nn.DenseGeneral, features=(cfg.num_heads, cfg.d_kv), use_bias=False,
                                  dtype=dt, param_dtype=jnp.float32,
                                  kernel_init=_dense_init(("embed", "heads", "kv")))
+        if x is None:  # Cross-attention keys/values for a decoding cache.
+            return None, {"k": proj(name="k")(kv), "v": proj(name="v")(kv)}
         q = proj(name="q")(x)  # [batch, q_len, heads, d_kv]
-        if cache is not None and "k" in cache and "index" not in cache:  # Cross, precomputed.
+        if cache is not None and "index" not in cache:  # Cross, precomputed.
             k, v = cache["k"], cache["v"]
         else:
             k, v = proj(name="k")(kv), proj(name="v")(kv)
-            if cache is not None and "index" in cache:  # Self-attention decoding step.
+            if cache is not None:  # Self-attention decoding step.
                 idx = (0, cache["index"], 0, 0)
                 k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
                 v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
                 cache = dict(cache, k=k, v=v)
-            elif cache is not None:
-                cache = {"k": k, "v": v}
-        relative = (RelativePositionBias(cfg, self.bidirectional, name="relative_attention_bias")
-                    if self.has_relative_bias else None)
         dropout = functools.partial(nn.Dropout(cfg.dropout_rate), deterministic=deterministic)
-        if isinstance(bias, ToeplitzBias):  # Encoder self-attention: blocked, see above.
-            if relative is not None:
-                bias = bias._replace(offsets=relative.by_offset(x.shape[1]))
-            active = not deterministic and cfg.dropout_rate > 0  # Flax dropout needs one block.
-            block = (q.shape[0], q.shape[1]) if active else attention_blocks(
-                q.shape[0], cfg.num_heads, q.shape[1], k.shape[1])
-            out = blocked_attention(q, k, v, bias, block, dropout if active else None)
+        active = not deterministic and cfg.dropout_rate > 0  # Flax dropout needs one block.
+        if isinstance(bias, ToeplitzBias) and uses_blocked_attention(cfg) and not active:
+            per_device = q.shape[0] // sharding.batch_shards(q.shape[0])
+            examples, queries = attention_blocks(per_device, cfg.num_heads, q.shape[1],
+                                                 k.shape[1], cfg.attention_block_bytes)
+            block = (examples * (q.shape[0] // per_device), queries)
+            out = blocked_attention(q, k, v, bias, block)
         else:
-            if relative is not None:
-                bias = bias + relative(*positions)
+            if isinstance(bias, ToeplitzBias):
+                bias = bias.block(0, q.shape[1])
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(dt)).astype(jnp.float32) + bias
             weights = dropout(jax.nn.softmax(scores, axis=-1).astype(dt))
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dt))
         out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dt,
                               param_dtype=jnp.float32, name="o",
                               kernel_init=_dense_init(("heads", "kv", "embed")))(out)
-        return out, bias, cache
+        return out, cache
 
 
 class DenseReluDense(nn.Module):
@@ -425,34 +464,39 @@ class DenseReluDense(nn.Module):
         return dense(cfg.d_model, name="wo", kernel_init=_dense_init(("mlp", "embed")))(h)
 
 
+
 class LayerSelfAttention(nn.Module):
     cfg: T5Config
-    has_relative_bias: bool = False
-    bidirectional: bool = True
 
     @nn.compact
-    def __call__(self, h, bias, positions, deterministic=True, cache=None):
+    def __call__(self, h, bias, deterministic=True, cache=None):
         cfg = self.cfg
         x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="layer_norm")(h)
-        y, bias, cache = Attention(cfg, self.has_relative_bias, self.bidirectional,
-                                   name="SelfAttention")(x, x, bias, positions, deterministic, cache)
-        return h + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic), bias, cache
+        y, cache = Attention(cfg, name="SelfAttention")(x, x, bias, deterministic, cache)
+        return h + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic), cache
 
 
 class LayerCrossAttention(nn.Module):
+    """Pre-norm cross-attention with residual; with `h` None, only the cache of `enc` (see
+    `Attention`)."""
     cfg: T5Config
 
     @nn.compact
     def __call__(self, h, enc, bias, deterministic=True, cache=None):
         cfg = self.cfg
+        if h is None:
+            return None, Attention(cfg, name="EncDecAttention")(None, enc, None)[1]
         x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="layer_norm")(h)
-        y, _, cache = Attention(cfg, name="EncDecAttention")(x, enc, bias, None, deterministic, cache)
+        y, cache = Attention(cfg, name="EncDecAttention")(x, enc, bias, deterministic, cache)
         return h + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic), cache
 
 
 class LayerFF(nn.Module):
-    """Pre-norm FFN block with residual; with a plugin, the FFN runs on merged vectors (§1)."""
+    """Pre-norm FFN block with residual; with a plugin, the FFN runs on merged vectors (§1).
+
+    `pcfg` (static) and `plugin` (one layer's params) are both None for a plain FFN."""
     cfg: T5Config
+    pcfg: PluginConfig | None = None
 
     @nn.compact
     def __call__(self, h, mask=None, plugin=None, deterministic=True):
@@ -460,41 +504,78 @@ class LayerFF(nn.Module):
         x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="layer_norm")(h)
         ffn = DenseReluDense(cfg, name="DenseReluDense")
         drop = nn.Dropout(cfg.dropout_rate)
-        if plugin is None:
+        if self.pcfg is None:
             return h + drop(ffn(x, deterministic), deterministic=deterministic)
-        from variator_jax import plugins  # Local import: plugins.py imports this module.
-        pcfg, params = plugin
         o = plugins.compressed_ffn(
-            x, mask, params, pcfg, lambda c: drop(ffn(c, deterministic), deterministic=deterministic))
+            x, mask, plugin, self.pcfg,
+            lambda c: drop(ffn(c, deterministic), deterministic=deterministic))
         return h + o.astype(h.dtype)
 
 
+# The residual stream between layers: batch over data, the rest as the rules say (t5x, MaxText).
+RESIDUAL_AXES = ("batch", "length", "embed")
+
+
 class EncoderBlock(nn.Module):
+    """One encoder layer, in the form `nn.scan` wants: (h, *broadcast, plugin layer) -> (h, None)."""
     cfg: T5Config
-    has_relative_bias: bool = False
+    pcfg: PluginConfig | None = None
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, h, bias, positions, mask, plugin=None, deterministic=True):
-        h, bias, _ = LayerSelfAttention(self.cfg, self.has_relative_bias, True, name="layer_0")(
-            h, bias, positions, deterministic)
-        return LayerFF(self.cfg, name="layer_1")(h, mask, plugin, deterministic), bias
+    def __call__(self, h, bias, mask, plugin):
+        h, _ = LayerSelfAttention(self.cfg, name="layer_0")(h, bias, self.deterministic)
+        h = LayerFF(self.cfg, self.pcfg, name="layer_1")(h, mask, plugin, self.deterministic)
+        return sharding.constrain(h, RESIDUAL_AXES), None
 
 
 class DecoderBlock(nn.Module):
+    """One decoder layer: (h, *broadcast, cache layer) -> (h, new cache layer or None).
+
+    `prefill`: compute only this layer's cross-attention cache from `enc` (h passes through)."""
     cfg: T5Config
-    has_relative_bias: bool = False
+    deterministic: bool = True
+    prefill: bool = False
 
     @nn.compact
-    def __call__(self, h, enc, self_bias, cross_bias, positions, deterministic=True, cache=None):
-        cache = cache or {}
-        h, self_bias, self_cache = LayerSelfAttention(self.cfg, self.has_relative_bias, False,
-                                                      name="layer_0")(
-            h, self_bias, positions, deterministic, cache.get("self"))
-        h, cross_cache = LayerCrossAttention(self.cfg, name="layer_1")(
-            h, enc, cross_bias, deterministic, cache.get("cross"))
-        h = LayerFF(self.cfg, name="layer_2")(h, deterministic=deterministic)
-        new_cache = None if self_cache is None else {"self": self_cache, "cross": cross_cache}
-        return h, self_bias, new_cache
+    def __call__(self, h, enc, self_bias, cross_bias, index, cache):
+        cfg, det = self.cfg, self.deterministic
+        if self.prefill:
+            return h, LayerCrossAttention(cfg, name="layer_1")(None, enc, None)[1]
+        self_cache = None if cache is None else dict(cache["self"], index=index)
+        h, self_cache = LayerSelfAttention(cfg, name="layer_0")(h, self_bias, det, self_cache)
+        h, cross_cache = LayerCrossAttention(cfg, name="layer_1")(
+            h, enc, cross_bias, det, None if cache is None else cache["cross"])
+        h = LayerFF(cfg, name="layer_2")(h, deterministic=det)
+        new_cache = None if cache is None else {
+            "self": {"k": self_cache["k"], "v": self_cache["v"]}, "cross": cross_cache}
+        return sharding.constrain(h, RESIDUAL_AXES), new_cache
+
+
+def layer_stack(cfg: T5Config, block, length: int, carry, broadcast: tuple, xs, **attrs):
+    """`length` layers of `block(cfg, **attrs)`, called as `block(carry, *broadcast, xs[i])
+    -> (carry, y_i)`; returns (carry, the y_i stacked on a leading axis).
+
+    `cfg.scan_layers`: one `nn.scan` named `layers` (parameters stacked on the `layers`
+    logical axis; the compiler sees one layer, whatever the depth), else `block_0 ..`
+    unrolled. `cfg.remat` wraps each layer in `nn.remat` with its policy (t5x scalable_t5,
+    MaxText decoders). Must be called inside a Flax module's compact method.
+    """
+    do_remat, policy = remat_policy(cfg.remat)
+    if do_remat:
+        block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        scanned = nn.scan(block, variable_axes={"params": 0},
+                          split_rngs={"params": True, "dropout": True},
+                          in_axes=(nn.broadcast,) * len(broadcast) + (0,), length=length,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        return scanned(cfg, name="layers", **attrs)(carry, *broadcast, xs)
+    ys = []
+    for i in range(length):
+        carry, y = block(cfg, name=f"block_{i}", **attrs)(
+            carry, *broadcast, jax.tree.map(lambda x, i=i: x[i], xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def _mask_bias(mask):
@@ -503,36 +584,44 @@ def _mask_bias(mask):
 
 
 class Encoder(nn.Module):
-    """Encoder stack on embedded inputs [batch, n, d_model] -> final hidden [batch, n, d_model]."""
+    """Encoder stack on embedded inputs [batch, n, d_model] -> final hidden [batch, n, d_model].
+
+    `plugin`: None or a `plugins.Plugin` whose params are stacked [num_layers, ...]."""
     cfg: T5Config
 
     @nn.compact
     def __call__(self, h, mask, plugin=None, deterministic=True):
         cfg = self.cfg
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        pos = jnp.arange(h.shape[1])
-        bias = ToeplitzBias(_mask_bias(mask))  # Layer 0 adds the position bias.
-        if plugin is not None and len(plugin[1]) != cfg.num_layers:
-            raise ValueError(f"plugin num_layers {len(plugin[1])} != model num_layers "
+        h = sharding.constrain(h, RESIDUAL_AXES)
+        # The stack owns the position bias; every layer adds the same one (HF: layer 0's).
+        relative = RelativePositionBias(cfg, True, name="relative_attention_bias")
+        bias = ToeplitzBias(_mask_bias(mask), relative.by_offset(h.shape[1]))
+        pcfg, params = (None, None) if plugin is None else (plugin.config, plugin.params)
+        if plugin is not None and plugin.num_layers not in (None, cfg.num_layers):
+            raise ValueError(f"plugin num_layers {plugin.num_layers} != model num_layers "
                              f"(encoder) {cfg.num_layers}")
-        for i in range(cfg.num_layers):
-            layer_plugin = None if plugin is None else (plugin[0], plugin[1][f"block_{i}"])
-            h, bias = EncoderBlock(cfg, i == 0, name=f"block_{i}")(
-                h, bias, (pos, pos), mask, layer_plugin, deterministic)
+        h, _ = layer_stack(cfg, EncoderBlock, cfg.num_layers, h, (bias, mask), params,
+                           pcfg=pcfg, deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(h)
         return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
 
 
 class Decoder(nn.Module):
-    """Decoder stack. Full sequence: positions 0..m-1, causal. Decoding (`cache` given): one
-    position `cache_index`, attending to the cache's max_len slots (later ones masked)."""
+    """Decoder stack. Full sequence: positions 0..m-1, causal. Decoding (`cache` given, leaves
+    stacked [layers, ...]): positions from `cache_index`, attending to the cache's max_len
+    slots (later ones masked). `prefill`: only the cross-attention cache of `enc`."""
     cfg: T5Config
 
     @nn.compact
     def __call__(self, h, enc, enc_mask, dec_mask=None, deterministic=True, cache=None,
-                 cache_index=None):
+                 cache_index=None, prefill=False):
         cfg = self.cfg
+        if prefill:
+            return layer_stack(cfg, DecoderBlock, cfg.num_decoder_layers, jnp.zeros(()),
+                               (enc, None, None, None), None, prefill=True)[1]
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = sharding.constrain(h, RESIDUAL_AXES)
         if cache is None:
             m = h.shape[1]
             q_pos = k_pos = jnp.arange(m)
@@ -540,29 +629,22 @@ class Decoder(nn.Module):
             if dec_mask is not None:
                 allowed = allowed & (dec_mask[:, None, None, :] > 0)
         else:
-            max_len = cache[0]["self"]["k"].shape[1]
+            max_len = cache["self"]["k"].shape[2]  # [layers, batch, max_len, heads, d_kv]
             q_pos, k_pos = cache_index + jnp.arange(h.shape[1]), jnp.arange(max_len)
             allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
-        self_bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32)
-        cross_bias = _mask_bias(enc_mask)
-        new_cache = []
-        for i in range(cfg.num_decoder_layers):
-            layer_cache = None
-            if cache is not None:
-                layer_cache = {"self": dict(cache[i]["self"], index=cache_index),
-                               "cross": cache[i]["cross"]}
-            h, self_bias, layer_cache = DecoderBlock(cfg, i == 0, name=f"block_{i}")(
-                h, enc, self_bias, cross_bias, (q_pos, k_pos), deterministic, layer_cache)
-            if layer_cache is not None:
-                layer_cache["self"].pop("index")
-            new_cache.append(layer_cache)
+        relative = RelativePositionBias(cfg, False, name="relative_attention_bias")
+        self_bias = jnp.where(allowed, 0.0, NEG_INF).astype(jnp.float32) + relative(q_pos, k_pos)
+        h, new_cache = layer_stack(cfg, DecoderBlock, cfg.num_decoder_layers, h,
+                                   (enc, self_bias, _mask_bias(enc_mask), cache_index), cache,
+                                   deterministic=deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="final_layer_norm")(h)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        return h, (new_cache if cache is not None else None)
+        return h, new_cache
 
 
 class T5(nn.Module):
-    """Encoder-decoder T5 with HF's parameter names. Methods: `encode`, `decode`, `logits`."""
+    """Encoder-decoder T5 with HF's parameter names. Methods: `encode`, `decode`, `logits`,
+    `cross_cache`."""
     cfg: T5Config
 
     def setup(self):
@@ -578,14 +660,20 @@ class T5(nn.Module):
                                     kernel_init=_dense_init(("embed", "vocab")))
 
     def encode(self, input_ids, attention_mask, plugin=None, deterministic=True):
-        """[batch, n] ids and 1/0 mask -> encoder hidden [batch, n, d_model]."""
-        return self.encoder(self.shared(input_ids), attention_mask, plugin, deterministic)
+        """[batch, n] ids and 1/0 mask -> encoder hidden [batch, n, d_model]. `plugin`: None,
+        a `plugins.Plugin` or a `(PluginConfig, params)` tuple."""
+        return self.encoder(self.shared(input_ids), attention_mask, plugins.as_plugin(plugin),
+                            deterministic)
 
     def decode(self, decoder_input_ids, encoder_hidden, attention_mask,
                decoder_attention_mask=None, deterministic=True, cache=None, cache_index=None):
         """-> (decoder hidden [batch, m, d_model] after the final norm, new cache or None)."""
         return self.decoder(self.shared(decoder_input_ids), encoder_hidden, attention_mask,
                             decoder_attention_mask, deterministic, cache, cache_index)
+
+    def cross_cache(self, encoder_hidden):
+        """The cross-attention part of a decoding cache: {k, v} [layers, batch, n, heads, d_kv]."""
+        return self.decoder(None, encoder_hidden, None, prefill=True)
 
     def logits(self, decoder_hidden):
         """[batch, m, d_model] -> [batch, m, vocab] float32."""

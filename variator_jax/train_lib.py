@@ -42,13 +42,14 @@ from jax.experimental import multihost_utils
 
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import data as data_lib
-from variator_jax import sharding
+from variator_jax import host, sharding
 from variator_jax.convert import CheckpointError, load_hf_t5, save_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import glue_metric
-from variator_jax.model import forward
-from variator_jax.plugins import (PluginConfig, backbone_identity, init_plugin,
+from variator_jax.model import apply_forward as forward  # Un-jitted: steps jit as a whole.
+from variator_jax.plugins import (Plugin, PluginConfig, backbone_identity, init_plugin,
                                   load_plugin, plugin_param_count, save_plugin)
+from variator_jax.plugins import logical_axes as plugin_logical_axes
 from variator_jax.t5 import T5Config, init_t5, logical_axes
 
 STAGES = ("finetune", "pretrain", "adapt")
@@ -195,7 +196,7 @@ def loss_terms(setup: Setup, params, backbone, batch, dropout_rng, deterministic
         ce_sum, ce_n = task_ce(setup, out["logits"], batch)
         return {"task_ce": ce_sum / jnp.maximum(ce_n, 1.0)}, out
     backbone = jax.lax.stop_gradient(backbone)
-    student = forward(cfg, backbone, *_inputs(batch), plugin=(setup.pcfg, params), **drop)
+    student = forward(cfg, backbone, *_inputs(batch), plugin=Plugin(setup.pcfg, params), **drop)
     terms = {}
     if "hidden" in setup.loss:
         teacher = jax.lax.stop_gradient(forward(cfg, backbone, *_inputs(batch)))
@@ -241,7 +242,7 @@ def eval_step(params, batch, backbone, *, setup: Setup):
         student = forward(setup.cfg, params, *_inputs(masked))
         teacher = None
     else:
-        student = forward(setup.cfg, backbone, *_inputs(masked), plugin=(setup.pcfg, params))
+        student = forward(setup.cfg, backbone, *_inputs(masked), plugin=Plugin(setup.pcfg, params))
         teacher = forward(setup.cfg, backbone, *_inputs(masked))
         for name, mask in (("enc", masked["attention_mask"]),
                            ("dec", masked["decoder_attention_mask"])):
@@ -262,12 +263,23 @@ def eval_step(params, batch, backbone, *, setup: Setup):
     return out
 
 
+def _on_mesh(fn, mesh, rules):
+    """`fn` traced with activations constrained by `rules` on `mesh` (the residual stream,
+    CPU attention blocks per device; see `sharding.activation_sharding`)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def make_train_step(setup: Setup, tx, schedule, mesh, state_shardings, backbone_shardings,
                     rules=sharding.DEFAULT_RULES):
     """`train_step` under `jax.jit`: state and backbone placed by their shardings, the batch
     over `data`, metrics replicated; the old state's buffers are donated to the new one."""
     batch_sharding = sharding.batch_sharding(mesh, rules)  # A prefix for every batch array.
-    return jax.jit(functools.partial(train_step, setup=setup, tx=tx, schedule=schedule),
+    step = functools.partial(train_step, setup=setup, tx=tx, schedule=schedule)
+    return jax.jit(_on_mesh(step, mesh, rules),
                    in_shardings=(state_shardings, batch_sharding, backbone_shardings),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
@@ -275,7 +287,7 @@ def make_train_step(setup: Setup, tx, schedule, mesh, state_shardings, backbone_
 
 def make_eval_step(setup: Setup, mesh, params_shardings, backbone_shardings,
                    rules=sharding.DEFAULT_RULES):
-    return jax.jit(functools.partial(eval_step, setup=setup),
+    return jax.jit(_on_mesh(functools.partial(eval_step, setup=setup), mesh, rules),
                    in_shardings=(params_shardings, sharding.batch_sharding(mesh, rules),
                                  backbone_shardings),
                    out_shardings=sharding.replicated(mesh))
@@ -479,6 +491,8 @@ def _prepare(config, workdir: str) -> _Run:
     with user_errors("mesh"):
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
         rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
+        if config.mesh.get("fsdp", False):
+            rules = sharding.with_fsdp(rules)
         sharding.mesh_spec(("batch",), rules)  # Validates the rules.
     blocks = mesh.shape["data"]
     for name in ("batch_size", "eval_batch_size"):
@@ -516,12 +530,21 @@ def _prepare(config, workdir: str) -> _Run:
                 backbone_id, identity)
 
 
+def runtime_fields(config) -> dict:
+    """How the model runs (T5Config's runtime fields) as the config says: compute dtype,
+    scanned layers, rematerialisation, and the CPU attention block budget of this process."""
+    return dict(dtype=config.get("dtype", "float32"), scan_layers=config.get("scan_layers", True),
+                remat=config.get("remat", "none"), attention_block_bytes=host.attention_block_bytes())
+
+
 def _load_backbone(config, tokenizer):
     """-> (T5Config, numpy tree or None for a random init, identity dict)."""
-    dtype = config.get("dtype", "float32")
+    runtime = runtime_fields(config)
+    with user_errors("config"):
+        T5Config(**runtime)  # A bad remat name fails here, in one line.
     if config.backbone:
         with user_errors(f"backbone {config.backbone}"):
-            cfg, tree = load_hf_t5(config.backbone, dtype=dtype)
+            cfg, tree = load_hf_t5(config.backbone, **runtime)
         _check_variant(cfg, config.get("variant"), config.backbone)
         return cfg, tree, backbone_identity(cfg, tree)
     if not config.get("variant"):  # Only `finetune` gets here (check_config).
@@ -530,7 +553,7 @@ def _load_backbone(config, tokenizer):
     overrides = (config.get("model_overrides") or ml_collections.ConfigDict()).to_dict()
     overrides.setdefault("vocab_size", len(tokenizer))
     with user_errors("config.variant"):
-        cfg = T5Config.variant(config.variant, dtype=dtype, **overrides)
+        cfg = T5Config.variant(config.variant, **runtime, **overrides)
     return cfg, None, {"name": f"random {config.variant}", "seed": config.seed,
                        "d_model": cfg.d_model, "num_layers": cfg.num_layers,
                        "vocab_size": cfg.vocab_size}
@@ -615,8 +638,10 @@ def _initial_state(run: _Run, tx, finetune_from=None):
         loaded = finetune_from
         init = lambda: init_t5(param_key, cfg)
     else:
-        param_shardings = jax.tree.map(lambda _: sharding.replicated(run.mesh),
-                                       jax.eval_shape(init_plugin, param_key, cfg, run.pcfg))
+        shapes = jax.eval_shape(init_plugin, param_key, cfg, run.pcfg)
+        # Replicated by the default rules; sharded with the backbone under FSDP.
+        param_shardings = sharding.tree_shardings(run.mesh, plugin_logical_axes(shapes), shapes,
+                                                  run.rules)
         init = lambda: init_plugin(param_key, cfg, run.pcfg)
         if config.get("init_plugin"):
             loaded = _load_init_plugin(run, param_shardings)

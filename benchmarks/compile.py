@@ -1,0 +1,186 @@
+"""Compile time and fit of the plugin train step, t5-small .. t5-11b (issue 10).
+
+    python -m benchmarks.compile                 # all five sizes, then the speed ratio
+    python -m benchmarks.compile --variants t5-small,t5-3b --speed-repeats 0
+
+For every variant it compiles the real plugin train step (`fit.lower_train_step`, what
+`train.py --dry_run` compiles) against abstract parameters on 8 fake CPU devices, at the
+released pre-training shape (batch 64, n = 224, m = 32) with `mesh.fsdp` and `remat=full`,
+scanned layers, attention as an accelerator runs it (dense), and reports:
+  - trace (lowering) and compile seconds;
+  - the fit report's bytes per device (params, optimizer, temp, total).
+Then, at t5-small widths on one device, the train step's time with layers scanned vs
+unrolled (the same batch, steps interleaved; their ratio is the figure).
+
+Targets: t5-3b compiles in <= 1.5x t5-small's time; t5-3b <= 16 GiB and t5-11b <= 32 GiB per
+device; scan / unrolled step time ~1 (within noise). Results go to
+benchmarks/results/compile-MACHINE.{json,md}. CPU heavy: run it under `nice`, once.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import speed  # noqa: E402
+from benchmarks.train_step import _batch  # noqa: E402
+from tests.test_utils import load_config, override  # noqa: E402
+from variator_jax import fit, host, sharding, train_lib  # noqa: E402
+from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
+from variator_jax.t5 import T5Config, init_t5  # noqa: E402
+
+GIB = float(1 << 30)
+VARIANTS = "t5-small,t5-base,t5-large,t5-3b,t5-11b"
+TARGETS_GIB = {"t5-3b": 16, "t5-11b": 32}
+
+
+def compile_variant(variant: str, args) -> dict:
+    """Lower + compile the plugin train step of `variant` -> timings and the fit report."""
+    size = variant.split("-", 1)[1]
+    config = load_config("plugin", f"stage=pretrain,size={size},ratio=4")
+    override(config, {"batch_size": args.batch, "max_input_length": args.input_length,
+                      "max_target_length": args.target_length, "mesh.data": -1,
+                      "mesh.fsdp": True, "remat": args.remat,
+                      "scan_layers": not args.unrolled})
+    tic = time.perf_counter()
+    lowered, parts = fit.lower_train_step(config)
+    traced = time.perf_counter() - tic
+    tic = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_s = time.perf_counter() - tic
+    report = fit.make_report(config, parts["cfg"], parts["pcfg"], parts["mesh"], compiled,
+                         traced + compiled_s, parts["state"], parts["backbone"])
+    report.update(variant=variant, trace_seconds=round(traced, 2),
+                  compile_only_seconds=round(compiled_s, 2))
+    b = report["bytes_per_device"]
+    print(f"{variant:>9}: trace {traced:6.1f} s  compile {compiled_s:6.1f} s  params "
+          f"{b['params'] / GIB:6.2f}  optimizer {b['optimizer'] / GIB:5.2f}  temp "
+          f"{b['temp'] / GIB:6.2f}  total {b['total'] / GIB:6.2f} GiB per device", flush=True)
+    return report
+
+
+def speed_ratio(args) -> dict:
+    """t5-small widths, 1 device: the plugin train step scanned vs unrolled, interleaved."""
+    mesh = sharding.make_mesh(1, 1)
+    base = T5Config.variant("t5-small", dropout_rate=0.0,
+                            attention_block_bytes=host.attention_block_bytes())
+    pcfg = PluginConfig(4)
+    opt = argparse.Namespace(lr=1e-4, warmup_steps=0, total_steps=1000, clip_grad=1.0,
+                             weight_decay=0.0)
+    tx, schedule = train_lib.make_optimizer(opt)
+    repl = sharding.replicated(mesh)
+    batch = sharding.global_batch(mesh, _batch(base, args.speed_batch, args.speed_length, 32),
+                                  sharding.DEFAULT_RULES)
+    steps = {}
+    for name, scan in (("scan", True), ("unrolled", False)):
+        cfg = base.replace(scan_layers=scan)
+        backbone = jax.jit(lambda k, cfg=cfg: init_t5(k, cfg), out_shardings=repl)(
+            jax.random.key(0))
+        state = jax.jit(lambda p: train_lib.create_state(p, jax.random.key(0), tx),
+                        out_shardings=repl)(init_plugin(jax.random.key(1), cfg, pcfg))
+        setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+        step = train_lib.make_train_step(setup, tx, schedule, mesh,
+                                         jax.tree.map(lambda _: repl, state),
+                                         jax.tree.map(lambda _: repl, backbone))
+        tic = time.perf_counter()
+        compiled = step.lower(state, batch, backbone).compile()
+        print(f"  t5-small step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
+        state, metrics = compiled(state, batch, backbone)  # Warm-up.
+        jax.block_until_ready(metrics)
+        steps[name] = [compiled, state, backbone, []]
+    for _ in range(args.speed_repeats):  # Interleaved: load changes hit both alike.
+        for name, entry in steps.items():
+            compiled, state, backbone, times = entry
+            tic = time.perf_counter()
+            state, metrics = compiled(state, batch, backbone)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - tic)
+            entry[1] = state
+    med = {name: float(np.median(entry[3])) for name, entry in steps.items()}
+    out = {"batch": args.speed_batch, "input_length": args.speed_length, "target_length": 32,
+           "repeats": args.speed_repeats, "median_seconds": med,
+           "min_seconds": {n: float(np.min(e[3])) for n, e in steps.items()},
+           "scan_over_unrolled": med["scan"] / med["unrolled"]}
+    print(f"  t5-small step: scan {med['scan'] * 1e3:.0f} ms, unrolled "
+          f"{med['unrolled'] * 1e3:.0f} ms (medians of {args.speed_repeats}): ratio "
+          f"{out['scan_over_unrolled']:.3f}", flush=True)
+    return out
+
+
+def markdown(results: dict) -> str:
+    rows = results["variants"]
+    small = next((r for r in rows if r["variant"] == "t5-small"), None)
+    lines = [f"# Plugin train step: compile time and fit ({results['machine']['cpu']}, "
+             f"{results['machine']['cores']} cores, jax {results['machine']['jax']})", "",
+             f"8 fake CPU devices, batch {results['batch']}, n = {results['input_length']}, "
+             f"m = {results['target_length']}, mesh.fsdp, remat={results['remat']}, "
+             f"scan_layers={not results['unrolled']}, dense attention; "
+             f"load average at start {results['machine']['load_average_start']}.", "",
+             "| variant | trace s | compile s | total s | vs t5-small | params GiB/dev | "
+             "optimizer GiB/dev | temp GiB/dev | total GiB/dev | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["bytes_per_device"]
+        rel = f"{r['compile_seconds'] / small['compile_seconds']:.2f}x" if small else ""
+        target = TARGETS_GIB.get(r["variant"])
+        verdict = "" if target is None else (
+            f"<= {target}: {'ok' if b['total'] / GIB <= target else 'MISSED'}")
+        lines.append(f"| {r['variant']} | {r['trace_seconds']:.1f} | {r['compile_only_seconds']:.1f} "
+                     f"| {r['compile_seconds']:.1f} | {rel} | {b['params'] / GIB:.2f} | "
+                     f"{b['optimizer'] / GIB:.3f} | {b['temp'] / GIB:.2f} | {b['total'] / GIB:.2f} "
+                     f"| {verdict} |")
+    if results.get("speed"):
+        s = results["speed"]
+        lines += ["", f"t5-small widths, 1 device, batch {s['batch']} x {s['input_length']}: "
+                  f"plugin train step scanned {s['median_seconds']['scan'] * 1e3:.0f} ms, "
+                  f"unrolled {s['median_seconds']['unrolled'] * 1e3:.0f} ms (medians of "
+                  f"{s['repeats']} interleaved steps); scan / unrolled = "
+                  f"{s['scan_over_unrolled']:.3f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=VARIANTS)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--input-length", type=int, default=224)
+    p.add_argument("--target-length", type=int, default=32)
+    p.add_argument("--remat", default="full")
+    p.add_argument("--unrolled", action="store_true", help="scan_layers=False (for comparison)")
+    p.add_argument("--speed-batch", type=int, default=4)
+    p.add_argument("--speed-length", type=int, default=128)
+    p.add_argument("--speed-repeats", type=int, default=7, help="0: skip the speed ratio")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    info = speed.machine_info(None)
+    # One small compile first, not reported: JAX's and XLA's one-time start-up costs would
+    # otherwise all land on the first variant.
+    compile_variant("t5-small", argparse.Namespace(**dict(vars(args), batch=8, input_length=32,
+                                                          target_length=8)))
+    print("(warm-up above, not reported)", flush=True)
+    results = dict(machine=info, batch=args.batch, input_length=args.input_length,
+                   target_length=args.target_length, remat=args.remat, unrolled=args.unrolled,
+                   variants=[compile_variant(v, args) for v in args.variants.split(",")])
+    if args.speed_repeats:
+        results["speed"] = speed_ratio(args)
+    name = f"compile-{speed.machine_slug(info)}" + ("-unrolled" if args.unrolled else "")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, name + ".md"), "w") as f:
+        f.write(markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
+    main()
