@@ -107,7 +107,8 @@ def test_processes_read_disjoint_documents_and_resume_their_rows(tmp_path, tok, 
         return sources[-1]
 
     monkeypatch.setattr(pipeline, "open_source", fake_open_source)
-    kw = dict(global_batch_size=8, max_input_length=48, max_target_length=12, seed=1)
+    kw = dict(global_batch_size=8, max_input_length=48, max_target_length=12, seed=1,
+              prefetch=0)  # (No read-ahead, so that `read` is exactly what was taken.)
     single = data.train_batches("text:x", "pretrain", tok, **kw)
     halves = [data.train_batches("text:x", "pretrain", tok, process_index=i, process_count=2,
                                  **kw) for i in range(2)]

@@ -211,7 +211,12 @@ class TrainBatches:
     valid for (checked by `set_state`) and `batch_index`, the number of batches taken.
     """
 
-    def __init__(self, dataset: grain.IterDataset, checks: dict, state: dict | None = None):
+    def __init__(self, dataset: grain.IterDataset, checks: dict, state: dict | None = None,
+                 prefetch: int = 2):
+        if prefetch:  # A thread builds the next batches while the step runs (XLA frees the
+            # GIL); its state is the consumer's position, in the parent's format.
+            dataset = grain.experimental.ThreadPrefetchIterDataset(
+                dataset, prefetch_buffer_size=prefetch)
         self._dataset, self._checks = dataset, checks
         self._iter = iter(dataset)
         self._batch_index = 0
@@ -269,10 +274,13 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
                   max_input_length: int, max_target_length: int, seed: int,
                   data_dir: str | None = None, split: str | None = None,
                   process_index: int = 0, process_count: int = 1,
-                  state: dict | None = None, index_dir: str | None = None) -> TrainBatches:
+                  state: dict | None = None, index_dir: str | None = None,
+                  prefetch: int = 2) -> TrainBatches:
     """Infinite training batches of `task` on `spec` for this process; see the module
     docstring for what each row holds. Nothing is read or tokenized ahead of the batches
-    (classification only checks labels once, to leave out unlabelled rows)."""
+    but `prefetch` batches built in a background thread (classification checks labels
+    once, to leave out unlabelled rows). `index_dir`: where file indices are cached
+    (default: the user's cache, `corpus.py`)."""
     task = data_lib.get_task(task)
     eos_id = data_lib._check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
@@ -303,7 +311,7 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
         dataset = _BatchIndex(stream.map(make_row), rows, global_batch_size, collate)
     checks = {"seed": int(seed), "num_examples": len(source),
               "global_batch_size": global_batch_size}
-    return TrainBatches(dataset, checks, state)
+    return TrainBatches(dataset, checks, state, prefetch)
 
 
 def _pretrain_rows(stream, num_docs, task, tokenizer, eos_id, rows, global_batch_size, seed,
