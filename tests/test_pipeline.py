@@ -22,6 +22,27 @@ def _docs(n, words=12):
     return [f"doc{i} " + " ".join(f"w{i}.{j}" for j in range(words)) for i in range(n)]
 
 
+# ================================ the index ==================================
+
+
+def test_the_index_splits_documents_as_blank_lines_do(tmp_path, monkeypatch):
+    """Against `re.split` on blank lines (what `read_source` did in memory), on random
+    layouts of blank, whitespace-only and non-ASCII lines, with blocks of 7 bytes so that
+    documents and lines straddle the blocks the index scans."""
+    import random
+    monkeypatch.setattr(corpus, "_BLOCK", 7)
+    rng = random.Random(0)
+    pieces = ["a", "bc d", "", " ", "\t", "é", "x y", "\r", "  z "]
+    for trial in range(200):
+        text = "\n".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        text += "\n" * rng.randint(0, 2)
+        path = tmp_path / f"c{trial}.txt"
+        path.write_text(text, encoding="utf-8", newline="")
+        want = [d.strip() for d in re.split(r"\n[ \t\r\f\v]*\n", text) if d.strip()]
+        docs = corpus.open_files(str(path), "text", index_dir=str(tmp_path))
+        assert [docs[i]["text"] for i in range(len(docs))] == want, repr(text)
+
+
 # ================================= bad input =================================
 
 
