@@ -6,7 +6,7 @@ directory (every non-hidden file in it) or a glob (`/data/wiki/*.txt`), plain or
 
 Nothing keeps the text in memory. The first use of a file scans it once (numpy over 16 MiB
 blocks) and writes an index: the byte span of every record (and, for JSONL, its line
-number) as `.npy` arrays, memory-mapped afterwards; a record is read with one `pread`.
+number) as raw int64 files, appended block by block and memory-mapped afterwards; a record is read with one `pread`.
 The index records the file's size and mtime; a file that changed or shrank since is
 re-indexed on the next open. A text document longer than `MAX_RECORD_BYTES` is cut at
 line boundaries into several records, so that one giant "document" (a file without
@@ -38,7 +38,7 @@ import numpy as np
 
 INDEX_VERSION = 1
 MAX_RECORD_BYTES = 1 << 20  # A text record longer than this is split at line boundaries.
-_BLOCK = 8 << 20  # Bytes scanned at a time while indexing (~10x that in temporaries).
+_BLOCK = 4 << 20  # Bytes scanned at a time while indexing (~10x that in temporaries).
 _SPACE = np.zeros(256, bool)
 _SPACE[list(b" \t\r\f\v\n")] = True  # What a blank line may hold (re's [ \t\r\f\v], + "\n").
 
@@ -123,24 +123,44 @@ def _blocks(f):
         carry, offset = data[cut:], offset + cut
 
 
-def _index_jsonl(f) -> dict[str, np.ndarray]:
+class _Sink:
+    """Index arrays (int64) appended block by block to files beside `base`, so that an
+    index is built in constant memory however many records the file holds."""
+
+    def __init__(self, base: str, names: Sequence[str]):
+        self._final = {n: f"{base}.{n}.i64" for n in names}
+        self._tmp = {n: f"{p}.tmp{os.getpid()}" for n, p in self._final.items()}
+        self._files = {n: open(p, "wb") for n, p in self._tmp.items()}
+
+    def add(self, **arrays) -> None:
+        for n, a in arrays.items():
+            self._files[n].write(np.asarray(a, np.int64).tobytes())
+
+    def close(self) -> None:
+        for n, f in self._files.items():
+            f.close()
+            os.replace(self._tmp[n], self._final[n])
+
+
+def _map(path: str) -> np.ndarray:
+    """A memory map of an index array (np.memmap refuses empty files)."""
+    return np.memmap(path, np.int64, "r") if os.path.getsize(path) else np.zeros(0, np.int64)
+
+
+def _index_jsonl(f, sink: _Sink) -> None:
     """Spans and 1-based line numbers of the non-blank lines."""
-    starts, ends, lines, line0 = [], [], [], 0
+    line0 = 0
     for offset, buf in _blocks(f):
         s, e, blank, _ = _line_spans(buf)
         keep = ~blank
-        starts.append(s[keep] + offset)
-        ends.append(e[keep] + offset)
-        lines.append(np.flatnonzero(keep) + line0 + 1)
+        sink.add(starts=s[keep] + offset, ends=e[keep] + offset,
+                 lines=np.flatnonzero(keep) + line0 + 1)
         line0 += s.size
-    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64)
-    return {"starts": cat(starts), "ends": cat(ends), "lines": cat(lines)}
 
 
-def _index_text(f) -> dict[str, np.ndarray]:
+def _index_text(f, sink: _Sink) -> None:
     """Spans of the documents: maximal runs of non-blank lines (a doc's span excludes its
     last newline); a run may continue from one block into the next."""
-    starts, ends = [], []
     open_start = open_end = None  # The document still open at the end of the last block.
     for offset, buf in _blocks(f):
         s, e, blank, _ = _line_spans(buf)
@@ -157,56 +177,32 @@ def _index_text(f) -> dict[str, np.ndarray]:
         open_start = None
         if not blank[-1]:  # The last line is in a document that may go on.
             open_start, open_end = doc_starts.pop(), int(e[-1]) + offset
-        starts.append(np.asarray(doc_starts, np.int64))  # 16 bytes a document in all.
-        ends.append(np.asarray(doc_ends, np.int64))
+        sink.add(starts=doc_starts, ends=doc_ends)
     if open_start is not None:
-        starts.append(np.asarray([open_start], np.int64))
-        ends.append(np.asarray([open_end], np.int64))
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)
-    return {"starts": cat(starts), "ends": cat(ends)}
+        sink.add(starts=[open_start], ends=[open_end])
 
 
-def _split_long(f, index: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Cuts text records over MAX_RECORD_BYTES after a newline (or, in a line longer than
-    that, before a UTF-8 lead byte), reading only those records."""
-    long = np.flatnonzero(index["ends"] - index["starts"] > MAX_RECORD_BYTES)
-    if not long.size:
-        return index
-    starts, ends = list(index["starts"]), list(index["ends"])
-    pieces = {}
-    for i in long:
-        start, end, cuts = int(starts[i]), int(ends[i]), []
-        while end - start > MAX_RECORD_BYTES:
-            f.seek(start)
-            chunk = f.read(MAX_RECORD_BYTES + 1)
-            cut = chunk.rfind(b"\n", 0, MAX_RECORD_BYTES) + 1
-            if not cut:  # One huge line: cut before a byte that starts a character.
-                cut = MAX_RECORD_BYTES
-                while cut > 1 and chunk[cut] & 0xC0 == 0x80:  # 10xxxxxx: a continuation.
-                    cut -= 1
-            cuts.append((start, start + cut))
-            start += cut
-        cuts.append((start, end))
-        pieces[i] = cuts
-    new_starts, new_ends = [], []
-    for i in range(len(starts)):
-        for s, e in pieces.get(i, [(starts[i], ends[i])]):
-            new_starts.append(s)
-            new_ends.append(e)
-    return {"starts": np.asarray(new_starts, np.int64), "ends": np.asarray(new_ends, np.int64)}
-
-
-def _build_index(path: str, kind: str) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        if kind == "jsonl":
-            return _index_jsonl(f)
-        return _split_long(f, _index_text(f))
-
-
-def _atomic_save(path: str, array: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+def _split_long(f, starts: np.ndarray, ends: np.ndarray, sink: _Sink) -> None:
+    """Copies the spans to `sink`, cutting records over MAX_RECORD_BYTES after a newline
+    (or, in a line longer than that, before a UTF-8 lead byte); reads only those records."""
+    for lo in range(0, len(starts), 1 << 20):
+        s, e = np.asarray(starts[lo:lo + (1 << 20)]), np.asarray(ends[lo:lo + (1 << 20)])
+        out_s, out_e = [], []
+        for start, end in zip(s.tolist(), e.tolist()):
+            while end - start > MAX_RECORD_BYTES:
+                f.seek(start)
+                chunk = f.read(MAX_RECORD_BYTES + 1)
+                cut = chunk.rfind(b"\n", 0, MAX_RECORD_BYTES) + 1
+                if not cut:  # One huge line: cut before a byte that starts a character.
+                    cut = MAX_RECORD_BYTES
+                    while cut > 1 and chunk[cut] & 0xC0 == 0x80:  # 10xxxxxx: continuation.
+                        cut -= 1
+                out_s.append(start)
+                out_e.append(start + cut)
+                start += cut
+            out_s.append(start)
+            out_e.append(end)
+        sink.add(starts=out_s, ends=out_e)
 
 
 def load_index(path: str, kind: str, index_dir: str | None = None) -> dict[str, np.ndarray]:
@@ -219,19 +215,37 @@ def load_index(path: str, kind: str, index_dir: str | None = None) -> dict[str, 
     try:
         with open(meta_path) as f:
             if json.load(f) == stamp:
-                return {n: np.load(f"{base}.{n}.npy", mmap_mode="r") for n in names}
+                return {n: _map(f"{base}.{n}.i64") for n in names}
     except (OSError, ValueError):
         pass  # Missing, stale or half-written: build it anew.
-    index = _build_index(path, kind)
     os.makedirs(os.path.dirname(base), exist_ok=True)
-    for n in names:
-        _atomic_save(f"{base}.{n}.npy", index[n])
+    with open(path, "rb") as f:
+        if kind == "jsonl":
+            sink = _Sink(base, names)
+            _index_jsonl(f, sink)
+            sink.close()
+        else:
+            sink = _Sink(f"{base}.spans", names)
+            _index_text(f, sink)
+            sink.close()
+            spans = {n: _map(f"{base}.spans.{n}.i64") for n in names}
+            step = 1 << 20  # (In slices: a whole-array temporary would grow with the file.)
+            if any(np.any(spans["ends"][i:i + step] - spans["starts"][i:i + step]
+                          > MAX_RECORD_BYTES) for i in range(0, len(spans["ends"]), step)):
+                sink = _Sink(base, names)
+                _split_long(f, spans["starts"], spans["ends"], sink)
+                sink.close()
+                for n in names:
+                    os.remove(f"{base}.spans.{n}.i64")
+            else:
+                for n in names:
+                    os.replace(f"{base}.spans.{n}.i64", f"{base}.{n}.i64")
     with open(f"{meta_path}.tmp{os.getpid()}", "w") as f:
         json.dump(stamp, f)
     os.replace(f"{meta_path}.tmp{os.getpid()}", meta_path)
     if _stamp(path) != stamp:
         raise CorpusError(f"{path} changed while it was being indexed")
-    return {n: np.load(f"{base}.{n}.npy", mmap_mode="r") for n in names}
+    return {n: _map(f"{base}.{n}.i64") for n in names}
 
 
 def _plain_copy(path: str, index_dir: str | None) -> str:

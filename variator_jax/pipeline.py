@@ -29,7 +29,9 @@ Example:
 """
 from __future__ import annotations
 
+import atexit
 import json
+import weakref
 from typing import Any, Callable, Sequence
 
 import grain
@@ -219,6 +221,10 @@ class TrainBatches:
                 dataset, prefetch_buffer_size=prefetch)
         self._dataset, self._checks = dataset, checks
         self._iter = iter(dataset)
+        # Stop the prefetch thread and drop the iterator before the interpreter tears
+        # modules down (grain's own `__del__` would then fail noisily); a weak reference,
+        # so that this never keeps an iterator alive.
+        atexit.register(_close, weakref.ref(self))
         self._batch_index = 0
         if state is not None:
             self.set_state(state)
@@ -246,6 +252,13 @@ class TrainBatches:
                              "older version?); use another --workdir")
         self._iter.set_state(state["grain"])
         self._batch_index = int(state["batch_index"])
+
+
+def _close(ref) -> None:
+    batches = ref()
+    if batches is not None and batches._iter is not None:
+        batches._iter.close()
+        batches._iter = None  # Collected now, while grain's modules are still there.
 
 
 def gather_state(state: dict) -> dict:
