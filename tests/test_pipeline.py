@@ -190,3 +190,22 @@ def test_memory_stays_flat_while_streaming_a_corpus(tmp_path):
     base, end, size = map(int, out.stdout.split())
     assert size > 40e6
     assert end - base < 8e6, (base, end)
+
+
+# ================================== workers ==================================
+
+
+def test_worker_processes_give_the_same_batches_and_resume(tok):
+    """Two grain worker processes (each builds every other row) against none."""
+    kw = dict(global_batch_size=4, max_input_length=48, max_target_length=12, seed=2,
+              split="train[:10%]")
+    want = data.train_batches("builtin:pydoc", "pretrain", tok, **kw)
+    want = [next(want) for _ in range(3)]
+    it = data.train_batches("builtin:pydoc", "pretrain", tok, workers=2, **kw)
+    for w in want[:2]:
+        np.testing.assert_array_equal(next(it)["input_ids"], w["input_ids"])
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = data.train_batches("builtin:pydoc", "pretrain", tok, workers=2, state=state, **kw)
+    np.testing.assert_array_equal(next(resumed)["labels"], want[2]["labels"])
+    with pytest.raises(ValueError, match="data state mismatch: workers"):
+        data.train_batches("builtin:pydoc", "pretrain", tok, workers=3, state=state, **kw)

@@ -142,13 +142,16 @@ class _Chunks(grain.IterDataset):
 
 
 class _RowsIterator(grain.DatasetIterator):
-    """Zips this process's row streams into local batches (`data.collate`)."""
+    """Zips this process's row streams into local batches (`data.collate`), or, without
+    `collate` (in a worker process), into {row: example} for the main process to merge."""
 
-    def __init__(self, rows: dict[int, grain.DatasetIterator], collate: Callable):
+    def __init__(self, rows: dict[int, grain.DatasetIterator], collate: Callable | None):
         super().__init__(list(rows.values()))
         self._rows, self._collate = rows, collate
 
     def __next__(self):
+        if self._collate is None:
+            return {r: next(it) for r, it in self._rows.items()}
         return self._collate([next(it) for it in self._rows.values()])
 
     def get_state(self) -> dict:
@@ -163,9 +166,14 @@ class _RowsIterator(grain.DatasetIterator):
 
 
 class _Rows(grain.IterDataset):
-    def __init__(self, rows: dict[int, grain.IterDataset], collate: Callable):
+    def __init__(self, rows: dict[int, grain.IterDataset], collate: Callable | None):
         super().__init__(list(rows.values()))
         self._row_datasets, self._collate = rows, collate
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """grain's split among `mp_prefetch` workers: worker w of W builds rows w::W."""
+        del sequential_slice
+        self._row_datasets = dict(list(self._row_datasets.items())[sl])
 
     def __iter__(self):
         return _RowsIterator({r: iter(ds) for r, ds in self._row_datasets.items()},
@@ -214,12 +222,15 @@ class TrainBatches:
     """
 
     def __init__(self, dataset: grain.IterDataset, checks: dict, state: dict | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, block: str | None = None):
         if prefetch:  # A thread builds the next batches while the step runs (XLA frees the
             # GIL); its state is the consumer's position, in the parent's format.
             dataset = grain.experimental.ThreadPrefetchIterDataset(
                 dataset, prefetch_buffer_size=prefetch)
         self._dataset, self._checks = dataset, checks
+        # With worker processes grain's state nests one state per worker: it is kept whole,
+        # under this process's block of rows, and restores with the same layout only.
+        self._block = block
         self._iter = iter(dataset)
         # Stop the prefetch thread and drop the iterator before the interpreter tears
         # modules down (grain's own `__del__` would then fail noisily); a weak reference,
@@ -238,8 +249,10 @@ class TrainBatches:
         return batch
 
     def get_state(self) -> dict:
-        return {"batch_index": self._batch_index, **self._checks,
-                "grain": self._iter.get_state()}
+        grain_state = self._iter.get_state()
+        if self._block is not None:
+            grain_state = {"rows": {self._block: grain_state}}
+        return {"batch_index": self._batch_index, **self._checks, "grain": grain_state}
 
     def set_state(self, state: dict) -> None:
         """Continues from `state`; refuses one taken on other data or settings."""
@@ -250,7 +263,14 @@ class TrainBatches:
         if "grain" not in state:
             raise ValueError("data state has no grain iterator state (a checkpoint of an "
                              "older version?); use another --workdir")
-        self._iter.set_state(state["grain"])
+        grain_state = state["grain"]
+        if self._block is not None:
+            if self._block not in grain_state["rows"]:
+                raise ValueError(f"data state has no position for rows {self._block} with "
+                                 f"{self._checks['workers']} workers: resume with the "
+                                 "process count and data.workers it was saved with")
+            grain_state = grain_state["rows"][self._block]
+        self._iter.set_state(grain_state)
         self._batch_index = int(state["batch_index"])
 
 
@@ -288,12 +308,14 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
                   data_dir: str | None = None, split: str | None = None,
                   process_index: int = 0, process_count: int = 1,
                   state: dict | None = None, index_dir: str | None = None,
-                  prefetch: int = 2) -> TrainBatches:
+                  prefetch: int = 2, workers: int = 0) -> TrainBatches:
     """Infinite training batches of `task` on `spec` for this process; see the module
     docstring for what each row holds. Nothing is read or tokenized ahead of the batches
     but `prefetch` batches built in a background thread (classification checks labels
     once, to leave out unlabelled rows). `index_dir`: where file indices are cached
-    (default: the user's cache, `corpus.py`)."""
+    (default: the user's cache, `corpus.py`). `workers` > 0 (pretrain): grain worker
+    processes (`mp_prefetch`) build the rows, worker w every W-th row of this process;
+    the batches are the same for any number of workers."""
     task = data_lib.get_task(task)
     eos_id = data_lib._check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
@@ -312,9 +334,22 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
     stream = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed)).repeat()
     lengths = (max_input_length, max_target_length)
     collate = lambda rows_: data_lib.collate(rows_, *lengths, task.kind == "classification")
+    block = None
     if task.kind == "pretrain":
+        workers = min(int(workers), len(rows))
         dataset = _pretrain_rows(stream, len(source), task, tokenizer, eos_id, rows,
-                                 global_batch_size, seed, lengths, collate)
+                                 global_batch_size, seed, lengths,
+                                 None if workers > 1 else collate)
+        if workers > 1:
+            def merge(parts):  # One {row: example} from each worker -> the local batch.
+                merged = {r: row for part in parts for r, row in part.items()}
+                return collate([merged[r] for r in rows])
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain reads its absl flags (defaults here:
+                flags.FLAGS.mark_as_parsed()  # a library call, not an absl program).
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            dataset = dataset.batch(workers, batch_fn=merge)
+            block = f"{rows.start}:{rows.stop}"
     else:
         def make_row(example):
             inputs, targets = task.format(example)
@@ -324,7 +359,9 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
         dataset = _BatchIndex(stream.map(make_row), rows, global_batch_size, collate)
     checks = {"seed": int(seed), "num_examples": len(source),
               "global_batch_size": global_batch_size}
-    return TrainBatches(dataset, checks, state, prefetch)
+    if block is not None:
+        checks["workers"] = workers
+    return TrainBatches(dataset, checks, state, prefetch, block)
 
 
 def _pretrain_rows(stream, num_docs, task, tokenizer, eos_id, rows, global_batch_size, seed,

@@ -559,7 +559,7 @@ def _prepare_data(run: _Run) -> None:
             config.data.train, config.task, run.tokenizer, global_batch_size=config.batch_size,
             seed=config.seed, data_dir=config.data.get("data_dir") or None,
             split=config.data.get("train_split") or None, process_index=index,
-            process_count=count, **lengths)
+            process_count=count, workers=config.data.get("workers") or 0, **lengths)
     if config.data.get("eval"):
         eval_batch = config.get("eval_batch_size") or config.batch_size
         with user_errors(f"data.eval {config.data.eval}"):
