@@ -16,6 +16,12 @@ def tok():
     return data.load_tokenizer("byte")
 
 
+@pytest.fixture(autouse=True)
+def _private_index_cache(tmp_path_factory, monkeypatch):
+    """File indices go to a temporary cache, not the user's (corpus.py's default)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def _byte_ids(text):
     """ByT5's encoding, restated: UTF-8 byte b -> id b + 3 (pad, eos, unk come first)."""
     return [b + 3 for b in text.encode("utf-8")]

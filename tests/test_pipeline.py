@@ -18,6 +18,12 @@ def tok():
     return data.load_tokenizer("byte")
 
 
+@pytest.fixture(autouse=True)
+def _private_index_cache(tmp_path_factory, monkeypatch):
+    """File indices go to a temporary cache, not the user's (corpus.py's default)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def _docs(n, words=12):
     return [f"doc{i} " + " ".join(f"w{i}.{j}" for j in range(words)) for i in range(n)]
 

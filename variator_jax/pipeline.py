@@ -16,6 +16,10 @@ rows one would, and read disjoint data.
     `k` with its own generator `default_rng([seed, 1, r, k])` (a per-record seed), so the
     result depends on neither worker count nor order.
 
+With `workers` > 1, grain worker processes (`mp_prefetch`) build the rows, worker `w` every
+`W`-th row of this process, and the main process merges them: the same batches for any
+worker count (each row is its own stream).
+
 The iterator state is grain's: per row, the next document, the offset in it and the chunk
 count (pretrain), or the next batch index (supervised); a few integers, JSON. A process
 restores only its rows from a state that holds all of them (`gather_state` merges the
