@@ -8,20 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from test_data import _private_index_cache, tok  # noqa: F401 (shared fixtures)
 from variator_jax import corpus, data, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return data.load_tokenizer("byte")
-
-
-@pytest.fixture(autouse=True)
-def _private_index_cache(tmp_path_factory, monkeypatch):
-    """File indices go to a temporary cache, not the user's (corpus.py's default)."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def _docs(n, words=12):
