@@ -15,6 +15,7 @@ _RUNTIME = [
     "tensorboard>=2.14",
     "tqdm>=4.64",
     "numpy>=1.24",
+    "grain>=0.2.10",  # The training input pipeline (pipeline.py).
     "matplotlib>=3.7",
 ]
 _EXTRAS = {

@@ -60,6 +60,7 @@ def get_config(arg=None):
     c.data.data_dir = placeholder(str)  # tfds data_dir; None: tfds's default.
     c.data.train_split = placeholder(str)  # Slice of a file source, e.g. "train[:95%]".
     c.data.eval_split = placeholder(str)  # Eval split or slice; None: the task's eval split.
+    c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
     c.max_input_length = plugin.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
     c.max_target_length = 32  # Decoder tokens.
 

@@ -16,6 +16,12 @@ def tok():
     return data.load_tokenizer("byte")
 
 
+@pytest.fixture(autouse=True)
+def _private_index_cache(tmp_path_factory, monkeypatch):
+    """File indices go to a temporary cache, not the user's (corpus.py's default)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 def _byte_ids(text):
     """ByT5's encoding, restated: UTF-8 byte b -> id b + 3 (pad, eos, unk come first)."""
     return [b + 3 for b in text.encode("utf-8")]
@@ -138,31 +144,81 @@ def test_tokens_length_helper_fits_exactly():
         data.random_spans_tokens_length(2, 2)
 
 
-def test_pretrain_batch_is_a_corrupted_chunk_of_the_corpus(tmp_path, tok):
+def _row_chunks(token_lists, global_batch_size, seed, n, count):
+    """Independent restatement of the pretrain rows: documents are visited in grain's seeded
+    order (re-shuffled each epoch); row r concatenates the documents at positions r, r + G,
+    ... (t5's reduce_concat_tokens) and splits every n tokens (split_tokens)."""
+    import grain
+    from variator_jax import pipeline
+    order = grain.MapDataset.source(range(len(token_lists))).shuffle(
+        seed=pipeline._shuffle_seed(seed)).repeat()
+    rows = []
+    for r in range(global_batch_size):
+        stream, p = [], r
+        while len(stream) < n * count:
+            stream += list(token_lists[order[p]])
+            p += global_batch_size
+        rows.append([stream[i:i + n] for i in range(0, n * count, n)])
+    return rows
+
+
+def _restore(b, row):
+    inputs = b["input_ids"][row][b["attention_mask"][row] == 1]
+    targets = b["labels"][row][b["decoder_attention_mask"][row] == 1]
+    return list(_uncorrupt(inputs, targets)[0]), inputs, targets
+
+
+def test_pretrain_rows_are_corrupted_t5_chunks_of_their_documents(tmp_path, tok):
     # Unique words, so that no two chunks are equal.
     docs = [f"Document {i}: " + " ".join(f"w{i}.{j}" for j in range(20 + 9 * i)) for i in range(12)]
     path = _write(tmp_path / "c.txt", "\n\n".join(docs) + "\n")
-    batch = next(data.train_batches(f"text:{path}", "pretrain", tok, global_batch_size=4,
-                                    max_input_length=64, max_target_length=16, seed=3))
+    it = data.train_batches(f"text:{path}", "pretrain", tok, global_batch_size=4,
+                            max_input_length=64, max_target_length=16, seed=3,
+                            index_dir=str(tmp_path))
     n = data.random_spans_tokens_length(64, 16)
-    stream = sum((_byte_ids(d) for d in docs), [])  # t5: documents concatenated.
-    chunks = [stream[i:i + n] for i in range(0, len(stream), n)]
+    want = _row_chunks([_byte_ids(d) for d in docs], 4, 3, n, 12)
+    for k in range(12):  # Several epochs of documents.
+        batch = next(it)
+        for r in range(4):
+            restored, inputs, targets = _restore(batch, r)
+            assert restored == want[r][k], (k, r)
+            # Chunk k of row r is corrupted by its own generator: the same for any workers,
+            # process count or resume point.
+            rng = np.random.default_rng([3, 1, r, k])
+            w_in, w_tgt = data.span_corruption(np.asarray(want[r][k]), rng, 0.15, 3.0,
+                                               SENTINELS, EOS)
+            np.testing.assert_array_equal(inputs, w_in)
+            np.testing.assert_array_equal(targets, w_tgt)
 
-    def restore(b, row):
-        inputs = b["input_ids"][row][b["attention_mask"][row] == 1]
-        targets = b["labels"][row][b["decoder_attention_mask"][row] == 1]
-        return tuple(_uncorrupt(inputs, targets)[0]), tuple(inputs)
 
-    assert all(restore(batch, row)[0] in set(map(tuple, chunks)) for row in range(4))
-    # Two epochs one row at a time: each chunk once per epoch, noise re-drawn.
-    it = data.train_batches(f"text:{path}", "pretrain", tok, global_batch_size=1,
-                            max_input_length=64, max_target_length=16, seed=3)
-    seen = {}
-    for _ in range(2 * len(chunks)):
-        chunk, inputs = restore(next(it), 0)
-        seen.setdefault(chunk, []).append(inputs)
-    assert sorted(seen) == sorted(map(tuple, chunks))
-    assert all(len(v) == 2 for v in seen.values()) and any(a != b for a, b in seen.values())
+def test_streamed_files_equal_the_in_memory_corpus(tmp_path, tok):
+    """The same documents as one text file, two gzip shards behind a glob, a JSONL file,
+    and an in-memory list (builtin-style) give the same batches."""
+    import gzip
+    from variator_jax import pipeline
+    docs = [f"Doc {i} é " + " ".join(f"t{i}.{j}" for j in range(5 + 3 * i)) for i in range(9)]
+    text = "\n\n".join(docs) + "\n"
+    _write(tmp_path / "one.txt", text)
+    for name, part in (("a", docs[:4]), ("b", docs[4:])):
+        with gzip.open(tmp_path / f"shard-{name}.txt.gz", "wt", encoding="utf-8") as f:
+            f.write("\n \n".join(part))
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in docs])
+    kw = dict(global_batch_size=4, max_input_length=48, max_target_length=12, seed=7,
+              index_dir=str(tmp_path / "index"))
+    specs = [f"text:{tmp_path}/one.txt", f"text:{tmp_path}/shard-*.txt.gz",
+             f"jsonl:{tmp_path}/d.jsonl"]
+    streams = [data.train_batches(spec, "pretrain", tok, **kw) for spec in specs]
+    assert pipeline.open_source(specs[1], index_dir=kw["index_dir"])[5] == {"text": docs[5]}
+    original = pipeline.open_source
+    pipeline.open_source = lambda *a, **k: [{"text": d} for d in docs]
+    try:
+        in_memory = data.train_batches("builtin:pydoc", "pretrain", tok, **kw)
+    finally:
+        pipeline.open_source = original
+    for _ in range(6):
+        want = next(in_memory)
+        for it in streams:
+            _assert_batches_equal(next(it), want)
 
 
 def test_pretrain_with_a_subword_tokenizer_from_a_path(tmp_path):
@@ -183,12 +239,12 @@ def test_pretrain_with_a_subword_tokenizer_from_a_path(tmp_path):
     spec = f"text:{_write(tmp_path / 'c.txt', (chr(10) * 2).join(docs))}"
     batch = next(data.train_batches(spec, "pretrain", tok, global_batch_size=2,
                                     max_input_length=64, max_target_length=12, seed=0))
-    stream = sum(tok(docs, add_special_tokens=False)["input_ids"], [])
+    n = data.random_spans_tokens_length(64, 12)
+    want = _row_chunks(tok(docs, add_special_tokens=False)["input_ids"], 2, 0, n, 1)
     for row in range(2):
         inputs = batch["input_ids"][row][batch["attention_mask"][row] == 1]
         targets = batch["labels"][row][batch["decoder_attention_mask"][row] == 1]
-        restored = _uncorrupt(inputs, targets, sentinels)[0]
-        assert any(stream[i:i + len(restored)] == restored for i in range(len(stream)))
+        assert _uncorrupt(inputs, targets, sentinels)[0] == want[row][0]
     # 96 / 16 -> 76-token chunks in 4 spans: one sentinel more than there are.
     with pytest.raises(ValueError, match="no <extra_id_3> token"):
         data.train_batches(spec, "pretrain", tok, global_batch_size=2,

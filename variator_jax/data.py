@@ -16,6 +16,9 @@ Example:
   >>> batch["input_ids"].shape, batch["labels"].shape
   ((8, 224), (8, 32))
   >>> state = it.get_state()         # JSON-serialisable; pass as `state=` to resume
+
+The training stream itself (grain, indexed files, per-row streams) is `pipeline.py`;
+random access to large files is `corpus.py`.
 """
 from __future__ import annotations
 
@@ -42,9 +45,8 @@ KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin")
 _SOURCE_FORMS = ("text:PATH, jsonl:PATH, tfds:NAME[/CONFIG][:SPLIT], builtin:pydoc, "
                  "builtin:stdlib_docs")
 _BUILTINS = ("pydoc", "stdlib_docs")
-# Separate random streams for the epoch shuffle and the per-example noise, so
-# that neither depends on how many examples the other has consumed.
-_SHUFFLE_STREAM, _NOISE_STREAM = 0, 1
+# The per-example noise draws from its own random stream, never the shuffle's.
+_NOISE_STREAM = 1
 
 Row = tuple  # (input ids [<= max_in], target ids [<= max_tgt], class index or None)
 
@@ -133,7 +135,8 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
 
     Args:
       spec: `text:PATH` (documents separated by blank lines -> {"text"}),
-        `jsonl:PATH` (one JSON object per line), `tfds:NAME[/CONFIG][:SPLIT]`
+        `jsonl:PATH` (one JSON object per line); PATH may be a directory or a glob of
+        files, plain or gzip (see `corpus`); `tfds:NAME[/CONFIG][:SPLIT]`
         (a prepared tfds dataset under `data_dir`; strings decoded to str,
         arrays to lists), `builtin:pydoc` (CPython's `pydoc_data.topics`,
         values in sorted-key order -> {"text"}) or `builtin:stdlib_docs` (the
@@ -153,42 +156,15 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
         examples = _read_tfds(target, split or "train", data_dir)
     elif (scheme, target) == ("builtin", "stdlib_docs"):  # Has named splits, as tfds does.
         examples = stdlib_docs.read(split)
-    else:
-        reader = {"text": _read_text, "jsonl": _read_jsonl, "builtin": _read_builtin}[scheme]
-        examples = _slice(reader(target), split)
+    elif scheme == "builtin":
+        examples = _slice(_read_builtin(target), split)
+    else:  # Eval sets are small: the indexed files' records, all in memory.
+        from variator_jax import corpus
+        records = corpus.open_files(target, scheme)
+        examples = [records[i] for i in _slice(range(len(records)), split)]
     if not examples:
         where = f" (split {split!r})" if split else ""
         raise ValueError(f"empty corpus: {spec}{where} has no examples")
-    return examples
-
-
-def _check_file(path: str, scheme: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{scheme} source: no such file: {path}")
-
-
-def _read_text(path: str) -> list[dict]:
-    _check_file(path, "text")
-    with open(path, encoding="utf-8") as f:
-        docs = re.split(r"\n[ \t\r\f\v]*\n", f.read())
-    return [{"text": d.strip()} for d in docs if d.strip()]
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    _check_file(path, "jsonl")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            if not isinstance(example, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
-                                 f"{type(example).__name__}")
-            examples.append(example)
     return examples
 
 
@@ -221,17 +197,10 @@ def _slice(examples: list, split: str | None) -> list:
 
 
 def _read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
-    try:
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError(f"tfds sources need tensorflow and tensorflow-datasets "
-                          f"(pip install -e '.[tfds]'): {e}") from e
-    try:
-        # JAX owns the accelerator; TF only reads files (big_vision does this).
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:
-        pass  # TF already initialised its devices; nothing to do then.
+    source = tfds_random_access(name, split, data_dir)
+    if source is not None:  # The same records, in the same order, as training reads them.
+        return [source[i] for i in range(len(source))]
+    tfds = _import_tfds()
     try:
         ds = tfds.load(name, split=split, data_dir=data_dir, download=False)
     except tfds.core.registered.DatasetNotFoundError:
@@ -245,14 +214,53 @@ def _read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
     return [_to_python(x) for x in tfds.as_numpy(ds)]
 
 
+class _TfdsRecords:
+    """A `tfds.data_source` whose records come out as JSON-like Python (bytes -> str)."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int):
+        return _to_python(self._source[int(i)])
+
+
+def tfds_random_access(name: str, split: str, data_dir: str | None):
+    """`tfds.data_source` of a dataset prepared as ArrayRecord (random access, nothing read
+    ahead), or None where it is not (tfrecord, tfds's default: read it with tf.data)."""
+    tfds = _import_tfds()
+    try:
+        return _TfdsRecords(tfds.data_source(name, split=split, data_dir=data_dir,
+                                             download=False))
+    except Exception:  # Not prepared, unknown, or not ArrayRecord: tfds.load says which.
+        return None
+
+
+def _import_tfds():
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ImportError(f"tfds sources need tensorflow and tensorflow-datasets "
+                          f"(pip install -e '.[tfds]'): {e}") from e
+    try:
+        # JAX owns the accelerator; TF only reads files (big_vision does this).
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # TF already initialised its devices; nothing to do then.
+    return tfds
+
+
 def _to_python(x: Any) -> Any:
     """tfds numpy values -> JSON-like Python (bytes -> str, arrays -> lists)."""
     if isinstance(x, dict):
         return {k: _to_python(v) for k, v in x.items()}
     if isinstance(x, bytes):
         return x.decode("utf-8")
-    if isinstance(x, np.ndarray):
-        return [_to_python(v) for v in x.tolist()]
+    if isinstance(x, np.ndarray):  # (tfds.data_source gives scalars as 0-d arrays.)
+        return x.item() if x.ndim == 0 else [_to_python(v) for v in x.tolist()]
     if isinstance(x, np.generic):
         return x.item()
     return x
@@ -631,67 +639,6 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
     return range(process_index * local, (process_index + 1) * local)
 
 
-class TrainBatches:
-    """Infinite, deterministic, resumable iterator over this process's local batches.
-
-    The global stream is the concatenation of epochs, epoch e being a
-    permutation of all examples drawn from (seed, e); global batch b is
-    positions [b*G, (b+1)*G) of it (a batch may straddle two epochs, so no
-    example is ever dropped). This process yields rows `_local_rows` of it:
-    concatenating all processes' batches in process order gives the global
-    batch, whatever the process count. The state is the next batch index.
-    """
-
-    def __init__(self, make_row: Callable[[int, int], Row], num_examples: int, *,
-                 global_batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, max_input_length: int, max_target_length: int,
-                 with_label: bool, state: dict | None = None):
-        self._make_row, self._n = make_row, num_examples
-        self._rows = _local_rows(global_batch_size, process_index, process_count)
-        self._global_batch_size, self._seed = global_batch_size, int(seed)
-        self._lengths = (max_input_length, max_target_length)
-        self._with_label = with_label
-        self._perms: dict[int, np.ndarray] = {}
-        self._batch_index = 0
-        if state is not None:
-            self.set_state(state)
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:  # A batch touches at most two epochs.
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self._seed, _SHUFFLE_STREAM, epoch])
-            self._perms[epoch] = rng.permutation(self._n)
-        return self._perms[epoch]
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        rows = []
-        for r in self._rows:
-            epoch, i = divmod(self._batch_index * self._global_batch_size + r, self._n)
-            rows.append(self._make_row(int(self._perm(epoch)[i]), epoch))
-        self._batch_index += 1
-        return collate(rows, *self._lengths, self._with_label)
-
-    def get_state(self) -> dict:
-        """JSON-serialisable position: the next global batch to yield (+ checks)."""
-        return {"batch_index": self._batch_index,
-                "epoch": self._batch_index * self._global_batch_size // self._n,
-                "seed": self._seed, "num_examples": self._n,
-                "global_batch_size": self._global_batch_size}
-
-    def set_state(self, state: dict) -> None:
-        """Continues from `state`; refuses one taken on other data or settings."""
-        mine = self.get_state()
-        for key in ("seed", "num_examples", "global_batch_size"):
-            if key in state and state[key] != mine[key]:
-                raise ValueError(f"data state mismatch: {key} is {mine[key]} here but "
-                                 f"{state[key]} in the state being restored")
-        self._batch_index = int(state["batch_index"])
-
-
 class EvalBatches:
     """One in-order pass over an eval set per iteration; re-iterable.
 
@@ -731,26 +678,11 @@ class EvalBatches:
             yield batch
 
 
-def train_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
-                  max_input_length: int, max_target_length: int, seed: int,
-                  data_dir: str | None = None, split: str | None = None,
-                  process_index: int = 0, process_count: int = 1,
-                  state: dict | None = None) -> TrainBatches:
-    """Infinite training batches of `task` on `spec` for this process.
-
-    Each call to `next` gives this process's rows [global_batch_size /
-    process_count, ...] of the next global batch; keys and shapes as in
-    `collate` (+ `label` for classification). Pass `state` (from
-    `get_state()`) to resume exactly where a run stopped.
-    """
-    task = get_task(task)
-    examples = read_source(spec, split=split, data_dir=data_dir)
-    make_row, n, _ = _row_maker(task, tokenizer, examples, max_input_length=max_input_length,
-                                max_target_length=max_target_length, seed=seed)
-    return TrainBatches(make_row, n, global_batch_size=global_batch_size, seed=seed,
-                        process_index=process_index, process_count=process_count,
-                        max_input_length=max_input_length, max_target_length=max_target_length,
-                        with_label=task.kind == "classification", state=state)
+def train_batches(spec: str, task: str | Task, tokenizer, **kwargs):
+    """Infinite training batches of `task` on `spec` for this process, streamed by grain;
+    see `pipeline.train_batches` (same arguments) for what they hold and how they resume."""
+    from variator_jax import pipeline  # (It imports this module.)
+    return pipeline.train_batches(spec, task, tokenizer, **kwargs)
 
 
 def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,

@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import data as data_lib
-from variator_jax import host, sharding
+from variator_jax import host, pipeline, sharding
 from variator_jax.convert import CheckpointError, load_hf_t5, save_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import glue_metric
@@ -581,7 +581,7 @@ def _prepare_data(run: _Run) -> None:
             config.data.train, config.task, run.tokenizer, global_batch_size=config.batch_size,
             seed=config.seed, data_dir=config.data.get("data_dir") or None,
             split=config.data.get("train_split") or None, process_index=index,
-            process_count=count, **lengths)
+            process_count=count, workers=config.data.get("workers") or 0, **lengths)
     if config.data.get("eval"):
         eval_batch = config.get("eval_batch_size") or config.batch_size
         with user_errors(f"data.eval {config.data.eval}"):
@@ -723,7 +723,9 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
     pending, logged = [], {}
     compiled, t0 = None, time.time()
     for step in range(start, total):
-        batch = sharding.global_batch(run.mesh, next(run.train_data), run.rules)
+        with user_errors(f"data.train {config.data.train}"):  # A bad record stops the run.
+            local = next(run.train_data)
+        batch = sharding.global_batch(run.mesh, local, run.rules)
         if compiled is None:  # Compile ahead, so the first window's speed is the step's.
             tic = time.time()
             compiled = step_fn.lower(state, batch, frozen).compile()
@@ -744,7 +746,7 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
             pending, t0, since = [], time.time(), done
         if done % config.checkpoint_every == 0 or done == total:
             _check_finite(_mean(jax.device_get([metrics])), done, last_good, checkpointer)
-            checkpointer.save(done, state, run.train_data.get_state())
+            checkpointer.save(done, state, pipeline.gather_state(run.train_data.get_state()))
             last_good = done
         if config.get("eval_every") and done % config.eval_every == 0 and done < total:
             _evaluate(run, state.params, frozen, writer, done)
