@@ -19,6 +19,8 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and out
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_list("override", [], "Config fields a resume may change (e.g. lr,total_steps); "
+                  "each change is recorded in WORKDIR/changes.jsonl.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -71,9 +73,16 @@ def main(argv):
     _init_distributed()
     from variator_jax import train_lib  # After distributed init: it may touch devices.
     try:
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, override=FLAGS.override)
+    except train_lib.Interrupted as e:  # A checkpoint was saved: not an error.
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except train_lib.UserError as e:
         _fail(str(e))
+    except KeyboardInterrupt:  # Before training started (or a second Ctrl-C): nothing saved.
+        print("interrupted before a step was trained; run the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

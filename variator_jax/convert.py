@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Callable, NamedTuple
 
 import jax
@@ -108,8 +109,21 @@ def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: {_torch_load_problem(e)}") from None
     return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _torch_load_problem(e: BaseException) -> str:
+    """One plain line for torch.load's error: its messages run over many lines, some with
+    ANSI colour codes, and the reason of a weights-only refusal sits in the middle."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "weights only load failed" in text.lower():
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln),
+                      lines[-1] if lines else type(e).__name__)
+        return (f"refused: it holds pickled Python objects, not only tensors ({reason.rstrip('.')})"
+                "; unpickling them could run code. Use a safetensors copy of this checkpoint")
+    return f"cannot read PyTorch checkpoint ({type(e).__name__}: {lines[0] if lines else ''})"
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], Callable[[str], dict]]:
