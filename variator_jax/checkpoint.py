@@ -186,7 +186,7 @@ class Checkpointer:
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax, tensorstore and json each raise their own types.
             raise RestoreError(
-                f"checkpoint {where} cannot be restored ({type(e).__name__}: {_clean(e)}); "
+                f"checkpoint {where} cannot be restored ({_clean(e)}); "
                 "delete that directory to resume from an earlier checkpoint, or use another "
                 "--workdir") from None
         if not isinstance(restored.data, dict):
@@ -208,18 +208,28 @@ class Checkpointer:
             except RestoreError as e:
                 if not steps:
                     raise
-                aside = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR, str(step))
-                if jax.process_index() == 0:
-                    os.makedirs(os.path.dirname(aside), exist_ok=True)
-                    if os.path.exists(aside):
-                        shutil.rmtree(aside)
-                    os.replace(self._step_dir(step), aside)
-                _sync("variator_jax:quarantine")
-                self._manager.reload()
+                aside = self.set_aside(step, CORRUPT_DIR)
                 detail = str(e).split(" cannot be restored", 1)[-1].split("; delete", 1)[0]
                 say(f"checkpoint {self._step_dir(step)} cannot be restored{detail}; moved to "
                     f"{aside}; falling back to step {steps[-1]}")
         return None
+
+    def set_aside(self, step: int, folder: str) -> str:
+        """Moves checkpoint `step` out of orbax's sight, to `WORKDIR/FOLDER/STEP` (kept for
+        inspection, never deleted) -> that path. All processes call it."""
+        aside = os.path.join(os.path.dirname(self.directory), folder, str(step))
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            os.replace(self._step_dir(step), aside)
+        _sync("variator_jax:set_aside")
+        self._manager.reload()
+        return aside
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
 
     def wait(self) -> None:
         with _save_errors(self.directory, None):
@@ -238,10 +248,13 @@ class SaveError(OSError):
 
 
 def _clean(e: BaseException) -> str:
-    """The first line of an error, without pybind11 / object reprs, at most 200 characters."""
+    """The innermost reason of an error (orbax wraps tensorstore's), first line only, without
+    the object reprs orbax appends, at most 300 characters."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    text = re.sub(r"<[^<>]*>|\b\w+\([^()]{40,}\)", "...", text)
-    return text[:200]
+    text = re.sub(r"\s*See full TensorStore details.*|<bound method.*|<[^<>]*>", "", text)
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def _errno_text(e: BaseException) -> str:

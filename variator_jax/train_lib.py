@@ -57,6 +57,7 @@ from variator_jax.t5 import T5Config, init_t5, logical_axes
 STAGES = ("finetune", "pretrain", "adapt")
 LOSSES = ("hidden", "task", "task+hidden")
 RESULT_FILE = "result.json"
+DIVERGED_DIR = "checkpoints_diverged"  # Checkpoints whose state gave a non-finite loss.
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -347,6 +348,14 @@ class MetricWriter:
         lines = [parsed for _, parsed in _read_jsonl(self._path) if parsed is not None]
         train = [ln for ln in lines if "loss" in ln]
         return {k: v for k, v in train[-1].items() if k != "step"} if train else {}
+
+    def lowest_loss(self) -> float | None:
+        """The lowest training loss logged so far (a resumed run's yardstick for spikes)."""
+        if not os.path.isfile(self._path):
+            return None
+        losses = [p["loss"] for _, p in _read_jsonl(self._path)
+                  if p is not None and isinstance(p.get("loss"), (int, float))]
+        return min(losses) if losses else None
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self._enabled:
@@ -802,6 +811,14 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
     last_good = start or None
     pending, logged = [], {}
     compiled, t0 = None, time.time()
+    # The lowest loss so far: a loss `divergence_factor` times above it is a divergence.
+    best = [writer.lowest_loss() if jax.process_index() == 0 and start else None]
+    if jax.process_count() > 1:  # Only process 0 reads metrics.jsonl.
+        best = [float(multihost_utils.broadcast_one_to_all(
+            np.float64(np.nan if best[0] is None else best[0])))]
+        best = [None if math.isnan(best[0]) else best[0]]
+    check = functools.partial(_check_finite, best=best,
+                              factor=float(config.get("divergence_factor", 1e3)))
     with _StopRequests() as stop:
         for step in range(start, total):
             batch = sharding.global_batch(run.mesh, next(run.train_data), run.rules)
@@ -816,8 +833,9 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
             done = step + 1
             checkpointer.check_for_errors()  # A failed background save stops training now.
             if done % config.log_every == 0 or done == total:
-                logged = _mean(jax.device_get(pending))
-                _check_finite(logged, done, last_good, checkpointer)
+                window = jax.device_get(pending)
+                check(window, done, last_good, checkpointer)
+                logged = _mean(window)
                 elapsed = max(time.time() - t0, 1e-9)
                 logged["steps_per_sec"] = (done - since) / elapsed
                 logged["tokens_per_sec"] = logged.pop("tokens") * (done - since) / elapsed
@@ -826,7 +844,7 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
                 pending, t0, since = [], time.time(), done
             signum = stop.requested(done % config.log_every == 0)
             if done % config.checkpoint_every == 0 or done == total or signum:
-                _check_finite(_mean(jax.device_get([metrics])), done, last_good, checkpointer)
+                check(jax.device_get([metrics]), done, last_good, checkpointer)
                 _check_state(state, done, last_good, checkpointer)
                 checkpointer.save(done, state, run.train_data.get_state())
                 last_good = done
@@ -879,19 +897,40 @@ def _mean(metrics: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
 
 
-def _diverged(what: str, step: int, last_good: int | None, checkpointer) -> NonFiniteLoss:
+def _diverged(what: str, step: int, last_good: int | None, checkpointer,
+              first_bad: int | None = None) -> NonFiniteLoss:
+    """The error to raise; a checkpoint whose state gave the first non-finite loss (step
+    `first_bad`) is not good after all: it is set aside, and the one before is the last good."""
     checkpointer.wait()
+    if last_good and first_bad is not None and last_good >= first_bad - 1:
+        aside = checkpointer.set_aside(last_good, DIVERGED_DIR)
+        say(f"checkpoint {last_good} gave a non-finite loss at the next step: moved to {aside}")
+        last_good = max(checkpointer.all_steps(), default=None)
     keep = (f"the last good checkpoint is step {last_good} in {checkpointer.directory}: "
             f"lower config.lr and rerun with --override=lr to resume from it"
             if last_good else "no checkpoint was saved: lower config.lr and rerun")
-    return NonFiniteLoss(f"{what} at step {step}: training diverged and stopped; {keep} "
+    return NonFiniteLoss(f"{what}: training diverged and stopped at step {step}; {keep} "
                          "(or check the data)", step, last_good, what)
 
 
-def _check_finite(scalars: dict, step: int, last_good: int | None, checkpointer) -> None:
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(scalars[k])]
-    if bad:
-        raise _diverged(f"{bad[0]} is {scalars[bad[0]]}", step, last_good, checkpointer)
+def _check_finite(window: list[dict], step: int, last_good: int | None, checkpointer,
+                  best: list, factor: float) -> None:
+    """`window`: the metrics of steps step-len(window)+1 .. step (loss and grad_norm are
+    computed from the state before each step's update). Diverged: a non-finite loss or
+    gradient norm, or a loss `factor` times the lowest so far (`best[0]`, updated here): a
+    state blown up to 1e9 is finite, and training on from it only looks like training."""
+    for i, scalars in enumerate(window):
+        first_bad = step - len(window) + 1 + i
+        bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(scalars[k]))]
+        if bad:
+            raise _diverged(f"{bad[0]} is {float(scalars[bad[0]])} at step {first_bad}",
+                            step, last_good, checkpointer, first_bad)
+        loss = float(scalars["loss"])
+        if factor > 0 and best[0] is not None and loss > factor * max(best[0], 1e-8):
+            raise _diverged(f"the loss jumped to {loss:.3g} at step {first_bad}, "
+                            f"{loss / max(best[0], 1e-8):.3g} times the lowest so far "
+                            f"({best[0]:.3g})", step, last_good, checkpointer, first_bad)
+        best[0] = loss if best[0] is None else min(best[0], loss)
 
 
 def _check_state(state, step: int, last_good: int | None, checkpointer) -> None:
@@ -899,8 +938,8 @@ def _check_state(state, step: int, last_good: int | None, checkpointer) -> None:
     on from: finite, parameters of finite float32 norm. Else it is not saved."""
     if not (integrity.tree_is_finite(state.params)
             and integrity.tree_is_finite(state.opt_state, bounded=False)):
-        raise _diverged("the parameters are not finite (or overflow float32)", step, last_good,
-                        checkpointer)
+        raise _diverged(f"the parameters after step {step} are not finite (or overflow "
+                        "float32)", step, last_good, checkpointer)
 
 
 def _evaluate(run: _Run, params, frozen, writer, step: int) -> dict[str, float]:

@@ -157,6 +157,8 @@ def write_record(workdir: str, config_json: str, changes: dict, step: int) -> No
                 f.write(json.dumps({"step": step, "field": field, "from": old, "to": new,
                                     "time": when}) + "\n")
     atomic_write(workdir, CONFIG_FILE, lambda tmp: write_text(tmp, config_json))
+    if os.path.exists(os.path.join(workdir, DIVERGED_FILE)):
+        os.remove(os.path.join(workdir, DIVERGED_FILE))
 
 
 def read_changes(workdir: str) -> list[dict]:
@@ -177,7 +179,7 @@ def mark_diverged(workdir: str, config: dict, step: int, last_good: int | None,
 
 def check_diverged(workdir: str, config: dict) -> None:
     """Refuses a rerun of a diverged run with an unchanged result-changing config (it would
-    diverge again, the same way); a changed one clears the mark."""
+    diverge again, the same way). `write_record` clears the mark once a start is accepted."""
     path = os.path.join(workdir, DIVERGED_FILE)
     record = read_json(path)
     if record is None:
@@ -190,7 +192,6 @@ def check_diverged(workdir: str, config: dict) -> None:
             f"this run diverged at step {record.get('step')} ({record.get('what')}) with this "
             f"very config; {start} would diverge again. Lower config.lr (e.g. "
             f"--config.lr={_lower(config.get('lr'))} --override=lr) or change the data")
-    os.remove(path)
 
 
 def _lower(lr) -> str:
