@@ -384,23 +384,27 @@ def test_7_bad_backbone_config_and_pickled_bin_are_one_line(tmp_path):
     assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_7_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(hf_dir, tmp_path, sig):
-    workdir = str(tmp_path / "w")
-    args = (["--config=configs/plugin.py:stage=pretrain", f"--config.backbone={hf_dir}",
-             f"--workdir={workdir}"]
-            + tu.cli_flags({**tu.TINY_OVERRIDES, **tu.TINY_CORPUS, "total_steps": 100000,
-                            "checkpoint_every": 100000, "log_every": 1}))
-    proc = tu.train_py(args)
-    for line in proc.stdout:  # Training is under way.
-        if line.startswith("step "):
-            break
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert proc.returncode == 128 + sig, err
-    assert len(lines) == 1 and lines[0].startswith("interrupted at step "), err
-    step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
-    assert lines[0].endswith("run the same command to resume")
-    assert checkpoint.finished_steps(workdir) == [step]
-    assert integrity.verify_manifest(os.path.join(workdir, "checkpoints", str(step))) is None
+def test_7_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(hf_dir, tmp_path):
+    procs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Both at once: two processes, one wait.
+        workdir = str(tmp_path / sig.name)
+        args = (["--config=configs/plugin.py:stage=pretrain", f"--config.backbone={hf_dir}",
+                 f"--workdir={workdir}"]
+                + tu.cli_flags({**tu.TINY_OVERRIDES, **tu.TINY_CORPUS, "total_steps": 100000,
+                                "checkpoint_every": 100000, "log_every": 1}))
+        procs[sig] = (tu.train_py(args), workdir)
+    for sig, (proc, _) in procs.items():
+        for line in proc.stdout:  # Training is under way.
+            if line.startswith("step "):
+                break
+        proc.send_signal(sig)
+    for sig, (proc, workdir) in procs.items():
+        out, err = proc.communicate(timeout=300)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert proc.returncode == 128 + sig, (sig, err)
+        assert len(lines) == 1 and lines[0].startswith("interrupted at step "), (sig, err)
+        step = int(lines[0].split("interrupted at step ")[1].split(";")[0])
+        assert lines[0].endswith("run the same command to resume")
+        assert checkpoint.finished_steps(workdir) == [step]
+        assert integrity.verify_manifest(os.path.join(workdir, "checkpoints", str(step))) is None
+        assert tu.read_metrics(workdir)[-1]["step"] == step
