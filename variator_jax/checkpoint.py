@@ -34,7 +34,7 @@ from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
 from variator_jax import integrity
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax.fileio import atomic_write, flatten, write_text
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -50,16 +50,6 @@ class RestoreError(ValueError):
 
 
 # -- The run's identity -----------------------------------------------------------------------
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def read_identity(workdir: str) -> dict | None:
     path = os.path.join(workdir, RUN_FILE)
     if not os.path.isfile(path):
@@ -85,7 +75,7 @@ def check_workdir(workdir: str, identity: dict) -> None:
             raise WorkdirMismatch(f"{workdir} has checkpoints but no {RUN_FILE}: not a run "
                                   "this trainer can resume; use another --workdir")
         return
-    mine, theirs = _flatten(json.loads(json.dumps(identity))), _flatten(saved)
+    mine, theirs = flatten(json.loads(json.dumps(identity))), flatten(saved)
     diffs = [f"{k}={theirs.get(k)!r} (this config: {mine.get(k)!r})"
              for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if diffs:

@@ -28,7 +28,7 @@ import json
 import os
 import socket
 
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax.fileio import atomic_write, flatten, write_text
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -77,16 +77,6 @@ def lock(workdir: str):
 
 
 # -- The run record -----------------------------------------------------------------------------
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _harmless(field: str) -> bool:
     return any(field == h or field.startswith(h + ".") for h in HARMLESS)
 
