@@ -43,13 +43,12 @@ from jax.experimental import multihost_utils
 
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import data as data_lib
-from variator_jax import integrity, sharding
+from variator_jax import integrity, plugin_file, sharding
 from variator_jax import workdir as workdir_lib
 from variator_jax.convert import CheckpointError, load_hf_t5, save_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import glue_metric
 from variator_jax.model import forward
-from variator_jax import plugin_file
 from variator_jax.plugins import (PluginConfig, backbone_identity, fingerprint_of, init_plugin,
                                   load_plugin, plugin_param_count, save_plugin)
 from variator_jax.t5 import T5Config, init_t5, logical_axes
@@ -57,7 +56,7 @@ from variator_jax.t5 import T5Config, init_t5, logical_axes
 STAGES = ("finetune", "pretrain", "adapt")
 LOSSES = ("hidden", "task", "task+hidden")
 RESULT_FILE = "result.json"
-DIVERGED_DIR = "checkpoints_diverged"  # Checkpoints whose state gave a non-finite loss.
+DIVERGED_DIR = "checkpoints_diverged"  # Checkpoints whose state gave the first bad loss.
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -812,7 +811,9 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
     pending, logged = [], {}
     compiled, t0 = None, time.time()
     # The lowest loss so far: a loss `divergence_factor` times above it is a divergence.
-    best = [writer.lowest_loss() if jax.process_index() == 0 and start else None]
+    # (Not across a change of config: another loss or data has another scale.)
+    best = [writer.lowest_loss() if jax.process_index() == 0 and start and not run.changes
+            else None]
     if jax.process_count() > 1:  # Only process 0 reads metrics.jsonl.
         best = [float(multihost_utils.broadcast_one_to_all(
             np.float64(np.nan if best[0] is None else best[0])))]

@@ -41,7 +41,7 @@ DIVERGED_FILE = "diverged.json"
 # read only at step 0; a stage-0 config has its own workdir and record).
 HARMLESS = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every",
             "keep_checkpoints", "eval", "mesh", "backbone", "variant", "init_plugin",
-            "backbone_stage", "data.data_dir")
+            "backbone_stage", "data.data_dir", "divergence_factor")
 
 
 class WorkdirBusy(ValueError):
@@ -96,8 +96,10 @@ def read_json(path: str):
 def result_changes(old: dict, new: dict) -> dict[str, tuple]:
     """{field: (old value, new value)} over the result-changing fields of two config dicts."""
     a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if not _harmless(k) and a.get(k) != b.get(k)}
+    # A field only one side has is a field added (or dropped) by another version of this
+    # code, not a change the user made: an upgrade must not block resuming.
+    return {k: (a[k], b[k]) for k in sorted(set(a) & set(b))
+            if not _harmless(k) and a[k] != b[k]}
 
 
 def _fmt(changes: dict, limit: int = 3) -> str:
@@ -176,16 +178,10 @@ def check_diverged(workdir: str, config: dict) -> None:
         return
     if isinstance(record, dict) and isinstance(record.get("config"), dict) and not \
             result_changes(record["config"], config):
-        start = (f"resuming from step {record['last_good']}" if record.get("last_good")
-                 else "starting over")
+        good = record.get("last_good")
+        start = f"resuming from step {good}" if good else "starting over"
+        how = " and add --override=lr to resume from it" if good else ""
         raise RecordMismatch(
             f"this run diverged at step {record.get('step')} ({record.get('what')}) with this "
-            f"very config; {start} would diverge again. Lower config.lr (e.g. "
-            f"--config.lr={_lower(config.get('lr'))} --override=lr) or change the data")
-
-
-def _lower(lr) -> str:
-    try:
-        return f"{float(lr) / 10:g}"
-    except (TypeError, ValueError):
-        return "SMALLER"
+            f"very config; {start} would diverge again. Lower config.lr (now "
+            f"{config.get('lr')!r}){how}, or change the data")
