@@ -116,7 +116,7 @@ def add_eval_and_mesh(c):
     """The eval.py and mesh fields every training config shares (finetune.py too)."""
     # -- eval.py --------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
-    c.eval.plugins = ""  # Comma-separated plugin dirs; "" = WORKDIR/plugin (none for finetune).
+    c.eval.plugins = ""  # Comma-separated plugin dirs or training-free compressors (tome:4); "" = WORKDIR/plugin.
     c.eval.speed_repeats = 5  # Timed rounds per model; the median is reported.
 
     # -- Mesh -------------------------------------------------------------------------------------

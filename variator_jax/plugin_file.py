@@ -45,8 +45,14 @@ def check_config(config, path: str) -> dict:
     missing = [name for name in REQUIRED_FIELDS if name not in config]
     if missing:
         raise ValueError(f"{path}: not a valid plugin config: lacks field(s) {missing}")
+    compressor = config.get("compressor", "variator")
+    if not isinstance(compressor, str):
+        raise ValueError(f"{path}: field 'compressor' must be a string, got "
+                         f"{_describe(compressor)}")
     for name, (kind, what) in _CONFIG_TYPES.items():
         value = config[name]
+        if name == "d_model" and value is None and compressor != "variator":
+            continue  # A training-free compressor saved without a backbone: width unknown.
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if ok and kind is int:
             ok = value >= 1

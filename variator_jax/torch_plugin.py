@@ -180,6 +180,10 @@ def _read_config(plugin_dir):
     if config["scope"] != "ffn":
         raise ValueError(f"plugin scope {config['scope']!r} is not supported by the PyTorch "
                          "export path; only scope 'ffn' (DESIGN.md §1)")
+    if config.get("compressor", "variator") != "variator":
+        raise ValueError(f"{plugin_dir} holds the training-free {config['compressor']!r} "
+                         "compressor: attach_plugin runs Variator plugins only (the baselines "
+                         "run in JAX)")
     return config
 
 
