@@ -138,7 +138,8 @@ class Checkpointer:
         # host" can be a view of the very buffer the next step overwrites while the save is
         # still being written in the background.
         state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-        with _save_errors(self.directory, step):
+        # Quiet: orbax warns when the wait above was long, which `wait` has already done.
+        with _save_errors(self.directory, step), _absl_quiet():
             self._manager.save(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
 
