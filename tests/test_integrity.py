@@ -184,6 +184,9 @@ def test_4_run_record_refuses_records_and_extends(hf_dir, tmp_path):
     config_json = open(os.path.join(workdir, "config.json")).read()
     old_plugin = tu.read_plugin(first["plugin_dir"])
 
+    with pytest.raises(train_lib.UserError, match=r"finished at step 4 with another config: "
+                                                  r"batch_size 8 -> 16"):
+        _run(hf_dir, workdir, total_steps=4, batch_size=16)  # Not "nothing to do".
     with pytest.raises(train_lib.UserError, match=r"batch_size 8 -> 16.*--override=batch_size,"
                                                   r"total_steps"):
         _run(hf_dir, workdir, total_steps=8, batch_size=16)

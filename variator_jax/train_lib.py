@@ -460,7 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir = os.path.abspath(workdir)
     config = _run_backbone_stage(config, workdir)
     run = _prepare(config, workdir)
-    done = _finished_result(run)
+    with user_errors(""):
+        done = _finished_result(run)
     if done is not None:
         say(f"{workdir}: already trained to step {done['step']}; nothing to do")
         return done
@@ -694,6 +695,15 @@ def _finished_result(run: _Run) -> dict | None:
     out = result.get("plugin_dir") or result.get("backbone_dir")
     if result.get("step") != run.config.total_steps or not out or not os.path.isdir(out):
         return None
+    # Finished, but with another config: its result is not this config's result.
+    saved = workdir_lib.read_json(os.path.join(run.workdir, workdir_lib.CONFIG_FILE))
+    if isinstance(saved, dict):
+        changes = workdir_lib.result_changes(
+            saved, json.loads(run.config.to_json_best_effort()))
+        if changes:
+            raise UserError(f"{run.workdir} holds a run finished at step {result['step']} with "
+                            f"another config: {workdir_lib.describe(changes)}; use another "
+                            "--workdir (or extend this run: a larger total_steps and --override)")
     return result
 
 

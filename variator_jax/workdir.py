@@ -102,7 +102,7 @@ def result_changes(old: dict, new: dict) -> dict[str, tuple]:
             if not _harmless(k) and a[k] != b[k]}
 
 
-def _fmt(changes: dict, limit: int = 3) -> str:
+def describe(changes: dict, limit: int = 3) -> str:
     parts = [f"{k} {old!r} -> {new!r}" for k, (old, new) in list(changes.items())[:limit]]
     return "; ".join(parts) + (" ..." if len(changes) > limit else "")
 
@@ -131,7 +131,7 @@ def check_record(workdir: str, config: dict, resume_step: int, override=()) -> d
         names = ",".join(refused)
         raise RecordMismatch(
             f"{workdir} was trained to step {resume_step} with another config: "
-            f"{_fmt(refused)}. Resuming with it would change the run mid-way: pass "
+            f"{describe(refused)}. Resuming with it would change the run mid-way: pass "
             f"--override={names} to accept and record that, or use another --workdir")
     unknown = sorted(set(override) - set(changes) - set(flatten(config)))
     if unknown:
