@@ -523,13 +523,19 @@ def _accept(run: _Run, step: int) -> None:
         return
     workdir_lib.write_record(run.workdir, json.dumps(run.record, indent=2) + "\n",
                              run.changes, step)
+    if not 0 < step < run.config.total_steps:
+        return
+    try:  # The step the outputs are from (a corrupt final checkpoint may resume earlier).
+        finished = int(workdir_lib.read_json(os.path.join(run.workdir, RESULT_FILE))["step"])
+    except (ValueError, TypeError, KeyError):
+        finished = step
     for name in ("plugin", "backbone", RESULT_FILE):
         path = os.path.join(run.workdir, name)
-        if 0 < step < run.config.total_steps and os.path.exists(path):
+        if os.path.exists(path):
             stem, ext = os.path.splitext(name)
-            kept = os.path.join(run.workdir, f"{stem}_step{step}{ext}")
+            kept = os.path.join(run.workdir, f"{stem}_step{finished}{ext}")
             os.replace(path, kept)
-            say(f"Extending the finished run from step {step}: its {name} is kept as {kept}")
+            say(f"Extending the run finished at step {finished}: its {name} is kept as {kept}")
 
 
 def _run_backbone_stage(config, workdir: str):
