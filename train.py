@@ -7,6 +7,7 @@ Running the same command again resumes from RUN's latest checkpoint. Multi-host:
 --coordinator_address, --num_processes and --process_id to every process; on a TPU pod or
 under SLURM without them, jax.distributed.initialize() finds them itself.
 """
+import logging as py_logging
 import os
 import sys
 
@@ -68,6 +69,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
+    # orbax logs each failed background save with its tracebacks (hundreds of lines for a
+    # full disk); checkpoint.py reports every such failure as one line, so drop orbax's.
+    py_logging.getLogger("absl").addFilter(
+        lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     from variator_jax import host
     host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     _init_distributed()
