@@ -9,6 +9,7 @@ time in RUN/fit.json (variator_jax/fit.py); no weights needed. Multi-host: pass
 --coordinator_address, --num_processes and --process_id to every process; on a TPU pod or
 under SLURM without them, jax.distributed.initialize() finds them itself.
 """
+import logging as py_logging
 import os
 import sys
 
@@ -23,6 +24,8 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.DEFINE_bool("dry_run", False, "Compile the train step against abstract parameters, print "
                   "per-device memory and compile time, write WORKDIR/fit.json; train nothing.")
+flags.DEFINE_list("override", [], "Config fields a resume may change (e.g. lr,total_steps); "
+                  "each change is recorded in WORKDIR/changes.jsonl.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -70,6 +73,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
+    # orbax logs each failed background save with its tracebacks (hundreds of lines for a
+    # full disk); checkpoint.py reports every such failure as one line, so drop orbax's.
+    py_logging.getLogger("absl").addFilter(
+        lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     from variator_jax import host
     host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     _init_distributed()
@@ -79,9 +86,16 @@ def main(argv):
             from variator_jax import fit
             fit.dry_run(FLAGS.config, FLAGS.workdir)
             return
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, override=FLAGS.override)
+    except train_lib.Interrupted as e:  # A checkpoint was saved: not an error.
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(128 + e.signum)
     except train_lib.UserError as e:
         _fail(str(e))
+    except KeyboardInterrupt:  # Before training started (or a second Ctrl-C): nothing saved.
+        print("interrupted before a step was trained; run the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -150,14 +150,15 @@ def test_one_device_and_a_4x2_mesh_train_the_same_plugin(hf_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(hf_dir, tmp_path):
+    """lr 1e30: the loss of step 1 is finite, but the parameters after it are not usable
+    (their squared norm overflows float32): no checkpoint may call itself good."""
     config = tu.tiny_plugin_config(hf_dir, lr=1e30, warmup_steps=0, log_every=1,
                                    checkpoint_every=1, keep_checkpoints=5)
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train_lib.NonFiniteLoss, match="last good checkpoint is step") as err:
+    with pytest.raises(train_lib.NonFiniteLoss, match="no checkpoint was saved") as err:
         train_lib.train_and_evaluate(config, workdir)
-    bad_step = int(str(err.value).split(" at step ")[1].split(":")[0])
-    saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-    assert saved and saved[-1] == bad_step - 1, (saved, str(err.value))
+    assert "parameters after step 1 are not finite" in str(err.value)
+    assert not [s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     assert not os.path.exists(os.path.join(workdir, "plugin"))
 
 
@@ -200,7 +201,8 @@ def test_cli_bad_input_is_one_line_without_traceback(hf_dir, tmp_path):
         "empty corpus": [ok_backbone, f"--config.data.train=text:{empty}"],
         "unknown data source scheme 'ftp'": [ok_backbone, "--config.data.train=ftp:x"],
         "unknown task 'nope'": [ok_backbone, "--config.task=nope"],
-        "cannot be restored": [ok_backbone, "--config.total_steps=8", f"--workdir={broken}"],
+        "cannot be restored": [ok_backbone, "--config.total_steps=8", "--override=total_steps",
+                               f"--workdir={broken}"],
         "no config field 'nope'": [ok_backbone, "--config.nope=1"],
     }
     procs = {}

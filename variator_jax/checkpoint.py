@@ -8,7 +8,10 @@ its identity in `WORKDIR/run.json`, which also pins the plugin's shape. A workdi
 
 orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact (and the temporary one is removed on
-the next start).
+the next start). Once a save has completed, a manifest of its files' SHA-256
+(`integrity.write_manifest`) is written into it; `restore_latest` checks it first, and a
+corrupt newest checkpoint is named, moved to `WORKDIR/checkpoints_corrupt/` (kept, not
+deleted) and the previous one restored instead.
 
 Example:
   >>> check_workdir(workdir, identity)          # raises WorkdirMismatch, writes nothing
@@ -22,16 +25,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+import re
+import shutil
+from typing import Any, Callable
 
 import jax
 from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax import integrity
+from variator_jax.fileio import atomic_write, flatten, write_text
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
 
 
 class WorkdirMismatch(ValueError):
@@ -43,16 +50,6 @@ class RestoreError(ValueError):
 
 
 # -- The run's identity -----------------------------------------------------------------------
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def read_identity(workdir: str) -> dict | None:
     path = os.path.join(workdir, RUN_FILE)
     if not os.path.isfile(path):
@@ -78,7 +75,7 @@ def check_workdir(workdir: str, identity: dict) -> None:
             raise WorkdirMismatch(f"{workdir} has checkpoints but no {RUN_FILE}: not a run "
                                   "this trainer can resume; use another --workdir")
         return
-    mine, theirs = _flatten(json.loads(json.dumps(identity))), _flatten(saved)
+    mine, theirs = flatten(json.loads(json.dumps(identity))), flatten(saved)
     diffs = [f"{k}={theirs.get(k)!r} (this config: {mine.get(k)!r})"
              for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
     if diffs:
@@ -93,6 +90,15 @@ def claim_workdir(workdir: str, identity: dict) -> None:
         os.makedirs(workdir, exist_ok=True)
         atomic_write(workdir, RUN_FILE,
                      lambda tmp: write_text(tmp, json.dumps(identity, indent=2) + "\n"))
+
+
+def finished_steps(workdir: str) -> list[int]:
+    """Steps of the checkpoints orbax has committed in `workdir` (no orbax manager needed)."""
+    root = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(s) for s in os.listdir(root) if s.isdigit()
+                  and os.path.exists(os.path.join(root, s, "_CHECKPOINT_METADATA")))
 
 
 @contextlib.contextmanager
@@ -125,34 +131,149 @@ class Checkpointer:
             return self._manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict) -> None:
+        # orbax's save waits for the previous one anyway: wait here, so that its manifest
+        # (and any error of its background write) comes first.
+        self.wait()
         # Save a private copy: the train step donates `state`, and on CPU orbax's "copy to
         # host" can be a view of the very buffer the next step overwrites while the save is
         # still being written in the background.
         state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
-        self._manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+        # Quiet: orbax warns when the wait above was long, which `wait` has already done.
+        with _save_errors(self.directory, step), _absl_quiet():
+            self._manager.save(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+    def check_for_errors(self) -> None:
+        """Raises `SaveError` if a background save has failed (a full disk, say), so that
+        training stops at once instead of running on without checkpoints."""
+        with _save_errors(self.directory, None):
+            self._manager.check_for_errors()
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _write_manifests(self) -> None:
+        """A manifest in every finished checkpoint that lacks one (process 0)."""
+        if jax.process_index() != 0:
+            return
+        for step in self._manager.all_steps():
+            path = self._step_dir(step)
+            if os.path.isdir(path) and not integrity.has_manifest(path):
+                with _save_errors(self.directory, step):
+                    integrity.write_manifest(path)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """`abstract_state`: the state's tree of `jax.ShapeDtypeStruct`s with shardings; the
         restored arrays come back with exactly those shardings."""
+        where = self._step_dir(step)
+        problem = integrity.verify_manifest(where)
+        if problem:
+            raise RestoreError(f"checkpoint {where} cannot be restored: {problem} (corrupt); "
+                               "delete that directory to resume from an earlier checkpoint, or "
+                               "use another --workdir")
         try:
             with _absl_quiet():  # orbax logs each failure itself; we report it once, below.
                 restored = self._manager.restore(int(step), args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         except Exception as e:  # orbax, tensorstore and json each raise their own types.
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise RestoreError(
-                f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored "
-                f"({type(e).__name__}: {first}); delete that directory to resume from an "
-                "earlier checkpoint, or use another --workdir") from None
+                f"checkpoint {where} cannot be restored ({_clean(e)}); "
+                "delete that directory to resume from an earlier checkpoint, or use another "
+                "--workdir") from None
         if not isinstance(restored.data, dict):
-            raise RestoreError(f"checkpoint {os.path.join(self.directory, str(step))} has no "
-                               "data position; delete it or use another --workdir")
+            raise RestoreError(f"checkpoint {where} has no data position; delete it or use "
+                               "another --workdir")
         return restored.state, restored.data
 
-    def wait(self) -> None:
+    def restore_latest(self, abstract_state: Any, say: Callable[[str], None] = print
+                       ) -> tuple[int, Any, dict] | None:
+        """Restores the newest checkpoint that passes its checks -> (step, state, data
+        state), or None if there is none. A newer one that fails is named (`say`) and moved
+        to `WORKDIR/checkpoints_corrupt/STEP`; if no earlier one is left, its RestoreError
+        is raised instead and it stays where it is."""
+        steps = sorted(self._manager.all_steps())
+        while steps:
+            step = steps.pop()
+            try:
+                return (step,) + self.restore(step, abstract_state)
+            except RestoreError as e:
+                if not steps:
+                    raise
+                aside = self.set_aside(step, CORRUPT_DIR)
+                detail = str(e).split(" cannot be restored", 1)[-1].split("; delete", 1)[0]
+                say(f"checkpoint {self._step_dir(step)} cannot be restored{detail}; moved to "
+                    f"{aside}; falling back to step {steps[-1]}")
+        return None
+
+    def set_aside(self, step: int, folder: str) -> str:
+        """Moves checkpoint `step` out of orbax's sight, to `WORKDIR/FOLDER/STEP` (kept for
+        inspection, never deleted) -> that path. All processes call it."""
+        aside = os.path.join(os.path.dirname(self.directory), folder, str(step))
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            if os.path.exists(aside):
+                shutil.rmtree(aside)
+            os.replace(self._step_dir(step), aside)
+        _sync("variator_jax:set_aside")
+        self._manager.reload()
+        return aside
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def wait(self) -> None:
+        with _save_errors(self.directory, None):
+            self._manager.wait_until_finished()
+        self._write_manifests()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+class SaveError(OSError):
+    """A checkpoint could not be written (disk full, permissions, ...)."""
+
+
+def _clean(e: BaseException) -> str:
+    """The innermost reason of an error (orbax wraps tensorstore's), first line only, without
+    the object reprs orbax appends, at most 300 characters."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = re.sub(r"\s*See full TensorStore details.*|<bound method.*|<[^<>]*>", "", text)
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _errno_text(e: BaseException) -> str:
+    """The OS error behind `e`, if any (orbax wraps them; tensorstore quotes them)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"[Errno {seen.errno}] {seen.strerror}"
+        seen = seen.__cause__ or seen.__context__
+    match = re.search(r"No space left on device|Permission denied|Read-only file system|"
+                      r"Disk quota exceeded", str(e))
+    return match.group(0) if match else _clean(e)
+
+
+@contextlib.contextmanager
+def _save_errors(directory: str, step: int | None):
+    try:
+        yield
+    except SaveError:
+        raise
+    except Exception as e:  # orbax's background errors come back with its own types.
+        what = f"checkpoint {step}" if step is not None else "a checkpoint"
+        raise SaveError(f"cannot save {what} in {directory}: {_errno_text(e)}; the checkpoints "
+                        "saved before are intact: fix this and run the same command to "
+                        "resume") from None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -128,11 +128,7 @@ def torch_load_weights_only(file: str) -> dict:
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
             raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint ({e})") from None
-        culprit = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(
-            f"{file}: refusing to load: this pickle is not weights-only loadable (it needs "
-            f"{culprit.group(1) if culprit else 'an unsupported object'}); nothing in it was run. "
-            "Re-save it as a plain state dict of tensors") from None
+        raise CheckpointError(f"{file}: {_torch_load_problem(e)}") from None
     except PermissionError as e:
         raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
     except Exception as e:  # zip and pickle readers raise RuntimeError, EOFError, KeyError, ...
@@ -142,6 +138,21 @@ def torch_load_weights_only(file: str) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: not a state dict (a flat mapping from names to tensors)")
     return state
+
+
+def _torch_load_problem(e: BaseException) -> str:
+    """One plain line for torch.load's error: its messages run over many lines, some with
+    ANSI colour codes, and the reason of a weights-only refusal sits in the middle."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(e))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "weights only load failed" in text.lower():
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln),
+                      lines[-1] if lines else type(e).__name__)
+        return (f"refused: it holds pickled Python objects, not only tensors ({reason.rstrip('.')})"
+                ": not weights-only loadable, and nothing in it was run (unpickling it could run "
+                "code). Use a safetensors copy of this checkpoint, or re-save it as a plain state "
+                "dict of tensors")
+    return f"cannot read PyTorch checkpoint ({type(e).__name__}: {lines[0] if lines else ''})"
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], Callable[[str], dict]]:

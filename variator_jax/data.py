@@ -23,7 +23,6 @@ random access to large files is `corpus.py`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re

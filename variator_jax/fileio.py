@@ -27,6 +27,17 @@ def write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def get_path(tree, path):
     for p in path:
         tree = tree[p]

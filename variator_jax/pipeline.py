@@ -36,7 +36,7 @@ from __future__ import annotations
 import atexit
 import json
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import grain
 import numpy as np

@@ -33,6 +33,30 @@ _T5_V1_1 = {  # t5-v1_1-* and flan-t5-* share these sizes.
 }
 
 
+# config.json fields whose JSON type must be exact ("d_model": "64" is refused, not guessed).
+_HF_INT = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
+           "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance")
+_HF_TYPES = {**{k: (int, "an integer") for k in _HF_INT},
+             "dropout_rate": ((int, float), "a number"),
+             "layer_norm_epsilon": ((int, float), "a number"),
+             "feed_forward_proj": (str, "a string"),
+             "tie_word_embeddings": (bool, "true or false")}
+
+
+def _check_hf_types(d, where: str) -> None:
+    """Raises a one-line ValueError unless `d` is a JSON object with well-typed fields."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}/config.json is not a T5 config: a JSON object is expected, "
+                         f"got a JSON {type(d).__name__}")
+    for key, (kind, what) in _HF_TYPES.items():
+        value = d.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ValueError(f"{where}/config.json: {key} must be {what}, got "
+                             f"{json.dumps(value)} ({type(value).__name__})")
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """T5 hyper-parameters; field names follow HF `T5Config`.
@@ -126,6 +150,7 @@ class T5Config:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
             name = os.path.abspath(os.path.dirname(path))
+        _check_hf_types(d, name or "config")
         model_type = d.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
             raise ValueError(f"config model_type is {model_type!r}, not a T5 (expected 't5' or 'mt5')")

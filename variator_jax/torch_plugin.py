@@ -28,16 +28,14 @@ Example (JAX-trained backbone and plugin -> PyTorch compressed model):
 Only `safetensors` and JSON are read: loading a plugin never runs code.
 """
 import dataclasses
-import json
-import os
 
-import safetensors.torch
 import torch
 from torch import nn
 
-PLUGIN_WEIGHTS = "plugin.safetensors"
-PLUGIN_CONFIG = "plugin_config.json"
-_REQUIRED_FIELDS = ("ratio", "bottleneck", "mask_aware", "scope", "d_model", "num_layers")
+from variator_jax import plugin_file
+
+PLUGIN_WEIGHTS = plugin_file.PLUGIN_FILE
+PLUGIN_CONFIG = plugin_file.CONFIG_FILE
 _STATE_ATTR = "_variator_plugin"  # where an attached model keeps what detach needs
 
 
@@ -178,11 +176,7 @@ def _layer_shapes(d_model, ratio, bottleneck):
 
 
 def _read_config(plugin_dir):
-    with open(os.path.join(plugin_dir, PLUGIN_CONFIG), encoding="utf-8") as f:
-        config = json.load(f)
-    missing = [name for name in _REQUIRED_FIELDS if name not in config]
-    if missing:
-        raise ValueError(f"{PLUGIN_CONFIG} in {plugin_dir} lacks field(s) {missing}")
+    config = plugin_file.read_config(plugin_dir)  # Exact types: "false" is not False.
     if config["scope"] != "ffn":
         raise ValueError(f"plugin scope {config['scope']!r} is not supported by the PyTorch "
                          "export path; only scope 'ffn' (DESIGN.md §1)")
@@ -190,9 +184,6 @@ def _read_config(plugin_dir):
         raise ValueError(f"{plugin_dir} holds the training-free {config['compressor']!r} "
                          "compressor: attach_plugin runs Variator plugins only (the baselines "
                          "run in JAX)")
-    for name in ("ratio", "bottleneck", "d_model", "num_layers"):
-        if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 1:
-            raise ValueError(f"plugin {name} must be a positive integer, got {config[name]!r}")
     return config
 
 
@@ -207,7 +198,8 @@ def _check_against_model(config, hf_model):
 
 def _read_layers(plugin_dir, config):
     """plugin.safetensors -> per-layer {name: tensor}, strict about keys and shapes."""
-    tensors = safetensors.torch.load_file(os.path.join(plugin_dir, PLUGIN_WEIGHTS))
+    # float32 and finite, or a one-line error naming the path and the key.
+    tensors = {k: torch.from_numpy(v) for k, v in plugin_file.read_tensors(plugin_dir).items()}
     shapes = _layer_shapes(config["d_model"], config["ratio"], config["bottleneck"])
     expected = {f"encoder.block.{i}.plugin.{name}": shape
                 for i in range(config["num_layers"]) for name, shape in shapes.items()}

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import signal
 import socket
 import time
 from typing import Any, Callable
@@ -42,19 +43,21 @@ from jax.experimental import multihost_utils
 
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import data as data_lib
-from variator_jax import host, pipeline, sharding
+from variator_jax import host, integrity, pipeline, plugin_file, sharding
+from variator_jax import workdir as workdir_lib
 from variator_jax.convert import CheckpointError, load_hf_t5, save_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import glue_metric
 from variator_jax.model import apply_forward as forward  # Un-jitted: steps jit as a whole.
-from variator_jax.plugins import (Plugin, PluginConfig, backbone_identity, init_plugin,
-                                  load_plugin, plugin_param_count, save_plugin)
+from variator_jax.plugins import (Plugin, PluginConfig, backbone_identity, fingerprint_of,
+                                  init_plugin, load_plugin, plugin_param_count, save_plugin)
 from variator_jax.plugins import logical_axes as plugin_logical_axes
 from variator_jax.t5 import T5Config, init_t5, logical_axes
 
 STAGES = ("finetune", "pretrain", "adapt")
 LOSSES = ("hidden", "task", "task+hidden")
 RESULT_FILE = "result.json"
+DIVERGED_DIR = "checkpoints_diverged"  # Checkpoints whose state gave the first bad loss.
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -65,6 +68,19 @@ class UserError(Exception):
 
 class NonFiniteLoss(UserError):
     """Training diverged; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, step: int = 0, last_good: int | None = None,
+                 what: str = ""):
+        super().__init__(message)
+        self.step, self.last_good, self.what = step, last_good, what
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM: a checkpoint was saved, the same command resumes."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 # Exceptions that, raised while reading the user's config, files and data, mean bad input.
@@ -331,19 +347,26 @@ class MetricWriter:
         """A run resumed from step s repeats the steps after s: drop their old lines."""
         if not os.path.isfile(self._path):
             return
-        with open(self._path) as f:
-            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        kept = [ln for ln, parsed in _read_jsonl(self._path)
+                if parsed is not None and parsed.get("step", 0) <= resume_step]
         with open(self._path, "w") as f:
-            f.writelines(lines)
+            f.writelines(kept)
 
     def last(self) -> dict[str, float]:
         """The last training line written (what a resumed-at-the-end run reports)."""
         if not os.path.isfile(self._path):
             return {}
-        with open(self._path) as f:
-            lines = [json.loads(ln) for ln in f if ln.strip()]
+        lines = [parsed for _, parsed in _read_jsonl(self._path) if parsed is not None]
         train = [ln for ln in lines if "loss" in ln]
         return {k: v for k, v in train[-1].items() if k != "step"} if train else {}
+
+    def lowest_loss(self) -> float | None:
+        """The lowest training loss logged so far (a resumed run's yardstick for spikes)."""
+        if not os.path.isfile(self._path):
+            return None
+        losses = [p["loss"] for _, p in _read_jsonl(self._path)
+                  if p is not None and isinstance(p.get("loss"), (int, float))]
+        return min(losses) if losses else None
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self._enabled:
@@ -362,6 +385,23 @@ class MetricWriter:
     def close(self) -> None:
         if self._events is not None:
             self._events.close()
+
+
+def _read_jsonl(path: str) -> list[tuple[str, dict | None]]:
+    """(line, parsed object or None) for each non-blank line; a line cut short by a crash or
+    a full disk parses to None (and is then dropped, not fatal)."""
+    out = []
+    with open(path) as f:
+        for ln in f:
+            if not ln.strip():
+                continue
+            try:
+                parsed = json.loads(ln)
+            except ValueError:
+                parsed = None
+            out.append((ln if ln.endswith("\n") else ln + "\n",
+                        parsed if isinstance(parsed, dict) else None))
+    return out
 
 
 def _format_duration(seconds: float) -> str:
@@ -408,35 +448,106 @@ class _Run:
     host_backbone: Any  # numpy tree from disk, or None (random init, `finetune` only).
     backbone_id: dict  # Name, sizes and fingerprint, recorded with the plugin.
     identity: dict  # What must match to resume in this workdir (run.json).
+    record: dict | None = None  # The config as JSON (config.json), once accepted.
+    changes: dict = dataclasses.field(default_factory=dict)  # Overridden fields, accepted.
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       override=()) -> dict:
     """Trains as `config` says, in `workdir`; resumes from the latest checkpoint there.
+
+    One run per workdir (a lock; a second one raises `UserError` naming the holder's PID).
+    A resume whose result-changing fields (lr, schedule, batch, total_steps, data, ...)
+    differ from the run's `config.json` is refused, unless each changed field is named in
+    `override`; accepted changes go to `WORKDIR/changes.jsonl` with the step they start at.
 
     Returns (and writes to `WORKDIR/result.json`): `stage`, `step`, `train` (the last logged
     training metrics), `eval` (final eval metrics, if `data.eval` is set), and `plugin_dir`
-    (plugin stages) or `backbone_dir` (`finetune`). Raises `UserError` for bad input.
+    (plugin stages) or `backbone_dir` (`finetune`). Raises `UserError` for bad input, and
+    `Interrupted` after saving a checkpoint on SIGINT / SIGTERM.
     """
     workdir = os.path.abspath(workdir)
     config = _run_backbone_stage(config, workdir)
     run = _prepare(config, workdir)
-    done = _finished_result(run)
+    with user_errors(""):
+        done = _finished_result(run)
     if done is not None:
         say(f"{workdir}: already trained to step {done['step']}; nothing to do")
         return done
     _prepare_data(run)
-    ckpt_lib.claim_workdir(workdir, run.identity)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    with _os_errors(), _locked(workdir):
+        with user_errors(""):
+            ckpt_lib.check_workdir(workdir, run.identity)  # Again, now that no one else writes.
+            done = _finished_result(run)
+            if done is not None:
+                say(f"{workdir}: already trained to step {done['step']}; nothing to do")
+                return done
+            run.record = json.loads(config.to_json_best_effort())
+            workdir_lib.check_diverged(workdir, run.record)
+            run.changes = workdir_lib.check_record(
+                workdir, run.record, max(ckpt_lib.finished_steps(workdir), default=0),
+                override)
+            ckpt_lib.claim_workdir(workdir, run.identity)
+        checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+        try:
+            return _train(run, checkpointer)
+        except NonFiniteLoss as e:
+            if jax.process_index() == 0:
+                workdir_lib.mark_diverged(workdir, run.record, e.step, e.last_good, e.what)
+            raise
+        finally:
+            checkpointer.close()
+
+
+@contextlib.contextmanager
+def _locked(workdir: str):
+    """The workdir's lock, held by process 0 (one run per workdir, workdir.py)."""
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            with user_errors(""):  # WorkdirBusy: one line naming the holder.
+                stack.enter_context(workdir_lib.lock(workdir))
+        yield
+
+
+@contextlib.contextmanager
+def _os_errors():
+    """A file that cannot be read or written (read-only, full disk, ...) -> one line naming
+    it; the checkpoints saved before stay intact."""
     try:
-        return _train(run, checkpointer)
-    finally:
-        checkpointer.close()
+        yield
+    except UserError:
+        raise
+    except ckpt_lib.SaveError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise UserError(f"{where}{e.strerror or e}; the checkpoints saved so far are intact: "
+                        "fix this and run the same command to resume") from None
+
+
+def _accept(run: _Run, step: int) -> None:
+    """The start is accepted (checkpoint restored or fresh state made): only now is the run
+    record written. Extending a finished run keeps its old output and result aside."""
+    if jax.process_index() != 0:
+        return
+    workdir_lib.write_record(run.workdir, json.dumps(run.record, indent=2) + "\n",
+                             run.changes, step)
+    if not 0 < step < run.config.total_steps:
+        return
+    try:  # The step the outputs are from (a corrupt final checkpoint may resume earlier).
+        finished = int(workdir_lib.read_json(os.path.join(run.workdir, RESULT_FILE))["step"])
+    except (ValueError, TypeError, KeyError):
+        finished = step
+    for name in ("plugin", "backbone", RESULT_FILE):
+        path = os.path.join(run.workdir, name)
+        if os.path.exists(path):
+            stem, ext = os.path.splitext(name)
+            kept = os.path.join(run.workdir, f"{stem}_step{finished}{ext}")
+            os.replace(path, kept)
+            say(f"Extending the run finished at step {finished}: its {name} is kept as {kept}")
 
 
 def _run_backbone_stage(config, workdir: str):
@@ -474,8 +585,9 @@ def check_config(config, backbone_pending: bool = False) -> None:
         if not isinstance(config[name], int) or config[name] < 1:
             raise UserError(f"config.{name} must be a positive integer, got {config[name]!r}")
     for name in ("lr", "warmup_steps", "weight_decay", "clip_grad"):
-        if config[name] < 0:
-            raise UserError(f"config.{name} must be >= 0, got {config[name]!r}")
+        # Finite in float32, where the optimizer computes: 1e39 is inf there.
+        if not plugin_file.is_finite_number(config[name]) or config[name] < 0:
+            raise UserError(f"config.{name} must be a finite number >= 0, got {config[name]!r}")
     for name in ("train", "eval"):
         spec = config.data.get(name)
         if spec or name == "train":
@@ -525,6 +637,13 @@ def _prepare(config, workdir: str) -> _Run:
         identity["plugin"] = dict(ratio=pcfg.ratio, bottleneck=pcfg.bottleneck,
                                   mask_aware=pcfg.mask_aware)
     with user_errors(""):
+        saved = (ckpt_lib.read_identity(workdir) or {}).get("backbone")
+        if isinstance(saved, dict) and "fingerprint_version" not in saved and host_backbone \
+                is not None and "fingerprint_version" in identity["backbone"]:
+            # A workdir from before fingerprint version 2: compare the way it was recorded.
+            identity["backbone"] = dict(identity["backbone"],
+                                        fingerprint=fingerprint_of(saved, host_backbone))
+            del identity["backbone"]["fingerprint_version"]
         ckpt_lib.check_workdir(workdir, identity)
     return _Run(config, workdir, mesh, rules, tokenizer, cfg, pcfg, setup, host_backbone,
                 backbone_id, identity)
@@ -605,6 +724,15 @@ def _finished_result(run: _Run) -> dict | None:
     out = result.get("plugin_dir") or result.get("backbone_dir")
     if result.get("step") != run.config.total_steps or not out or not os.path.isdir(out):
         return None
+    # Finished, but with another config: its result is not this config's result.
+    saved = workdir_lib.read_json(os.path.join(run.workdir, workdir_lib.CONFIG_FILE))
+    if isinstance(saved, dict):
+        changes = workdir_lib.result_changes(
+            saved, json.loads(run.config.to_json_best_effort()))
+        if changes:
+            raise UserError(f"{run.workdir} holds a run finished at step {result['step']} with "
+                            f"another config: {workdir_lib.describe(changes)}; use another "
+                            "--workdir (or extend this run: a larger total_steps and --override)")
     return result
 
 
@@ -698,12 +826,13 @@ def _train(run: _Run, checkpointer: ckpt_lib.Checkpointer) -> dict:
     abstract, state_shardings, make_state = _initial_state(
         run, tx, backbone if run.pcfg is None else None)
     if start:
-        with user_errors(""):
-            state, data_state = checkpointer.restore(start, abstract)
+        with user_errors(""):  # A corrupt newest checkpoint falls back to the one before.
+            start, state, data_state = checkpointer.restore_latest(abstract, say)
             run.train_data.set_state(data_state)
         say(f"Resumed from {checkpointer.directory}/{start}")
     else:
         state = make_state()
+    _accept(run, start)
     del backbone  # Fine-tuning: donated into the state; plugin stages keep it as `frozen`.
     step_fn = make_train_step(run.setup, tx, schedule, run.mesh, state_shardings,
                               None if frozen is None else backbone_shardings, run.rules)
@@ -722,49 +851,139 @@ def _loop(run: _Run, state, frozen, step_fn, checkpointer, writer, start: int):
     last_good = start or None
     pending, logged = [], {}
     compiled, t0 = None, time.time()
-    for step in range(start, total):
-        with user_errors(f"data.train {config.data.train}"):  # A bad record stops the run.
-            local = next(run.train_data)
-        batch = sharding.global_batch(run.mesh, local, run.rules)
-        if compiled is None:  # Compile ahead, so the first window's speed is the step's.
-            tic = time.time()
-            compiled = step_fn.lower(state, batch, frozen).compile()
-            say(f"Compiled the train step in {time.time() - tic:.1f}s; training steps "
-                f"{start + 1}..{total}")
-            t0, since = time.time(), step
-        state, metrics = compiled(state, batch, frozen)
-        pending.append(metrics)
-        done = step + 1
-        if done % config.log_every == 0 or done == total:
-            logged = _mean(jax.device_get(pending))
-            _check_finite(logged, done, last_good, checkpointer)
-            elapsed = max(time.time() - t0, 1e-9)
-            logged["steps_per_sec"] = (done - since) / elapsed
-            logged["tokens_per_sec"] = logged.pop("tokens") * (done - since) / elapsed
-            writer.write(done, logged)
-            say(progress_line(done, total, logged))
-            pending, t0, since = [], time.time(), done
-        if done % config.checkpoint_every == 0 or done == total:
-            _check_finite(_mean(jax.device_get([metrics])), done, last_good, checkpointer)
-            checkpointer.save(done, state, pipeline.gather_state(run.train_data.get_state()))
-            last_good = done
-        if config.get("eval_every") and done % config.eval_every == 0 and done < total:
-            _evaluate(run, state.params, frozen, writer, done)
+    # The lowest loss so far: a loss `divergence_factor` times above it is a divergence.
+    # (Not across a change of config: another loss or data has another scale.)
+    best = [writer.lowest_loss() if jax.process_index() == 0 and start and not run.changes
+            else None]
+    if jax.process_count() > 1:  # Only process 0 reads metrics.jsonl.
+        best = [float(multihost_utils.broadcast_one_to_all(
+            np.float64(np.nan if best[0] is None else best[0])))]
+        best = [None if math.isnan(best[0]) else best[0]]
+    check = functools.partial(_check_finite, best=best,
+                              factor=float(config.get("divergence_factor", 1e3)))
+    with _StopRequests() as stop:
+        for step in range(start, total):
+            with user_errors(f"data.train {config.data.train}"):  # A bad record stops the run.
+                local = next(run.train_data)
+            batch = sharding.global_batch(run.mesh, local, run.rules)
+            if compiled is None:  # Compile ahead, so the first window's speed is the step's.
+                tic = time.time()
+                compiled = step_fn.lower(state, batch, frozen).compile()
+                say(f"Compiled the train step in {time.time() - tic:.1f}s; training steps "
+                    f"{start + 1}..{total}")
+                t0, since = time.time(), step
+            state, metrics = compiled(state, batch, frozen)
+            pending.append(metrics)
+            done = step + 1
+            checkpointer.check_for_errors()  # A failed background save stops training now.
+            if done % config.log_every == 0 or done == total:
+                window = jax.device_get(pending)
+                check(window, done, last_good, checkpointer)
+                logged = _mean(window)
+                elapsed = max(time.time() - t0, 1e-9)
+                logged["steps_per_sec"] = (done - since) / elapsed
+                logged["tokens_per_sec"] = logged.pop("tokens") * (done - since) / elapsed
+                writer.write(done, logged)
+                say(progress_line(done, total, logged))
+                pending, t0, since = [], time.time(), done
+            signum = stop.requested(done % config.log_every == 0)
+            if done % config.checkpoint_every == 0 or done == total or signum:
+                check(jax.device_get([metrics]), done, last_good, checkpointer)
+                _check_state(state, done, last_good, checkpointer)
+                checkpointer.save(done, state, pipeline.gather_state(run.train_data.get_state()))
+                last_good = done
+            if signum and done < total:
+                checkpointer.wait()
+                raise Interrupted(f"interrupted at step {done}; run the same command to "
+                                  "resume", signum)
+            if config.get("eval_every") and done % config.eval_every == 0 and done < total:
+                _evaluate(run, state.params, frozen, writer, done)
     return state, logged
+
+
+class _StopRequests:
+    """SIGINT / SIGTERM while training: remembered, and acted on at the end of the step (a
+    checkpoint, then `Interrupted`). A second signal of the same kind acts at once, as usual.
+    Multi-host: each host may get the signal at another step, so hosts agree (an all-gather)
+    at log steps only."""
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self._got, self._old = 0, {}
+        try:
+            for sig in self._SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            self._old = {}
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self._got = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # The next one kills.
+
+    def requested(self, sync_point: bool) -> int:
+        """The signal number to stop for (0: none), the same on every process."""
+        if jax.process_count() == 1:
+            return self._got
+        if not sync_point:
+            return 0
+        return int(np.max(multihost_utils.process_allgather(np.int32(self._got))))
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 def _mean(metrics: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
 
 
-def _check_finite(scalars: dict, step: int, last_good: int | None, checkpointer) -> None:
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(scalars[k])]
-    if bad:
-        checkpointer.wait()
-        keep = (f"the last good checkpoint is step {last_good} in {checkpointer.directory}"
-                if last_good else "no checkpoint was saved")
-        raise NonFiniteLoss(f"{bad[0]} is {scalars[bad[0]]} at step {step}: training diverged "
-                            f"and stopped; {keep} (lower config.lr or check the data)")
+def _diverged(what: str, step: int, last_good: int | None, checkpointer,
+              first_bad: int | None = None) -> NonFiniteLoss:
+    """The error to raise; a checkpoint whose state gave the first non-finite loss (step
+    `first_bad`) is not good after all: it is set aside, and the one before is the last good."""
+    checkpointer.wait()
+    if last_good and first_bad is not None and last_good >= first_bad - 1:
+        aside = checkpointer.set_aside(last_good, DIVERGED_DIR)
+        say(f"checkpoint {last_good} gave a non-finite loss at the next step: moved to {aside}")
+        last_good = max(checkpointer.all_steps(), default=None)
+    keep = (f"the last good checkpoint is step {last_good} in {checkpointer.directory}: "
+            f"lower config.lr and rerun with --override=lr to resume from it"
+            if last_good else "no checkpoint was saved: lower config.lr and rerun")
+    return NonFiniteLoss(f"{what}: training diverged and stopped at step {step}; {keep} "
+                         "(or check the data)", step, last_good, what)
+
+
+def _check_finite(window: list[dict], step: int, last_good: int | None, checkpointer,
+                  best: list, factor: float) -> None:
+    """`window`: the metrics of steps step-len(window)+1 .. step (loss and grad_norm are
+    computed from the state before each step's update). Diverged: a non-finite loss or
+    gradient norm, or a loss `factor` times the lowest so far (`best[0]`, updated here): a
+    state blown up to 1e9 is finite, and training on from it only looks like training."""
+    for i, scalars in enumerate(window):
+        first_bad = step - len(window) + 1 + i
+        bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(scalars[k]))]
+        if bad:
+            raise _diverged(f"{bad[0]} is {float(scalars[bad[0]])} at step {first_bad}",
+                            step, last_good, checkpointer, first_bad)
+        loss = float(scalars["loss"])
+        if factor > 0 and best[0] is not None and loss > factor * max(best[0], 1e-8):
+            raise _diverged(f"the loss jumped to {loss:.3g} at step {first_bad}, "
+                            f"{loss / max(best[0], 1e-8):.3g} times the lowest so far "
+                            f"({best[0]:.3g})", step, last_good, checkpointer, first_bad)
+        best[0] = loss if best[0] is None else min(best[0], loss)
+
+
+def _check_state(state, step: int, last_good: int | None, checkpointer) -> None:
+    """The state about to be saved (after the step's update) must be one training can go
+    on from: finite, parameters of finite float32 norm. Else it is not saved."""
+    if not (integrity.tree_is_finite(state.params)
+            and integrity.tree_is_finite(state.opt_state, bounded=False)):
+        raise _diverged(f"the parameters after step {step} are not finite (or overflow "
+                        "float32)", step, last_good, checkpointer)
 
 
 def _evaluate(run: _Run, params, frozen, writer, step: int) -> dict[str, float]:

@@ -1,0 +1,127 @@
+"""Checks that what a run saves and loads is what it claims to be.
+
+- `tensor_digest`: a SHA-256 over every tensor of a tree (path, shape and float32 bytes),
+  hashed on a thread pool (hashlib releases the GIL). The backbone fingerprint uses it.
+  Cost, measured on this repository's 2-core CPU machine: 1.66 GB/s per core for SHA-256
+  (OpenSSL); t5-11b holds 11.3e9 float32 weights = 45 GB, so ~27 s on one core and a few
+  seconds on a 16-core host: once per run start, next to minutes of reading the weights.
+- A checkpoint manifest (`write_manifest` / `verify_manifest`): the SHA-256 of every file in
+  a finished checkpoint directory, written after the save completes and checked before a
+  restore. orbax itself checksums nothing but the zarr3 shard index (its default zarr2 +
+  zstd has no checksum), so a flipped bit in a data file would restore silently.
+- `tree_is_finite`: every float leaf finite and of finite float32 norm (a state of size
+  3.7e34 is finite, but nothing can be trained from it: its squared norm overflows).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MANIFEST_FILE = "manifest.sha256.json"
+_CHUNK = 64 << 20  # Hash big files and tensors in 64 MiB pieces (bounded memory).
+
+
+def _sha256_array(x) -> str:
+    a = np.ascontiguousarray(np.asarray(x, np.float32))
+    flat = memoryview(a.reshape(-1)).cast("B")
+    h = hashlib.sha256()
+    for i in range(0, len(flat), _CHUNK):
+        h.update(flat[i:i + _CHUNK])
+    return h.hexdigest()
+
+
+def tensor_digest(tree) -> str:
+    """SHA-256 hex digest of a tree: every leaf's path, shape and float32 bytes."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    workers = min(len(leaves), os.cpu_count() or 1) or 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        digests = list(pool.map(lambda item: _sha256_array(item[1]), leaves))
+    h = hashlib.sha256()
+    for (path, leaf), digest in zip(leaves, digests):
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(np.shape(leaf))}{digest}".encode())
+    return h.hexdigest()
+
+
+# -- Checkpoint manifests ---------------------------------------------------------------------
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(directory):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != MANIFEST_FILE and not name.startswith(f".{MANIFEST_FILE}"):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(directory: str) -> None:
+    """Writes `DIRECTORY/manifest.sha256.json`: {relative path: [size, sha256]} of every file."""
+    from variator_jax.fileio import atomic_write, write_text
+    files = {rel: [os.path.getsize(os.path.join(directory, rel)),
+                   _sha256_file(os.path.join(directory, rel))] for rel in _files(directory)}
+    atomic_write(directory, MANIFEST_FILE,
+                 lambda tmp: write_text(tmp, json.dumps({"files": files}, indent=1) + "\n"))
+
+
+def has_manifest(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, MANIFEST_FILE))
+
+
+def verify_manifest(directory: str) -> str | None:
+    """None if every file matches the manifest (or there is none: a checkpoint from before
+    manifests, or one whose run was killed between the save and the manifest); otherwise a
+    short description of the first problem."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+        items = sorted(files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"its manifest {MANIFEST_FILE} is unreadable ({type(e).__name__})"
+    for rel, (size, digest) in items:
+        full = os.path.join(directory, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {size}"
+        if _sha256_file(full) != digest:
+            return f"{rel} does not match its checksum"
+    extra = sorted(set(_files(directory)) - set(files))
+    if extra:
+        return f"{extra[0]} is not in its manifest"
+    return None
+
+
+# -- Finite states --------------------------------------------------------------------------------
+@jax.jit
+def _finite_report(tree):
+    """-> (all float leaves finite, every float leaf's squared float32 norm finite)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return jnp.bool_(True), jnp.bool_(True)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    norms = jnp.stack([jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves])
+    return finite, jnp.all(jnp.isfinite(norms))
+
+
+def tree_is_finite(tree, bounded: bool = True) -> bool:
+    """True if every float leaf is finite and, with `bounded`, its squared norm is finite in
+    float32 (|x| below ~1.8e19: what global-norm clipping and a squared loss can handle)."""
+    # Replicated scalars: each process reads its own copy (no cross-host gather needed).
+    finite, norms = (bool(np.asarray(x.addressable_data(0))) for x in _finite_report(tree))
+    return finite and (norms or not bounded)
