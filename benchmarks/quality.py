@@ -25,7 +25,8 @@ the command again finishes what an earlier run began.
 The full-size version is the same command pointed at a real T5 and a real task, e.g.
 
   python -m benchmarks.quality --backbone=/models/t5-base --task=sst2 \
-      --data=tfds:glue/sst2 --corpus=text:/data/wiki.txt --size=base --preset=paper
+      --data=tfds:glue/sst2 --test_split=validation --corpus=text:/data/wiki.txt \
+      --size=base --preset=paper
 
 (--backbone skips (a); --preset=paper takes the released settings of configs/*.py instead
 of the miniature's.) Writes benchmarks/results/quality-<machine>.json, .md and .png.
