@@ -135,6 +135,8 @@ def field_comments(get_config: Callable, *args) -> tuple[object, dict[str, str]]
         config = get_config(*args)
     finally:
         sys.settrace(previous)
+    if not hasattr(config, "keys"):  # Not a ConfigDict (a config may return anything).
+        return config, {}
     paths = {id(config): ""}  # Each ConfigDict in the result -> its dotted prefix.
     for name, value in _flatten(config, groups=True):
         paths.setdefault(id(value), name + ".")

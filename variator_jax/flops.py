@@ -28,6 +28,7 @@ import argparse
 import math
 from typing import Any, Sequence
 
+from variator_jax import cli
 from variator_jax.t5 import T5Config
 
 
@@ -211,4 +212,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)  # Bad input: one line, not a traceback.
