@@ -171,7 +171,7 @@ def describe_config(config, comments: dict[str, str] | None = None) -> str:
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser for train.py / eval.py, with config lookup and one-line errors."""
     from absl import flags
-    argv = list(argv)
+    argv, config = list(argv), None
     for i, arg in enumerate(argv):
         match = re.match(r"^(--?config=)(.*)$", arg)
         if match:
@@ -183,6 +183,14 @@ def parse_flags(argv: list[str]) -> list[str]:
                 fail(f"{_one_line(e)} (in --config={match.group(2)})", 2)
     # ml_collections reads the overrides from sys.argv itself: keep it in step with argv.
     sys.argv[:] = argv
+    if any(arg in ("--help", "-h", "-?", "--helpshort", "--helpfull") for arg in argv[1:]):
+        try:
+            flags.FLAGS(argv)
+        except SystemExit as e:  # absl exits 1 after printing help; asking is not an error.
+            if config is not None and e.code == 1:  # `--config=X --help`: X's fields too.
+                print("\nFields of this --config (override with --config.FIELD=VALUE):\n")
+                print(describe_config(config, _COMMENTS))
+            sys.exit(0 if e.code == 1 else e.code)
     try:
         argv = flags.FLAGS(argv)
         getattr(flags.FLAGS.config, "stage", None)  # A config that failed to load raises here.
@@ -198,12 +206,17 @@ def _one_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def run_absl(main: Callable, doc: str) -> None:
-    """app.run(main) with `parse_flags`; `doc` is the usage text `--help` prints."""
-    from absl import app
-    # absl's --help prints the __main__ module's docstring: a console script or the repo's
-    # train.py shim would otherwise show nothing about the configs.
+def run_absl(main: Callable, doc: str, module: str) -> None:
+    """app.run(main) with `parse_flags`; `doc` is the usage text `--help` prints, and the
+    flags defined by `module` (the entry point's __name__) are listed with it."""
+    from absl import app, flags
+    # absl's --help prints the __main__ module's docstring and the flags defined there: a
+    # console script or the repo's train.py shim would otherwise show neither.
     sys.modules["__main__"].__doc__ = doc
+    shown = flags.FLAGS.get_flags_for_module(sys.argv[0])
+    for flag in flags.FLAGS.get_flags_for_module(sys.argv[0] if module == "__main__" else module):
+        if flag not in shown:
+            flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -6,7 +6,8 @@ r"""Evaluates the teacher and its plugins: quality, FLOPs saved, plugin size, me
 
 Reads the backbone and eval data from the config (as train.py does) and, by default, the
 plugin in RUN/plugin. Prints a Markdown table and writes RUN/eval/results.json, results.md
-and speed_accuracy.png. --show_config prints the config's fields and exits.
+and speed_accuracy.png. --show_config (or --help after --config=...) prints the config's
+fields.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,7 +39,7 @@ def main(argv):
 
 def run():
     """The `variator-eval` console script."""
-    cli.run_absl(main, __doc__)
+    cli.run_absl(main, __doc__, __name__)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ r"""Trains a Variator plugin (or fine-tunes a backbone): a thin entry point over
   python train.py --config=configs/plugin.py:stage=pretrain --config.backbone=DIR --workdir=RUN
   python -m variator_jax.train --config=demo --workdir=demo_workdir
 
---config is a config file or a packaged one (demo, finetune, plugin), with presets after ':';
---config.FIELD=VALUE overrides any field; --show_config prints every field, its value and
-what it means, and exits. Running the same command again resumes from RUN's latest
-checkpoint. Multi-host: pass --coordinator_address, --num_processes and --process_id to every
-process; on a TPU pod or under SLURM without them, jax.distributed.initialize() finds them.
+--config is a config file or a packaged one (demo, finetune, plugin), with presets after
+':'; --config.FIELD=VALUE overrides any field; --show_config (or --help after --config=...)
+prints every field, its value and what it means. Running the same command again resumes
+from RUN's latest checkpoint. Multi-host: pass --coordinator_address, --num_processes and
+--process_id to every process; on a TPU pod or under SLURM without them,
+jax.distributed.initialize() finds them.
 """
 import os
 
@@ -67,7 +68,7 @@ def main(argv):
 
 def run():
     """The `variator-train` console script."""
-    cli.run_absl(main, __doc__)
+    cli.run_absl(main, __doc__, __name__)
 
 
 if __name__ == "__main__":
