@@ -810,8 +810,7 @@ def _finish(run: _Run, state, frozen, last: dict, writer) -> dict:
         result["backbone_dir"] = os.path.join(workdir, "backbone")
         if jax.process_index() == 0:
             cfg = run.cfg.replace(dtype="float32")
-            save_hf_t5(result["backbone_dir"], cfg, params)
-            run.tokenizer.save_pretrained(result["backbone_dir"])
+            save_hf_t5(result["backbone_dir"], cfg, params, tokenizer=run.tokenizer)
         say(f"Backbone written to {result['backbone_dir']} (HF format)")
     if jax.process_index() == 0:  # Last: its presence means "this stage is done".
         atomic_write(workdir, RESULT_FILE,

@@ -42,7 +42,8 @@ def add_eval_and_mesh(c):
     # -- eval.py --------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
     c.eval.plugins = ""  # Comma-separated plugin dirs; "" = WORKDIR/plugin (none for finetune).
-    c.eval.speed_repeats = 5  # Timed rounds per model; the median is reported.
+    c.eval.speed_repeats = 10  # Timed rounds (models interleaved); median and IQR reported.
+    c.eval.speed_calls = 3  # Calls per model per round, so that each timing is long enough.
 
     # -- Mesh -------------------------------------------------------------------------------------
     c.mesh = ml_collections.ConfigDict()  # Device mesh ("data", "model") and axis rules.
