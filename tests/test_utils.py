@@ -27,10 +27,8 @@ def make_hf_dir(path: str, cfg: T5Config | None = None, seed: int = 0,
     """A random HF-format T5 directory (config.json + model.safetensors) and, by default,
     the ByT5 tokenizer's files, so that `tokenizer=None` finds it there."""
     cfg = cfg or tiny_t5()
-    save_hf_t5(path, cfg, jax.device_get(init_t5(jax.random.key(seed), cfg)))
-    if tokenizer:
-        import transformers
-        transformers.ByT5Tokenizer().save_pretrained(path)
+    save_hf_t5(path, cfg, jax.device_get(init_t5(jax.random.key(seed), cfg)),
+               tokenizer="byte" if tokenizer else None)
     return path
 
 

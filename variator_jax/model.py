@@ -83,7 +83,7 @@ def generate(cfg: T5Config, backbone, input_ids, attention_mask, max_new_tokens:
       >>> batch = tokenizer(["Return the absolute value"], return_tensors="np")
       >>> ids = generate(cfg, backbone, batch["input_ids"], batch["attention_mask"],
       ...                max_new_tokens=16, plugin=(pcfg, plugin))
-      >>> tokenizer.batch_decode(ids, skip_special_tokens=True)
+      >>> tokenizer.batch_decode(jax.device_get(ids), skip_special_tokens=True)
     """
     enc = encode(cfg, backbone, input_ids, attention_mask, plugin)
     batch, dt = input_ids.shape[0], jnp.dtype(cfg.dtype)
