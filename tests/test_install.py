@@ -1,4 +1,5 @@
-"""A plain (non-editable) install works: wheel -> fresh venv -> console scripts train a plugin.
+"""A plain (non-editable) install works: wheel -> fresh venv -> console scripts train a plugin,
+without TensorFlow (the venv cannot import it).
 
 Offline: the wheel is built without build isolation, and the fresh venv sees this
 environment's packages (jax, flax, ...) through a path file, so nothing is downloaded. The
@@ -39,6 +40,8 @@ def test_wheel_installs_into_a_fresh_venv_and_its_cli_trains(tmp_path):
     site = _check([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
     with open(os.path.join(site, "borrowed_deps.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
+    with open(os.path.join(site, "no_tensorflow.pth"), "w") as f:  # TF is opt-in ([tfds]).
+        f.write("import sys; sys.modules.update(tensorflow=None, tensorflow_datasets=None)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     _check([python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", wheel], env=env)
