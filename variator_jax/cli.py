@@ -16,6 +16,7 @@ Modules with a `main(argv)` over argparse (`variator_jax.flops`, `benchmarks/*`)
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
@@ -220,25 +221,40 @@ def run_absl(main: Callable, doc: str, module: str) -> None:
     app.run(main, flags_parser=parse_flags)
 
 
-def show_config_or_require_workdir(config, workdir: str | None, show: bool) -> bool:
-    """`--show_config`: prints the resolved config and returns True (nothing else to do).
-    Otherwise a missing `--workdir` is a one-line error."""
-    if show:
-        print(describe_config(config, _COMMENTS))
-        return True
-    if not workdir:
+def start(argv: Sequence[str], flag_values) -> bool:
+    """The opening of train.py's and eval.py's `main`: rejects stray arguments, handles
+    `--show_config` (returns False: nothing else to do), requires `--workdir`, quietens
+    absl/orbax INFO logs and keeps freed memory on CPU (variator_jax/host.py)."""
+    from absl import logging
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --NAME=VALUE; see --help)", 2)
+    if flag_values.show_config:
+        print(describe_config(flag_values.config, _COMMENTS))
+        return False
+    if not flag_values.workdir:
         fail("--workdir is required (the run's directory), or pass --show_config", 2)
-    return False
+    logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
+    from variator_jax import host
+    host.keep_freed_memory()  # On CPU; before any JAX computation.
+    return True
+
+
+@contextlib.contextmanager
+def one_line_errors(*kinds: type):
+    """Inside, a `train_lib.UserError` (or one of `kinds`) ends the program with its
+    one-line message and exit status 1, instead of a traceback."""
+    try:
+        yield
+    except Exception as e:
+        from variator_jax.train_lib import UserError  # Imported by now: no device touched here.
+        if not isinstance(e, (UserError, *kinds)) or os.environ.get("VARIATOR_TRACEBACK"):
+            raise  # A bug, or a traceback asked for (VARIATOR_TRACEBACK=1).
+        fail(str(e) if isinstance(e, UserError) else _one_line(e))
 
 
 def run_main(main: Callable, argv: Sequence[str] | None = None):
     """Runs an argparse `main(argv)`; bad input (UserError, ValueError, a missing file)
     becomes `error: ...` on one line and exit status 1 instead of a traceback."""
     from variator_jax.convert import CheckpointError
-    from variator_jax.train_lib import UserError
-    try:
+    with one_line_errors(CheckpointError, ValueError, FileNotFoundError, NotADirectoryError):
         return main(argv)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError) as e:
-        if os.environ.get("VARIATOR_TRACEBACK"):  # For a bug report: the whole traceback.
-            raise
-        fail(_one_line(e) if not isinstance(e, (UserError, CheckpointError)) else str(e))

@@ -9,7 +9,7 @@ plugin in RUN/plugin. Prints a Markdown table and writes RUN/eval/results.json, 
 and speed_accuracy.png. --show_config (or --help after --config=...) prints the config's
 fields.
 """
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from variator_jax import cli
@@ -24,17 +24,11 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if cli.show_config_or_require_workdir(FLAGS.config, FLAGS.workdir, FLAGS.show_config):
+    if not cli.start(argv, FLAGS):  # --show_config: printed, nothing to evaluate.
         return
-    logging.set_verbosity(logging.WARNING)
-    from variator_jax import evaluate, host
-    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
-    try:
+    from variator_jax import evaluate
+    with cli.one_line_errors():
         evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-    except evaluate.UserError as e:
-        cli.fail(str(e))
 
 
 def run():

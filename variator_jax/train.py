@@ -13,7 +13,7 @@ jax.distributed.initialize() finds them.
 """
 import os
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from variator_jax import cli
@@ -51,19 +51,12 @@ def _init_distributed() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if cli.show_config_or_require_workdir(FLAGS.config, FLAGS.workdir, FLAGS.show_config):
+    if not cli.start(argv, FLAGS):  # --show_config: printed, nothing to train.
         return
-    logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
-    from variator_jax import host
-    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     _init_distributed()
     from variator_jax import train_lib  # After distributed init: it may touch devices.
-    try:
+    with cli.one_line_errors():
         train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except train_lib.UserError as e:
-        cli.fail(str(e))
 
 
 def run():

@@ -15,7 +15,7 @@ A config with an empty `backbone` and a `backbone_stage` sub-config first runs t
 is recognised by its `result.json` and skipped.
 
 Example (what `python train.py --config=configs/plugin.py:stage=pretrain` does):
-  >>> config = plugin_config_module.get_config("stage=pretrain,ratio=4")
+  >>> config = variator_jax.configs.get_config("plugin", "stage=pretrain,ratio=4")
   >>> config.backbone = "/models/t5-base"
   >>> result = train_and_evaluate(config, "runs/t5-base-k4")
   >>> result["plugin_dir"], result["train"]["loss"], result["eval"]
