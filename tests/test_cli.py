@@ -92,7 +92,12 @@ def test_show_config_prints_each_field_with_the_comment_of_the_line_that_set_it(
     assert not os.listdir(tmp_path)  # Showing a config writes nothing.
 
 
-def test_help_names_the_packaged_configs_and_show_config():
-    proc = _run([os.path.join(tu.REPO, "train.py"), "--help"], cwd=tu.REPO)
-    out, _ = proc.communicate(timeout=120)
-    assert "packaged one (demo, finetune, plugin)" in out and "--show_config" in out, out
+def test_help_names_the_packaged_configs_and_with_a_config_its_fields():
+    plain = _run([os.path.join(tu.REPO, "train.py"), "--help"], cwd=tu.REPO)
+    with_config = _run(["-m", "variator_jax.eval", "--config=plugin:ratio=8", "--help"], cwd=tu.REPO)
+    out, _ = plain.communicate(timeout=120)
+    assert plain.returncode == 0 and "packaged one (demo, finetune, plugin)" in out, out
+    assert "--workdir: Directory for checkpoints" in out and "--show_config" in out, out
+    out, _ = with_config.communicate(timeout=120)
+    assert with_config.returncode == 0 and "--workdir: The run's directory" in out, out
+    assert "plugin.ratio = 8" in out and "# k: neighbouring vectors merged into one." in out, out
