@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from variator_jax import stdlib_docs
+
 # T5 span corruption (Raffel et al. 2020, §3.1.4); Variator pre-trains its
 # plugins with the same objective (DESIGN.md §2).
 NOISE_DENSITY = 0.15
@@ -37,8 +39,9 @@ PAD_ID = 0
 DECODER_START_ID = 0
 
 KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin")
-_SOURCE_FORMS = "text:PATH, jsonl:PATH, tfds:NAME[/CONFIG][:SPLIT], builtin:pydoc"
-_BUILTINS = ("pydoc",)
+_SOURCE_FORMS = ("text:PATH, jsonl:PATH, tfds:NAME[/CONFIG][:SPLIT], builtin:pydoc, "
+                 "builtin:stdlib_docs")
+_BUILTINS = ("pydoc", "stdlib_docs")
 # Separate random streams for the epoch shuffle and the per-example noise, so
 # that neither depends on how many examples the other has consumed.
 _SHUFFLE_STREAM, _NOISE_STREAM = 0, 1
@@ -132,8 +135,10 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
       spec: `text:PATH` (documents separated by blank lines -> {"text"}),
         `jsonl:PATH` (one JSON object per line), `tfds:NAME[/CONFIG][:SPLIT]`
         (a prepared tfds dataset under `data_dir`; strings decoded to str,
-        arrays to lists) or `builtin:pydoc` (CPython's `pydoc_data.topics`,
-        values in sorted-key order -> {"text"}).
+        arrays to lists), `builtin:pydoc` (CPython's `pydoc_data.topics`,
+        values in sorted-key order -> {"text"}) or `builtin:stdlib_docs` (the
+        standard library's docstrings labelled by package, splits train /
+        validation / test: `variator_jax.stdlib_docs`).
       split: overrides the spec's split; default "train". Files have a single
         split, so for them only a tfds-style slice counts ("train[:90%]",
         "validation[-100:]"); the name before it is ignored.
@@ -146,6 +151,8 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
     split = split if split is not None else spec_split
     if scheme == "tfds":
         examples = _read_tfds(target, split or "train", data_dir)
+    elif (scheme, target) == ("builtin", "stdlib_docs"):  # Has named splits, as tfds does.
+        examples = stdlib_docs.read(split)
     else:
         reader = {"text": _read_text, "jsonl": _read_jsonl, "builtin": _read_builtin}[scheme]
         examples = _slice(reader(target), split)
@@ -364,6 +371,8 @@ TASKS = {
     "rte": _glue("rte", ("sentence1", "sentence2"), ["entailment", "not_entailment"]),
     "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ["not_equivalent", "equivalent"]),
     "squad": Task("squad", "generation", None, ("question", "context")),
+    # CPython's own docstrings labelled by their package (`builtin:stdlib_docs`).
+    "stdlib_docs": Task("stdlib_docs", "classification", list(stdlib_docs.LABELS), ("text",)),
 }
 
 

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from variator_jax import compressors
 from variator_jax import data as data_lib
 from variator_jax import flops as flops_lib
 from variator_jax import sharding
@@ -36,7 +37,7 @@ from variator_jax.convert import load_hf_t5
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import headline_metric, squad_em_f1
 from variator_jax.model import forward, generate
-from variator_jax.plugins import PluginConfig, load_plugin, plugin_param_count
+from variator_jax.plugins import PluginConfig, init_plugin, load_plugin, plugin_param_count
 from variator_jax.t5 import logical_axes
 
 UserError = train_lib.UserError
@@ -122,13 +123,25 @@ def _plugin_dirs(config, workdir: str, given: list[str] | None) -> list[str]:
         if not given and config.stage != "finetune":  # A plugin run evaluates its own plugin.
             given = [os.path.join(workdir, "plugin")]
     for d in given:
-        if not os.path.isdir(d):
+        if compressor_spec(d) is None and not os.path.isdir(d):
             raise UserError(f"plugin directory {d} does not exist (train one with train.py, or "
                             "list existing ones with --config.eval.plugins=DIR1,DIR2)")
     return given
 
 
+def compressor_spec(entry: str) -> PluginConfig | None:
+    """'mean_pool:4' (a training-free compressor and its k, compressors.py) -> its config."""
+    name, sep, k = entry.partition(":")
+    if sep and name in compressors.TRAINING_FREE and k.isdigit():
+        return PluginConfig(ratio=int(k), compressor=name)
+    return None
+
+
 def _load_model(directory: str, cfg, host_backbone, mesh) -> Model:
+    """A plugin directory, or a training-free compressor named like 'tome:4'."""
+    pcfg = compressor_spec(directory)
+    if pcfg is not None:
+        return Model(f"{pcfg.compressor} k={pcfg.ratio}", pcfg, init_plugin(None, cfg, pcfg))
     with train_lib.user_errors(f"plugin {directory}"):
         pcfg, params = load_plugin(directory, cfg=cfg, backbone=host_backbone)
     params = jax.device_put(params, sharding.replicated(mesh))

@@ -28,7 +28,7 @@ import argparse
 import math
 from typing import Any, Sequence
 
-from variator_jax import cli
+from variator_jax import cli, compressors
 from variator_jax.t5 import T5Config
 
 
@@ -92,6 +92,10 @@ def plugin_flops(cfg: T5Config, n: int, ratio: Any, bottleneck: int = 64) -> dic
     k, r = _plugin_args(ratio, bottleneck)
     d, groups = cfg.d_model, math.ceil(n / k)
     n_pad = groups * k
+    compressor = getattr(ratio, "compressor", "variator")
+    if compressor != "variator":  # Training-free: no matmuls but ToMe's similarity products.
+        match = compressors.matching_flops(n_pad, k, d) if compressor == "tome" else 0
+        return dict(compress=match, decompress=0, total=match)
     compress = 2 * groups * k * (k * d) + 2 * groups * k * d
     decompress = 2 * n_pad * (r * 2 * d + d * r)
     return dict(compress=compress, decompress=decompress, total=compress + decompress)
@@ -118,12 +122,13 @@ def encoder_flops(cfg: T5Config, n: int, ratio: Any = None, bottleneck: int = 64
                attention_scores=layers * _attention_scores_flops(cfg, n, n),
                # §1: with a plugin the FFN sees ceil(n/k) merged vectors, in every layer.
                ffn=layers * _ffn_flops(cfg, ffn_tokens),
-               plugin=0 if k is None else layers * plugin_flops(cfg, n, k, r)["total"])
+               plugin=0 if k is None else layers * plugin_flops(cfg, n, ratio, r)["total"])
     if elementwise:
         per_layer = _elementwise_block(cfg, n, [n], ffn_tokens)
         if k is not None:  # Group softmax + bias; W_i, W_o biases and the y^ add per position.
             n_pad = ffn_tokens * k
-            per_layer += _SOFTMAX * n_pad + n_pad * (r + 2 * cfg.d_model)
+            if getattr(ratio, "compressor", "variator") == "variator":
+                per_layer += _SOFTMAX * n_pad + n_pad * (r + 2 * cfg.d_model)
         out["elementwise"] = layers * per_layer + _NORM * n * cfg.d_model  # + final norm.
     out["total"] = sum(out.values())
     return out

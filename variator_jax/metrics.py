@@ -114,8 +114,10 @@ def agreement(student_ids: Any, teacher_ids: Any, mask: Any) -> float:
 
 # -- GLUE ------------------------------------------------------------------------------------
 # Tasks of the paper (DESIGN §2) and the metrics GLUE reports for them, headline first.
+# `stdlib_docs` (CPython's docstrings by package, stdlib_docs.py) is scored like them: accuracy.
 _GLUE = {"mnli": ("accuracy",), "qnli": ("accuracy",), "sst2": ("accuracy",),
-         "rte": ("accuracy",), "qqp": ("accuracy", "f1"), "mrpc": ("f1", "accuracy")}
+         "rte": ("accuracy",), "qqp": ("accuracy", "f1"), "mrpc": ("f1", "accuracy"),
+         "stdlibdocs": ("accuracy",)}
 
 
 def _glue_task(task: str) -> str:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from variator_jax import compressors
 from variator_jax.fileio import atomic_write, get_path, set_path, write_text
 from variator_jax.t5 import NEG_INF, T5Config
 
@@ -43,11 +44,14 @@ class PluginConfig:
         depend on how much padding a batch has.
         False reproduces the authors' released code, where pad vectors merge unmasked.
       scope: "ffn", plugins around every encoder FFN (the paper's default).
+      compressor: "variator", the learned plugin of §1; or a training-free baseline with no
+        parameters at the same place, "mean_pool", "tome" or "strided" (compressors.py).
     """
     ratio: int
     bottleneck: int = 64
     mask_aware: bool = True
     scope: str = "ffn"
+    compressor: str = "variator"
 
     def __post_init__(self):
         if not isinstance(self.ratio, (int, np.integer)) or self.ratio < 1:
@@ -57,6 +61,14 @@ class PluginConfig:
         if self.scope != "ffn":
             raise ValueError(f"plugin scope {self.scope!r} is not supported; only 'ffn' "
                              "(compression around each encoder FFN, the paper's default)")
+        if self.compressor not in compressors.NAMES:
+            raise ValueError(f"plugin compressor {self.compressor!r} is unknown; known: "
+                             f"{', '.join(compressors.NAMES)}")
+
+    @property
+    def trainable(self) -> bool:
+        """False for the training-free compressors: their plugin tree holds no arrays."""
+        return self.compressor == "variator"
 
 
 # Static: plugin=(pcfg, params) keys the jit cache by pcfg and traces only the params, so
@@ -74,6 +86,8 @@ def init_plugin(rng, cfg: T5Config, pcfg: PluginConfig):
       >>> plugin = init_plugin(jax.random.key(0), cfg, PluginConfig(ratio=4))
     """
     k, d, r = pcfg.ratio, cfg.d_model, pcfg.bottleneck
+    if not pcfg.trainable:
+        return {f"block_{i}": {} for i in range(cfg.num_layers)}
     tree = {}
     for i, key in enumerate(jax.random.split(rng, cfg.num_layers)):
         kc, ki, ko = jax.random.split(key, 3)
@@ -94,6 +108,8 @@ def plugin_param_count(cfg: T5Config, pcfg: PluginConfig) -> int:
     1926960
     """
     k, d, r = pcfg.ratio, cfg.d_model, pcfg.bottleneck
+    if not pcfg.trainable:
+        return 0
     return cfg.num_layers * (k * k * d + k + 2 * d * r + r + r * d + d)
 
 
@@ -146,11 +162,18 @@ def compressed_ffn(x, mask, layer, pcfg: PluginConfig, ffn):
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
         mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    if not pcfg.trainable:
+        return compressors.compressed_ffn(x, mask, pcfg.ratio, pcfg.compressor, ffn,
+                                          pcfg.mask_aware)[:, :n]
     y = ffn(merge(x, mask, layer, pcfg))
     return expand(y.astype(x.dtype), x, layer, pcfg)[:, :n]
 
 
 def _check_layer_shapes(layer, pcfg, d_model):
+    if not pcfg.trainable:
+        if layer:
+            raise ValueError(f"a {pcfg.compressor} compressor has no parameters, got {sorted(layer)}")
+        return
     kernel = layer["compress"]["kernel"]
     if kernel.shape[0] // max(kernel.shape[1], 1) != d_model:
         raise ValueError(f"plugin d_model {kernel.shape[0] // kernel.shape[1]} != model d_model {d_model}")
@@ -161,14 +184,17 @@ def _check_layer_shapes(layer, pcfg, d_model):
 def check_compatible(cfg: T5Config, pcfg: PluginConfig, plugin) -> None:
     """Raises a one-line ValueError if `plugin` cannot run on a backbone with `cfg`."""
     d, layers = _plugin_dims(plugin)
-    if d != cfg.d_model:
+    if d is not None and d != cfg.d_model:
         raise ValueError(f"plugin d_model {d} != model d_model {cfg.d_model}")
     if layers != cfg.num_layers:
         raise ValueError(f"plugin num_layers {layers} != model num_layers (encoder) {cfg.num_layers}")
     _check_layer_shapes(plugin["block_0"], pcfg, cfg.d_model)
 
 
-def _plugin_dims(plugin) -> tuple[int, int]:
+def _plugin_dims(plugin) -> tuple[int | None, int]:
+    """(d_model, layers) of a plugin tree; d_model None for a training-free one (no arrays)."""
+    if not plugin["block_0"]:
+        return None, len(plugin)
     return int(plugin["block_0"]["decompress"]["wo"]["kernel"].shape[1]), len(plugin)
 
 
@@ -222,8 +248,10 @@ def save_plugin(directory, pcfg: PluginConfig, plugin, backbone_id: str | dict |
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     d, layers = _plugin_dims(plugin)
+    if d is None:  # A training-free compressor: the backbone's width, when it is known.
+        d = (backbone_id or {}).get("d_model") if isinstance(backbone_id, dict) else None
     tensors = {}
-    for key, path, transposed in _file_rows(layers):
+    for key, path, transposed in _file_rows(layers if pcfg.trainable else 0):
         value = np.asarray(get_path(plugin, path), np.float32)
         tensors[key] = np.ascontiguousarray(value.T if transposed else value)
     if isinstance(backbone_id, str):
@@ -259,8 +287,12 @@ def load_plugin(directory, *, cfg: T5Config | None = None, backbone=None):
     try:
         with open(config_path) as f:
             config = json.load(f)
-        pcfg = PluginConfig(**{f.name: config[f.name] for f in dataclasses.fields(PluginConfig)})
-        d, layers = int(config["d_model"]), int(config["num_layers"])
+        # Fields added later (compressor) take their defaults: older files load unchanged.
+        pcfg = PluginConfig(**{f.name: config[f.name] if f.default is dataclasses.MISSING
+                               else config.get(f.name, f.default)
+                               for f in dataclasses.fields(PluginConfig)})
+        layers = int(config["num_layers"])
+        d = None if config["d_model"] is None and not pcfg.trainable else int(config["d_model"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_path}: not a valid plugin config ({type(e).__name__}: {e})") from None
     try:
@@ -280,6 +312,11 @@ def load_plugin(directory, *, cfg: T5Config | None = None, backbone=None):
 
 def _tree_from_file(tensors, pcfg, d, layers, source):
     k, r = pcfg.ratio, pcfg.bottleneck
+    if not pcfg.trainable:
+        if tensors:
+            raise ValueError(f"{source}: a {pcfg.compressor} compressor has no parameters, "
+                             f"but the file holds {len(tensors)} tensors")
+        return {f"block_{i}": {} for i in range(layers)}
     want = {"compress": ((k, k * d), (k,)), "decompress.wi": ((r, 2 * d), (r,)),
             "decompress.wo": ((d, r), (d,))}
     rows = list(_file_rows(layers))

@@ -186,6 +186,10 @@ def _read_config(plugin_dir):
     if config["scope"] != "ffn":
         raise ValueError(f"plugin scope {config['scope']!r} is not supported by the PyTorch "
                          "export path; only scope 'ffn' (DESIGN.md §1)")
+    if config.get("compressor", "variator") != "variator":
+        raise ValueError(f"{plugin_dir} holds the training-free {config['compressor']!r} "
+                         "compressor: attach_plugin runs Variator plugins only (the baselines "
+                         "run in JAX)")
     for name in ("ratio", "bottleneck", "d_model", "num_layers"):
         if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 1:
             raise ValueError(f"plugin {name} must be a positive integer, got {config[name]!r}")

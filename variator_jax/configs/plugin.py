@@ -87,4 +87,3 @@ def get_config(arg=None):
     c.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     c.keep_checkpoints = 3  # Most recent checkpoints kept in WORKDIR/checkpoints.
     return common.add_eval_and_mesh(c)
-

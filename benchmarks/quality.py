@@ -1,0 +1,432 @@
+r"""The paper's experiment in miniature: task accuracy against compression ratio, against
+training-free baselines, with the paper's ablations (Variator, Findings of EMNLP 2023, §4).
+
+  python -m benchmarks.quality          # or `make reproduce`: about 45 min on 2 CPU cores
+
+With no download at all it builds the whole pipeline of DESIGN.md §2 on CPython's own text:
+
+  (a) lm         a small T5 pre-trained from scratch by T5 span corruption on CPython's
+                 documentation (`builtin:pydoc`) and the training split's docstrings, with a
+                 4,000-piece subword vocabulary trained on the same text (vocab.py;
+                 `--tokenizer=byte` takes ByT5's bytes instead); its held-out cross-entropy
+                 and sample outputs are reported;
+  (b) finetune   stage 0: the whole backbone fine-tuned on `builtin:stdlib_docs` (which
+                 package a standard-library docstring comes from; 8 labels);
+  (c) pretrain   stage 1 for each k: a plugin distilled on the frozen (a) by span corruption;
+  (d) adapt      stage 2 for each k: that plugin adapted on the frozen (b), hidden-state MSE;
+                 ablations (default at k = 4): no stage 1 (fresh plugin), and `task+hidden` loss;
+  (e) eval       on the test split, through `eval.py`'s code: the teacher, every plugin, and
+                 the training-free compressors (mean pooling, ToMe, strided) at every k.
+
+Every stage is a `train.py` run in its own directory under --workdir: a finished stage is
+skipped (its result.json), an interrupted one resumes from its last checkpoint, so running
+the command again finishes what an earlier run began.
+
+The full-size version is the same command pointed at a real T5 and a real task, e.g.
+
+  python -m benchmarks.quality --backbone=/models/t5-base --task=sst2 \
+      --data=tfds:glue/sst2 --corpus=text:/data/wiki.txt --size=base --preset=paper
+
+(--backbone skips (a); --preset=paper takes the released settings of configs/*.py instead
+of the miniature's.) Writes benchmarks/results/quality-<machine>.json, .md and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import time
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The miniature (DESIGN.md §5): sized so that the whole pipeline fits ~45 min on 2 CPU cores.
+# A byte-level first try (n = 128 bytes, 600 + 400 steps) left the LM at the unigram plateau
+# (held-out CE 2.46 per byte) and the teacher at 31.9 % validation accuracy, where a
+# bag-of-words logistic regression reaches 79 %: subwords let the tiny model see words.
+MODEL = dict(d_model=128, d_kv=32, num_heads=4, d_ff=384, num_layers=4, num_decoder_layers=2,
+             relative_attention_max_distance=64)
+MINI = dict(n=64, target=16, vocab=4000, lm_steps=1000, lm_lr=2e-3, ft_steps=500, ft_lr=1e-3,
+            pretrain_steps=300, pretrain_lr=1e-3, adapt_steps=200, adapt_lr=5e-4, batch=32)
+# For the tests: a model and step counts that only prove the pipeline runs end to end.
+TINY_MODEL = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2, num_decoder_layers=1,
+                  relative_attention_max_distance=16)
+# `make demo`: the same pipeline at k = 4 only, no ablations, fewer steps (~8 min on 2 cores).
+DEMO = dict(MINI, lm_steps=600, ft_steps=300, pretrain_steps=150, adapt_steps=100)
+TINY = dict(n=32, target=8, vocab=600, lm_steps=2, lm_lr=1e-3, ft_steps=2, ft_lr=1e-3,
+            pretrain_steps=2, pretrain_lr=1e-3, adapt_steps=2, adapt_lr=1e-3, batch=4)
+BASELINES = ("mean_pool", "tome", "strided")
+METHODS = ("teacher", "variator", "variator_no_pretrain", "variator_task_loss") + BASELINES
+
+
+def load_config(name: str, arg: str | None = None):
+    """variator_jax/configs/NAME.py's get_config(arg)."""
+    from variator_jax import configs
+    return configs.get_config(name, arg)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="", help="where every stage runs (cached, "
+                   "resumable); default quality_workdir, demo_workdir for --preset=demo")
+    p.add_argument("--out", default="", help="directory for quality-<machine>.json/.md/.png; "
+                   "default benchmarks/results, WORKDIR/results for --preset=demo and tiny")
+    p.add_argument("--backbone", default="", help="a pre-trained HF T5 dir: skips (a)")
+    p.add_argument("--tokenizer", default="", help="tokenizer dir or 'byte' (default: the "
+                   "backbone's; for the miniature, a vocabulary trained into WORKDIR/tokenizer)")
+    p.add_argument("--size", default="", help="expected variant size of --backbone (base, large...)")
+    p.add_argument("--task", default="stdlib_docs", help="task name (data.TASKS)")
+    p.add_argument("--data", default="builtin:stdlib_docs",
+                   help="task source; train/validation/test splits by the source's names")
+    p.add_argument("--test_split", default="test", help="split of --data that (e) reports")
+    p.add_argument("--corpus", default="", help="pre-training corpus for (a) and (c) "
+                   "(default: CPython's docs + the task's training texts, written to WORKDIR)")
+    p.add_argument("--ratios", default=None, help="compression ratios k (default 2,4,8; demo: 4)")
+    p.add_argument("--ablation_ratios", default=None,
+                   help="k at which the ablations run (default 4; demo: none)")
+    p.add_argument("--preset", choices=("mini", "demo", "tiny", "paper"), default="mini",
+                   help="mini: the miniature; demo: a shorter one at k = 4; tiny: seconds, for "
+                   "tests; paper: the configs' released settings")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
+    p.add_argument("--eval_batch", type=int, default=64, help="eval and timing batch")
+    p.add_argument("--speed_repeats", type=int, default=7, help="timed rounds per model")
+    args = p.parse_args(argv)
+    demo = args.preset == "demo"
+    args.ratios = args.ratios if args.ratios is not None else "4" if demo else "2,4,8"
+    args.ablation_ratios = (args.ablation_ratios if args.ablation_ratios is not None
+                            else "" if demo else "4")
+    args.workdir = args.workdir or os.path.join(_ROOT, "demo_workdir" if demo else "quality_workdir")
+    args.out = args.out or (os.path.join(args.workdir, "results") if args.preset in ("demo", "tiny")
+                            else os.path.join(_ROOT, "benchmarks", "results"))
+    return args
+
+
+# == Configs of the stages =========================================================================
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.tiny = args.preset == "tiny"
+        self.mini = {"mini": MINI, "demo": DEMO, "tiny": TINY}.get(args.preset)
+        self.workdir = os.path.abspath(args.workdir)
+        self.ratios = [int(k) for k in args.ratios.split(",") if k]
+        self.ablation_ratios = [int(k) for k in args.ablation_ratios.split(",") if k]
+        self.tokenizer = args.tokenizer or None
+
+    def path(self, *parts):
+        return os.path.join(self.workdir, *parts)
+
+    def _common(self, c, steps, lr):
+        """Settings every stage shares: tokenizer, lengths, batch, steps, one CPU device."""
+        if self.tokenizer:
+            c.tokenizer = self.tokenizer
+        if self.args.size:
+            c.variant = f"t5-{self.args.size}" if "-" not in self.args.size else self.args.size
+        c.seed = 0
+        if self.mini is None:  # The paper preset: the configs' released settings.
+            return c
+        m = self.mini
+        c.max_input_length = m["n"]
+        c.batch_size = m["batch"]
+        c.eval_batch_size = self.args.eval_batch
+        c.total_steps = max(int(steps * self.args.scale), 1)
+        c.lr = lr
+        c.warmup_steps = min(50, max(c.total_steps // 10, 1))
+        c.log_every = max(min(50, c.total_steps), 1)
+        c.checkpoint_every = max(min(100, c.total_steps), 1)
+        c.keep_checkpoints = 1
+        c.mesh.data, c.mesh.model = 1, 1  # 2 CPU cores: one device, no communication.
+        return c
+
+    def _documents(self) -> list[str]:
+        from variator_jax import data as data_lib
+        docs = [e["text"] for e in data_lib.read_source("builtin:pydoc")]
+        task = data_lib.get_task(self.args.task)
+        docs += [task.format(e)[0] for e in data_lib.read_source(self.args.data, "train")]
+        return [d.replace("\n\n", "\n") for d in docs]
+
+    def corpus(self) -> str:
+        """The pre-training corpus spec; the default is written once into WORKDIR."""
+        if self.args.corpus:
+            return self.args.corpus
+        path = self.path("corpus.txt")
+        if not os.path.isfile(path):
+            from variator_jax.fileio import atomic_write, write_text
+            docs = self._documents()[:40] if self.tiny else self._documents()
+            os.makedirs(self.workdir, exist_ok=True)
+            atomic_write(self.workdir, "corpus.txt",
+                         lambda tmp: write_text(tmp, "\n\n".join(docs) + "\n"))
+        return f"text:{path}"
+
+    def vocabulary(self) -> str:
+        """(a)'s tokenizer: --tokenizer, or a subword vocabulary trained once into WORKDIR."""
+        if self.tokenizer:
+            return self.tokenizer
+        path = self.path("tokenizer")
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            from variator_jax import vocab
+            vocab.train_tokenizer(self._documents(), self.mini["vocab"], path + ".tmp")
+            os.replace(path + ".tmp", path)
+        return path
+
+    def lm_config(self):
+        c = load_config("finetune", "task=pretrain")
+        c = self._common(c, self.mini["lm_steps"], self.mini["lm_lr"])
+        c.tokenizer = self.vocabulary()  # Saved beside the backbone: later stages find it there.
+        c.variant = "t5-v1_1-small"  # Layout (gated-GELU, untied head); sizes from MODEL.
+        c.model_overrides.update(TINY_MODEL if self.tiny else MODEL)
+        c.data.train = c.data.eval = self.corpus()
+        c.data.train_split, c.data.eval_split = "train[:97%]", "train[97%:]"
+        c.max_target_length = self.mini["target"]
+        return c
+
+    def finetune_config(self, backbone):
+        c = load_config("finetune", f"task={self.args.task}")
+        c = self._common(c, self.mini and self.mini["ft_steps"], self.mini and self.mini["ft_lr"])
+        c.backbone = backbone
+        self._task_data(c)
+        return c
+
+    def _task_data(self, c):
+        c.data.train, c.data.eval = self.args.data, self.args.data
+        c.data.train_split, c.data.eval_split = "train", "validation"
+        if self.mini is not None:
+            c.max_target_length = 4  # Classification reads one decoder position.
+
+    def plugin_config(self, stage, backbone, k, **kw):
+        arg = f"stage={stage},ratio={k}" + (f",task={self.args.task}" if stage == "adapt" else "")
+        c = load_config("plugin", arg)
+        steps = self.mini and self.mini[f"{stage}_steps"]
+        c = self._common(c, steps, self.mini and self.mini[f"{stage}_lr"])
+        c.backbone = backbone
+        if stage == "pretrain":
+            c.data.train, c.data.eval = self.corpus(), ""
+            c.data.train_split = "train[:97%]"
+            if self.mini is not None:
+                c.max_target_length = self.mini["target"]
+        else:
+            self._task_data(c)
+        if self.tiny:
+            c.plugin.bottleneck = 8
+        for key, value in kw.items():
+            setattr(c, key, value)
+        return c
+
+    # == Stages ====================================================================================
+    def run(self):
+        from variator_jax import train_lib
+        t0 = time.time()
+        if self.args.backbone:
+            lm_dir, lm = self.args.backbone, None
+        elif self.mini is None:
+            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
+        else:
+            lm = train_lib.train_and_evaluate(self.lm_config(), self.path("lm"))
+            lm_dir = lm["backbone_dir"]
+        ft = train_lib.train_and_evaluate(self.finetune_config(lm_dir), self.path("finetune"))
+        ft_dir = ft["backbone_dir"]
+        plugins = {}
+        for k in self.ratios:
+            pre = train_lib.train_and_evaluate(self.plugin_config("pretrain", lm_dir, k),
+                                               self.path(f"pretrain-k{k}"))
+            plugins[("variator", k)] = train_lib.train_and_evaluate(
+                self.plugin_config("adapt", ft_dir, k, init_plugin=pre["plugin_dir"]),
+                self.path(f"adapt-k{k}"))["plugin_dir"]
+        for k in self.ablation_ratios:
+            plugins[("variator_no_pretrain", k)] = train_lib.train_and_evaluate(
+                self.plugin_config("adapt", ft_dir, k), self.path(f"adapt-k{k}-no-pretrain"))["plugin_dir"]
+            plugins[("variator_task_loss", k)] = train_lib.train_and_evaluate(
+                self.plugin_config("adapt", ft_dir, k, loss="task+hidden",
+                                   init_plugin=self.path(f"pretrain-k{k}", "plugin")),
+                self.path(f"adapt-k{k}-task-loss"))["plugin_dir"]
+        for name in BASELINES:
+            for k in self.ratios:
+                plugins[(name, k)] = f"{name}:{k}"
+        train_seconds = time.time() - t0
+        results = self.evaluate(ft_dir, plugins)
+        results["lm"] = self.lm_report(lm, lm_dir) if lm else {"backbone": lm_dir}
+        k = 4 if 4 in self.ratios else self.ratios[0]
+        results["examples"] = self.examples_report(ft_dir, plugins[("variator", k)], k)
+        results["finetune_validation"] = ft.get("eval", {})
+        results["pipeline_seconds"] = {"train": round(train_seconds), "eval": results.pop("_eval_seconds")}
+        return results
+
+    def evaluate(self, ft_dir, plugins):
+        from variator_jax import evaluate as eval_lib
+        from variator_jax import data as data_lib
+        c = self.plugin_config("adapt", ft_dir, self.ratios[0])
+        c.data.eval_split = self.args.test_split
+        c.eval.speed_repeats = self.args.speed_repeats
+        c.eval_batch_size = self.args.eval_batch
+        t0 = time.time()
+        keys = list(plugins)
+        out = eval_lib.evaluate(c, self.path("eval"), [plugins[key] for key in keys])
+        task = data_lib.get_task(self.args.task)
+        test = data_lib.read_source(self.args.data, self.args.test_split)
+        counts = collections.Counter(task.label_index(e) for e in test)
+        rows = []
+        for (method, k), entry in zip([("teacher", 1)] + keys, out["entries"]):
+            rows.append(dict(method=method, k=k, accuracy=entry["quality"],
+                             encoder_flops_saved=entry["encoder_flops_saving"],
+                             speedup=entry["speedup"], params=entry["plugin_params"],
+                             params_pct=entry["plugin_params_pct"]))
+        return dict(task=task.name, num_classes=len(task.labels or []),
+                    chance=max(counts.values()) / len(test), test_examples=len(test),
+                    quality_metric=out["quality_metric"], machine=out["machine"],
+                    max_input_length=c.max_input_length, python=sys.version.split()[0],
+                    rows=rows, _eval_seconds=round(time.time() - t0))
+
+    def lm_report(self, lm, lm_dir, count=3):
+        """(a)'s held-out span-corruption cross-entropy and a few greedy completions."""
+        import jax.numpy as jnp
+        import numpy as np
+        import variator_jax as vj
+        from variator_jax import data as data_lib
+        cfg, backbone = vj.load_hf_t5(lm_dir)
+        tok = data_lib.load_tokenizer(self.vocabulary(), lm_dir)
+        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
+        rng = np.random.default_rng(0)
+        samples = []
+        for text in texts:
+            ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"][: self.mini["n"] - 8], np.int32)
+            inputs, targets = data_lib.span_corruption(
+                ids, rng, data_lib.NOISE_DENSITY, data_lib.MEAN_NOISE_SPAN_LENGTH,
+                data_lib.sentinel_ids(tok, 64), tok.eos_token_id)
+            out = vj.generate(cfg, backbone, jnp.asarray(inputs)[None], jnp.ones((1, inputs.size), jnp.int32),
+                              max_new_tokens=int(targets.size) + 4)
+            decode = lambda x: tok.decode([int(t) for t in x if t > 0], skip_special_tokens=False)
+            samples.append(dict(input=decode(inputs), target=decode(targets), output=decode(np.asarray(out[0]))))
+        return dict(backbone=lm_dir, eval=lm.get("eval", {}), samples=samples)
+
+
+    def examples_report(self, ft_dir, plugin_dir, k, count=6):
+        """A few test examples with the teacher's and the k plugin's answers (classification)."""
+        import jax.numpy as jnp
+        import numpy as np
+        import variator_jax as vj
+        from variator_jax import data as data_lib
+        task = data_lib.get_task(self.args.task)
+        if task.kind != "classification":
+            return []
+        cfg, backbone = vj.load_hf_t5(ft_dir)
+        plugin = vj.load_plugin(plugin_dir, cfg=cfg, backbone=backbone)
+        tok = data_lib.load_tokenizer(self.tokenizer, ft_dir)
+        verbalizer = task.verbalizer_ids(tok)
+        examples = data_lib.read_source(self.args.data, self.args.test_split)[:count]
+        n = self.mini["n"] if self.mini else 256
+        ids = np.zeros((len(examples), n), np.int32)
+        for row, e in enumerate(examples):
+            x = tok.encode(task.format(e)[0], add_special_tokens=False)[: n - 1] + [tok.eos_token_id]
+            ids[row, : len(x)] = x
+        mask, start = jnp.asarray(ids > 0, jnp.int32), jnp.zeros((len(examples), 1), jnp.int32)
+        answer = lambda p: np.asarray(vj.forward(cfg, backbone, jnp.asarray(ids), mask, start, plugin=p)
+                                      ["logits"][:, 0][:, verbalizer]).argmax(-1)
+        teacher, student = answer(None), answer(plugin)
+        text = lambda e: next(v for key, v in e.items() if key != "label" and isinstance(v, str))
+        return [dict(text=text(e)[:100], label=task.labels[task.label_index(e)],
+                     teacher=task.labels[t], **{f"k{k}": task.labels[p]})
+                for e, t, p in zip(examples, teacher, student)]
+
+
+# == Outputs =======================================================================================
+def machine_slug(machine: str) -> str:
+    """'AMD EPYC 7B13, 2 cores, cpu (jax 0.10.2)' -> 'cpu-amd-epyc-7b13-2c'."""
+    model = machine.split(",")[0].lower()
+    cores = re.search(r"(\d+) cores", machine)
+    backend = "cpu" if ", cpu" in machine else "accel"
+    slug = re.sub(r"[^a-z0-9]+", "-", model).strip("-")
+    return f"{backend}-{slug}" + (f"-{cores.group(1)}c" if cores else "")
+
+
+def format_examples(results: dict) -> str:
+    """(a)'s completions and a few classified test examples, for a person to read."""
+    lines = []
+    lm = results.get("lm", {})
+    if lm.get("samples"):
+        lines += [f"(a) pre-trained LM, held-out span-corruption CE {lm['eval'].get('ce', float('nan')):.3f}:"]
+        for sample in lm["samples"]:
+            lines += [f"  input : {sample['input']}", f"  target: {sample['target']}",
+                      f"  output: {sample['output']}"]
+    if results.get("examples"):
+        key = next(k for k in results["examples"][0] if k.startswith("k") and k[1:].isdigit())
+        lines += ["", f"Test examples: gold label / teacher / plugin {key.replace('k', 'k=')}:"]
+        for e in results["examples"]:
+            lines.append(f"  {e['label']:>15} / {e['teacher']:<15} / {e[key]:<15} {e['text'][:60]!r}")
+    return "\n".join(lines)
+
+
+def format_table(results: dict) -> str:
+    lines = [f"Task `{results['task']}` ({results['num_classes']} classes, {results['test_examples']} "
+             f"test examples, majority class {100 * results['chance']:.1f} %), n = "
+             f"{results['max_input_length']}; measured on {results['machine']}.", "",
+             "| method | k | accuracy | vs teacher | encoder FLOPs saved | speedup | params (% of backbone) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    teacher = results["rows"][0]["accuracy"]
+    for r in results["rows"]:
+        delta = "" if r["method"] == "teacher" else f"{100 * (r['accuracy'] - teacher):+.1f}"
+        lines.append(f"| {r['method']} | {r['k']} | {100 * r['accuracy']:.1f} % | {delta} | "
+                     f"{100 * r['encoder_flops_saved']:.1f} % | {r['speedup']:.2f}x | "
+                     f"{r['params']:,} ({r['params_pct']:.2f} %) |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    """Accuracy against encoder FLOPs saved: one line per method, the teacher as a star."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    teacher = results["rows"][0]
+    by_method = collections.defaultdict(list)
+    for r in results["rows"][1:]:
+        by_method[r["method"]].append(r)
+    for i, (method, rows) in enumerate(by_method.items()):
+        rows = sorted(rows, key=lambda r: r["encoder_flops_saved"])
+        xs = [100 * r["encoder_flops_saved"] for r in rows]
+        ys = [100 * r["accuracy"] for r in rows]
+        ax.plot(xs, ys, "o-" if len(rows) > 1 else "s", color=f"C{i}", label=method)
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"k={r['k']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.plot([0], [100 * teacher["accuracy"]], "k*", markersize=12, label="teacher")
+    ax.axhline(100 * results["chance"], color="grey", ls=":", lw=1, label="majority class")
+    ax.set_xlabel("encoder FLOPs saved (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{results['task']}: accuracy vs compression")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.margins(x=0.08, y=0.08)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results: dict, out_dir: str) -> str:
+    from variator_jax.fileio import atomic_write, write_text
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"quality-{machine_slug(results['machine'])}"
+    table = format_table(results)
+    atomic_write(out_dir, f"{stem}.json", lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
+    atomic_write(out_dir, f"{stem}.md", lambda tmp: write_text(tmp, table + "\n"))
+    plot(results, os.path.join(out_dir, f"{stem}.png"))
+    print(format_examples(results))
+    print()
+    print(table)
+    print(f"Results written to {os.path.join(out_dir, stem)}.json, .md, .png")
+    return os.path.join(out_dir, stem)
+
+
+def main(argv=None):
+    args = _parse(argv)
+    from variator_jax import train_lib
+    try:
+        results = Pipeline(args).run()
+    except train_lib.UserError as e:
+        sys.exit(f"error: {e}")
+    write(results, args.out)
+
+
+if __name__ == "__main__":
+    from variator_jax import cli, host
+    host.keep_freed_memory()  # Before any JAX computation (see host.py).
+    cli.run_main(main)  # Bad input: one line, not a traceback.

@@ -1,0 +1,82 @@
+"""The `builtin:stdlib_docs` task (stdlib_docs.py) and the quality pipeline that uses it."""
+import ast
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+import transformers
+
+from variator_jax import data, stdlib_docs
+
+
+def test_build_is_deterministic_and_splits_share_no_text():
+    first, second = stdlib_docs.build.__wrapped__(), stdlib_docs.build.__wrapped__()
+    assert first == second
+    texts = {split: {e["text"] for e in first[split]} for split in stdlib_docs.SPLITS}
+    assert not texts["train"] & texts["test"]
+    assert not texts["train"] & texts["validation"]
+    assert not texts["validation"] & texts["test"]
+    sizes = {split: len(first[split]) for split in stdlib_docs.SPLITS}
+    assert sizes["train"] > 1000 and sizes["test"] > 250 and sizes["validation"] > 120
+    # Roughly 20 % test and 10 % validation, from the hash of each text.
+    total = sum(sizes.values())
+    assert abs(sizes["test"] / total - 0.2) < 0.04 and abs(sizes["validation"] / total - 0.1) < 0.04
+
+
+def test_labels_are_the_package_each_docstring_comes_from():
+    root = stdlib_docs.stdlib_root()
+    # Re-derive a few labels from the sources: a docstring of asyncio/events.py is "asyncio".
+    with open(os.path.join(root, "asyncio", "events.py"), encoding="utf-8") as f:
+        docs = {" ".join(ast.get_docstring(n).split()) for n in ast.walk(ast.parse(f.read()))
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module)) and ast.get_docstring(n)}
+    examples = [e for split in stdlib_docs.build().values() for e in split]
+    found = [e for e in examples if e["text"] in docs]
+    assert len(found) > 10
+    assert {stdlib_docs.LABELS[e["label"]] for e in found} == {"asyncio"}
+    counts = collections.Counter(e["label"] for e in examples)
+    assert sorted(counts) == list(range(8)) and max(counts.values()) <= stdlib_docs.MAX_PER_LABEL
+    assert all(len(e["text"]) >= stdlib_docs.MIN_CHARS for e in examples)
+
+
+def test_task_is_text_to_text_with_distinct_byte_verbalizers():
+    task = data.get_task("stdlib_docs")
+    example = data.read_source("builtin:stdlib_docs", "validation")[0]
+    inputs, target = task.format(example)
+    assert inputs == "stdlib_docs text: " + example["text"]
+    assert target == stdlib_docs.LABELS[example["label"]]
+    ids = task.verbalizer_ids(transformers.ByT5Tokenizer())
+    assert len(set(ids.tolist())) == 8  # First bytes a e i l m t u x, each + 3 (ByT5 offset).
+    assert ids.tolist() == [ord(label[0]) + 3 for label in stdlib_docs.LABELS]
+    with pytest.raises(ValueError, match="splits train, validation, test, not 'dev'"):
+        data.read_source("builtin:stdlib_docs", "dev")
+
+
+def test_quality_command_writes_every_row(tmp_path):
+    from benchmarks import quality
+    quality.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=2", "--speed_repeats=1",
+                  f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"])
+    (path,) = [p for p in os.listdir(tmp_path / "out") if p.endswith(".json")]
+    assert path.startswith("quality-cpu-")
+    with open(tmp_path / "out" / path) as f:
+        results = json.load(f)
+    test = data.read_source("builtin:stdlib_docs", "test")
+    assert results["task"] == "stdlib_docs" and results["num_classes"] == 8
+    assert results["test_examples"] == len(test)
+    majority = collections.Counter(e["label"] for e in test).most_common(1)[0][1]
+    assert results["chance"] == pytest.approx(majority / len(test))
+    assert [(r["method"], r["k"]) for r in results["rows"]] == [
+        ("teacher", 1), ("variator", 2), ("variator_no_pretrain", 2), ("variator_task_loss", 2),
+        ("mean_pool", 2), ("tome", 2), ("strided", 2)]
+    for row in results["rows"]:
+        assert set(row) >= {"method", "k", "accuracy", "encoder_flops_saved", "speedup", "params"}
+        assert 0 <= row["accuracy"] <= 1 and np.isfinite(row["speedup"])
+    teacher, variator, mean_pool = results["rows"][0], results["rows"][1], results["rows"][4]
+    assert teacher["encoder_flops_saved"] == 0 and teacher["params"] == 0
+    assert variator["params"] > 0 and mean_pool["params"] == 0
+    # The plugin's own matmuls cost FLOPs that mean pooling does not spend.
+    assert 0 < variator["encoder_flops_saved"] < mean_pool["encoder_flops_saved"]
+    assert len(results["lm"]["samples"]) == 3 and "ce" in results["lm"]["eval"]
+    for suffix in (".md", ".png"):
+        assert os.path.isfile(tmp_path / "out" / path.replace(".json", suffix))
