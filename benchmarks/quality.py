@@ -270,6 +270,8 @@ class Pipeline:
             rows.append(dict(method=method, k=k, accuracy=entry["quality"],
                              encoder_flops_saved=entry["encoder_flops_saving"],
                              speedup=entry["speedup"], params=entry["plugin_params"],
+                             **{key: entry[key] for key in ("speedup_q25", "speedup_q75",
+                                                            "speedup_ceiling", "above_ceiling")},
                              params_pct=entry["plugin_params_pct"]))
         return dict(task=task.name, num_classes=len(task.labels or []),
                     chance=max(counts.values()) / len(test), test_examples=len(test),
@@ -357,16 +359,17 @@ def format_examples(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
+    from variator_jax import timing
     lines = [f"Task `{results['task']}` ({results['num_classes']} classes, {results['test_examples']} "
              f"test examples, majority class {100 * results['chance']:.1f} %), n = "
              f"{results['max_input_length']}; measured on {results['machine']}.", "",
-             "| method | k | accuracy | vs teacher | encoder FLOPs saved | speedup | params (% of backbone) |",
+             "| method | k | accuracy | vs teacher | encoder FLOPs saved | speedup (IQR) | params (% of backbone) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     teacher = results["rows"][0]["accuracy"]
     for r in results["rows"]:
         delta = "" if r["method"] == "teacher" else f"{100 * (r['accuracy'] - teacher):+.1f}"
         lines.append(f"| {r['method']} | {r['k']} | {100 * r['accuracy']:.1f} % | {delta} | "
-                     f"{100 * r['encoder_flops_saved']:.1f} % | {r['speedup']:.2f}x | "
+                     f"{100 * r['encoder_flops_saved']:.1f} % | {timing.format_speedup(r)} | "
                      f"{r['params']:,} ({r['params_pct']:.2f} %) |")
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ import shlex
 import jax
 
 import variator_jax as vj
-from variator_jax import cli
+from variator_jax import cli, vocab
 from tests import test_utils as tu
 
 with open(os.path.join(tu.REPO, "README.md")) as f:
@@ -14,12 +14,18 @@ with open(os.path.join(tu.REPO, "README.md")) as f:
 
 
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
-    # What the blocks read, where `make demo` leaves it: a (tiny, random) backbone with its
-    # ByT5 tokenizer, and a k = 4 plugin trained on it.
-    backbone_dir = tu.make_hf_dir(str(tmp_path / "demo_workdir" / "backbone_stage" / "backbone"))
-    cfg, backbone = vj.load_hf_t5(backbone_dir)
+    # What the blocks read, where `make demo` (benchmarks/quality.py --preset=demo) leaves it:
+    # a fine-tuned backbone with its subword tokenizer beside it, and a k = 4 plugin. Here: a
+    # tiny random T5, a vocabulary trained on a few sentences, a random plugin.
+    text = "Return the absolute value of the argument."
+    tokenizer = vocab.train_tokenizer([text, "Log a message with severity ERROR."] * 20, 180,
+                                      str(tmp_path / "vocab"))
+    cfg = tu.tiny_t5(vocab_size=len(tokenizer))
+    backbone_dir = str(tmp_path / "demo_workdir" / "finetune" / "backbone")
+    backbone = jax.device_get(vj.init_t5(jax.random.key(0), cfg))
+    vj.save_hf_t5(backbone_dir, cfg, backbone, tokenizer=tokenizer)
     pcfg = vj.PluginConfig(ratio=4, bottleneck=8)
-    vj.save_plugin(tmp_path / "demo_workdir" / "plugin", pcfg,
+    vj.save_plugin(tmp_path / "demo_workdir" / "adapt-k4" / "plugin", pcfg,
                    vj.init_plugin(jax.random.key(1), cfg, pcfg), vj.backbone_identity(cfg, backbone))
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
@@ -27,9 +33,12 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     for i, block in enumerate(blocks):  # Each block on its own: a fresh namespace.
         exec(compile(block, f"README.md python block {i + 1}", "exec"), {"__name__": "__main__"})
     out = capsys.readouterr().out
-    # The tokenisation shown: ByT5 ids are bytes + 3 ("Return" -> 85 104 119 120 117 113).
-    assert "[ 85 104 119 120 117 113]" in out, out
-    assert "(2, 6, 384) (2, 43, 32)" in out, out  # Logits [2, m, vocab], hidden [2, n, d].
+    # The tokenisation shown is the tokenizer's own pieces of the first text.
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"][:8])
+    n = len(tokenizer(text)["input_ids"])
+    assert f"(2, {n}) {pieces}" in out, out
+    m = max(len(tokenizer(w)["input_ids"]) for w in ("value", "logging"))
+    assert f"(2, {m}, {len(tokenizer)}) (2, {n}, 32)" in out, out  # logits [2, m, V], hidden [2, n, d]
     assert sorted(os.listdir("my_plugin")) == ["plugin.safetensors", "plugin_config.json"]
     assert os.path.isfile("export/backbone/tokenizer_config.json")
 
