@@ -63,6 +63,9 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
         "--workdir is required": ["train.py", "--config=demo"],
         "unknown T5 variant 't5-bse'; did you mean 't5-base'?":
             ["-m", "variator_jax.flops", "--variant", "t5-bse"],
+        "config.variant: unknown T5 variant 't5-smal'; did you mean 't5-small'?":
+            ["train.py", "--config=finetune:task=pretrain,size=smal", "--config.tokenizer=byte",
+             f"--workdir={tmp_path}/w"],
         "unknown T5 variant 'flan-t5-bas'; did you mean 'flan-t5-base'?":
             ["-m", "benchmarks.speed", "--variant", "flan-t5-bas", "--lengths", "32"],
     }
@@ -73,6 +76,7 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert proc.returncode in (1, 2), (want, err)
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], (want, err)
+    assert not os.path.exists(tmp_path / "w")  # Refused before anything was written.
 
 
 def test_show_config_prints_each_field_with_the_comment_of_the_line_that_set_it(tmp_path):
