@@ -48,8 +48,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bag-of-words logistic regression reaches 79 %: subwords let the tiny model see words.
 MODEL = dict(d_model=128, d_kv=32, num_heads=4, d_ff=384, num_layers=4, num_decoder_layers=2,
              relative_attention_max_distance=64)
-MINI = dict(n=64, target=16, vocab=4000, lm_steps=1000, lm_lr=2e-3, ft_steps=500, ft_lr=1e-3,
-            pretrain_steps=300, pretrain_lr=1e-3, adapt_steps=200, adapt_lr=5e-4, batch=32)
+MINI = dict(n=64, target=16, vocab=4000, lm_steps=1000, lm_lr=2e-3, ft_steps=1500, ft_lr=1e-3,
+            pretrain_steps=300, pretrain_lr=1e-3, adapt_steps=800, adapt_lr=1e-3, batch=32)
 # For the tests: a model and step counts that only prove the pipeline runs end to end.
 TINY_MODEL = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2, num_decoder_layers=1,
                   relative_attention_max_distance=16)
@@ -185,6 +185,7 @@ class Pipeline:
         c = load_config("finetune", f"task={self.args.task}")
         c = self._common(c, self.mini and self.mini["ft_steps"], self.mini and self.mini["ft_lr"])
         c.backbone = backbone
+        c.eval_every = 250 if self.mini is MINI else 0  # The validation curve, in metrics.jsonl.
         self._task_data(c)
         return c
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
+import warnings
 from typing import Callable, NamedTuple
 
 import jax
@@ -100,16 +103,41 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
+    return {k: v.float().numpy() for k, v in torch_load_weights_only(file).items()}
+
+
+def torch_load_weights_only(file: str) -> dict:
+    """`torch.load(file, weights_only=True)` -> its dict of CPU tensors, with one-line errors.
+
+    Never unpickles anything but tensors and plain containers: a pickle that needs any other
+    global is refused before a line of it runs, and the error says so and names the global.
+    """
     try:
         import torch
     except ImportError:
-        raise CheckpointError(f"{file}: reading .bin checkpoints needs torch "
+        raise CheckpointError(f"{file}: reading PyTorch checkpoints needs torch "
                               "(pip install 'variator_jax[torch]'), or convert it to safetensors") from None
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: no such file")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{file}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    return {k: v.float().numpy() for k, v in state.items()}
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint ({e})") from None
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"{file}: refusing to load: this pickle is not weights-only loadable (it needs "
+            f"{culprit.group(1) if culprit else 'an unsupported object'}); nothing in it was run. "
+            "Re-save it as a plain state dict of tensors") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
+    except Exception as e:  # zip and pickle readers raise RuntimeError, EOFError, KeyError, ...
+        detail = str(e).split(". ")[0].strip()
+        raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint ({type(e).__name__}"
+                              + (f": {detail})" if detail else ")")) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: not a state dict (a flat mapping from names to tensors)")
+    return state
 
 
 def _checkpoint_files(path: str) -> tuple[list[str], Callable[[str], dict]]:
@@ -235,3 +263,37 @@ def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone, tokenizer=None)
                   lambda tmp: write_text(tmp, json.dumps(config, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+# -- The authors' released plugins (variator_jax/released.py) ------------------------------------
+def import_released_plugin(path, cfg: T5Config, **kwargs):
+    """A thunlp/Compression-Plugin `.pkl` -> (PluginConfig, plugin tree) for an HF backbone with
+    `cfg`; see `variator_jax.released.import_released_plugin` for the options and the math."""
+    from variator_jax import released  # released.py imports this module.
+    return released.import_released_plugin(path, cfg, **kwargs)
+
+
+# -- Command line: python -m variator_jax.convert COMMAND ... ------------------------------------
+_COMMANDS = {"released": "variator_jax.released"}  # command -> module with main(argv) -> int
+
+# `python -m variator_jax.convert` runs this module while the package has imported it already;
+# runpy warns that it then exists twice. Harmless here: `main` only dispatches, and the
+# commands use the imported `variator_jax.convert`, never `__main__`'s copies.
+warnings.filterwarnings("ignore", message=r"'variator_jax\.convert' found in sys\.modules",
+                        category=RuntimeWarning)
+
+
+def main(argv=None) -> int:
+    """Dispatches `python -m variator_jax.convert COMMAND ARGS...` to the command's module."""
+    import importlib
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in _COMMANDS:
+        print(f"usage: python -m variator_jax.convert {{{','.join(_COMMANDS)}}} ... "
+              "(--help after a command for its options)", file=sys.stderr)
+        return 2
+    return importlib.import_module(_COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
