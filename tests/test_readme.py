@@ -1,4 +1,6 @@
 """The README's examples run as written: its Python blocks, and its commands' config flags."""
+import ast
+import builtins
 import os
 import re
 import shlex
@@ -29,9 +31,23 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
                    vj.init_plugin(jax.random.key(1), cfg, pcfg), vj.backbone_identity(cfg, backbone))
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    assert len(blocks) >= 2
+    # A block that needs files the demo does not make (a real T5) says so on its first line;
+    # it is compiled, and its names are checked, but not run.
+    runnable = [b for b in blocks if not b.startswith("# Needs:")]
+    assert len(runnable) >= 2
     for i, block in enumerate(blocks):  # Each block on its own: a fresh namespace.
-        exec(compile(block, f"README.md python block {i + 1}", "exec"), {"__name__": "__main__"})
+        code = compile(block, f"README.md python block {i + 1}", "exec")
+        if block in runnable:
+            exec(code, {"__name__": "__main__"})
+        else:  # Every name it reads is one it assigns or imports (no `ids` from nowhere).
+            tree = ast.parse(block)
+            bound = {a.asname or a.name.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+            bound |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                      and isinstance(n.ctx, ast.Store)}
+            read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                    and isinstance(n.ctx, ast.Load)}
+            assert read <= bound | set(dir(builtins)), (block, read - bound)
     out = capsys.readouterr().out
     # The tokenisation shown is the tokenizer's own pieces of the first text.
     pieces = tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"][:8])
