@@ -3,22 +3,30 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 # Pinned for CPU machines: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: install test demo serve reproduce clean
 
+# The library, and PyTorch for the README's export example: what `make demo` needs. No
+# TensorFlow: tfds datasets (GLUE, SQuAD) are opt-in, `pip install -e ".[tfds]"`.
 install: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[all]"
+	$(PY) -m pip install -q -e ".[torch]"
 	touch $(STAMP)
 
-test: install
+# The tests also read tfds mock data and run under pytest: the tfds and dev extras.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[all]"
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # The embedded default (DESIGN §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell

@@ -35,4 +35,7 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=_RUNTIME,
     extras_require=_EXTRAS,
+    # `pip install .` gives both entry points; configs ship in variator_jax/configs.
+    entry_points={"console_scripts": ["variator-train = variator_jax.train:run",
+                                      "variator-eval = variator_jax.eval:run"]},
 )

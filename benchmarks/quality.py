@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 import re
@@ -64,12 +63,9 @@ METHODS = ("teacher", "variator", "variator_no_pretrain", "variator_task_loss") 
 
 
 def load_config(name: str, arg: str | None = None):
-    """configs/NAME.py's get_config(arg)."""
-    spec = importlib.util.spec_from_file_location(
-        f"variator_configs_{name}", os.path.join(_ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """variator_jax/configs/NAME.py's get_config(arg)."""
+    from variator_jax import configs
+    return configs.get_config(name, arg)
 
 
 def _parse(argv):
@@ -276,6 +272,8 @@ class Pipeline:
             rows.append(dict(method=method, k=k, accuracy=entry["quality"],
                              encoder_flops_saved=entry["encoder_flops_saving"],
                              speedup=entry["speedup"], params=entry["plugin_params"],
+                             **{key: entry[key] for key in ("speedup_q25", "speedup_q75",
+                                                            "speedup_ceiling", "above_ceiling")},
                              params_pct=entry["plugin_params_pct"]))
         return dict(task=task.name, num_classes=len(task.labels or []),
                     chance=max(counts.values()) / len(test), test_examples=len(test),
@@ -363,16 +361,17 @@ def format_examples(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
+    from variator_jax import timing
     lines = [f"Task `{results['task']}` ({results['num_classes']} classes, {results['test_examples']} "
              f"test examples, majority class {100 * results['chance']:.1f} %), n = "
              f"{results['max_input_length']}; measured on {results['machine']}.", "",
-             "| method | k | accuracy | vs teacher | encoder FLOPs saved | speedup | params (% of backbone) |",
+             "| method | k | accuracy | vs teacher | encoder FLOPs saved | speedup (IQR) | params (% of backbone) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     teacher = results["rows"][0]["accuracy"]
     for r in results["rows"]:
         delta = "" if r["method"] == "teacher" else f"{100 * (r['accuracy'] - teacher):+.1f}"
         lines.append(f"| {r['method']} | {r['k']} | {100 * r['accuracy']:.1f} % | {delta} | "
-                     f"{100 * r['encoder_flops_saved']:.1f} % | {r['speedup']:.2f}x | "
+                     f"{100 * r['encoder_flops_saved']:.1f} % | {timing.format_speedup(r)} | "
                      f"{r['params']:,} ({r['params_pct']:.2f} %) |")
     return "\n".join(lines)
 
@@ -433,6 +432,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from variator_jax import host
+    from variator_jax import cli, host
     host.keep_freed_memory()  # Before any JAX computation (see host.py).
-    main()
+    cli.run_main(main)  # Bad input: one line, not a traceback.

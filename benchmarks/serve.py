@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from variator_jax import host, serving
+from variator_jax import cli, host, serving
 from variator_jax.serving import OFF, AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig
 
 
@@ -377,4 +377,4 @@ def save(result: dict, profile: LatencyProfile, quality, compiles: int, args) ->
 
 if __name__ == "__main__":
     host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
-    main()
+    cli.run_main(main)  # Bad input: one line, not a traceback.

@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
-from variator_jax import host  # noqa: E402
+from variator_jax import cli, host  # noqa: E402
 from variator_jax import plugins as plugins_lib  # noqa: E402
 from variator_jax import stacking  # noqa: E402
 from variator_jax import t5  # noqa: E402
@@ -545,4 +545,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)  # Bad input: one line, not a traceback.

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 
-from variator_jax import host, sharding, train_lib
+from variator_jax import cli, host, sharding, train_lib
 from variator_jax.plugins import PluginConfig, init_plugin, plugin_param_count
 from variator_jax.t5 import T5Config, init_t5
 
@@ -114,4 +114,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
-    main()
+    cli.run_main(main)  # Bad input: one line, not a traceback.

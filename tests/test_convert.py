@@ -145,3 +145,21 @@ def test_written_files_get_the_umask_mode_not_private(tmp_path):
         os.umask(old)
     for name in ("config.json", "model.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_save_hf_t5_with_a_tokenizer_is_a_complete_hf_directory(tmp_path):
+    from tests import test_utils as tu
+    cfg = tu.tiny_t5()
+    backbone = jax.device_get(vj.init_t5(jax.random.key(0), cfg))
+    vj.save_hf_t5(tmp_path / "out", cfg, backbone, tokenizer="byte")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out", local_files_only=True)
+    text = "Return the absolute value of x."
+    assert tok(text)["input_ids"] == transformers.ByT5Tokenizer()(text)["input_ids"]
+    assert tok(text)["input_ids"][:3] == [ord("R") + 3, ord("e") + 3, ord("t") + 3]  # Bytes + 3.
+    assert transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").config.vocab_size == 384
+    assert len(vj.load_tokenizer(None, str(tmp_path / "out"))) == len(tok)
+    small = cfg.replace(vocab_size=100)  # ByT5's 384 tokens cannot fit: nothing is written.
+    with pytest.raises(ValueError, match="384 tokens, more than the model's vocab_size 100"):
+        vj.save_hf_t5(tmp_path / "small", small, vj.init_t5(jax.random.key(0), small),
+                      tokenizer=tok)
+    assert not os.path.exists(tmp_path / "small")

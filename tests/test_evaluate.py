@@ -46,9 +46,13 @@ def test_eval_py_pretrain_writes_results_table_and_plot(run):
     assert [e["ratio"] for e in results["entries"]] == [1, 2, 4]
     assert results["quality_metric"] == "agreement" and teacher["quality"] == 1.0
     assert teacher["speedup"] == 1.0 and teacher["flops_saving"] == 0.0
+    assert teacher["speed_rounds"] == 2 and teacher["speedup_ceiling"] == 1.0
     for entry in (k2, k4):  # A fresh plugin is close to, not equal to, the teacher.
         assert 0.0 < entry["enc_mse"] and 0.0 <= entry["agreement"] <= 1.0
         assert entry["speedup"] > 0 and entry["examples_per_s"] > 0
+        assert entry["speedup_q25"] <= entry["speedup"] <= entry["speedup_q75"]
+        assert entry["speedup_ceiling"] == pytest.approx(
+            teacher["flops_per_example"] / entry["flops_per_example"])
         want = 1 - flops.encoder_flops(cfg, 32, entry["ratio"], 8)["total"] / flops.encoder_flops(cfg, 32)["total"]
         assert entry["encoder_flops_saving"] == pytest.approx(want)
         assert entry["plugin_params"] == vj.plugin_param_count(cfg, vj.PluginConfig(entry["ratio"], 8))
@@ -56,6 +60,8 @@ def test_eval_py_pretrain_writes_results_table_and_plot(run):
     table = open(os.path.join(workdir, "eval", "results.md")).read()
     assert table in proc.stdout  # The printed table is the saved one.
     assert table.count("\n| ") == 4 and "| teacher | 1 | 1.0000 |" in table
+    assert "| k2 | 2 |" in table and "| k4 | 4 |" in table  # Rows named by their directories.
+    assert "examples in " in proc.stdout  # Progress of each pass.
     with open(os.path.join(workdir, "eval", "speed_accuracy.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -85,3 +91,80 @@ def test_missing_plugin_dir_is_a_user_error(run):
                                                 "eval__plugins": str(root / "nope")})
     with pytest.raises(evaluate.UserError, match="nope does not exist"):
         evaluate.evaluate(config, str(root / "run2"))
+
+
+def test_speedup_spread_and_the_flops_ceiling():
+    from variator_jax import timing
+    base = np.array([1.0, 2.0, 3.0, 4.0, 5.0])  # Per-round speedups 1..5 over a model at 1 s.
+    stats = timing.speedup_stats(base, np.ones(5), ceiling=1.5)
+    assert (stats["speedup"], stats["speedup_q25"], stats["speedup_q75"]) == (3.0, 2.0, 4.0)
+    assert (stats["speedup_min"], stats["speedup_max"], stats["speed_rounds"]) == (1.0, 5.0, 5)
+    assert stats["above_ceiling"]  # Even the lower quartile (2.0) is above 1.5: noise.
+    assert not timing.speedup_stats(base, np.ones(5), ceiling=2.5)["above_ceiling"]  # Within it.
+    assert timing.format_speedup(stats) == "n/a: 3.00x (2.00-4.00) exceeds the FLOPs ceiling 1.50x"
+    ok = timing.speedup_stats(np.array([1.08, 1.12, 1.15]), np.ones(3), ceiling=1.2)
+    assert timing.format_speedup(ok) == "1.12x (1.10-1.14)"
+
+
+def test_interleaved_rounds_rotate_the_order_and_time_each_call():
+    import time as time_lib
+    from variator_jax import timing
+    calls = []
+
+    def sleeper(name, seconds):
+        def fn():
+            calls.append(name)
+            time_lib.sleep(seconds)
+            return np.zeros(())
+        return fn
+
+    times = timing.interleaved_times([sleeper("a", 0.02), sleeper("b", 0.005)], rounds=3, calls=2)
+    assert times.shape == (2, 3)
+    # One warm-up call each, then rounds of 2 calls, the first model alternating.
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"] + ["a", "a", "b", "b"]
+    assert np.all(times[0] >= 0.02) and np.all(times[1] >= 0.005) and np.all(times[1] < times[0])
+
+
+def _fake_results(speedups, flagged):
+    entries = []
+    for i, (s, bad) in enumerate(zip(speedups, flagged)):
+        entries.append(dict(name="teacher" if i == 0 else f"run{i}", ratio=1 if i == 0 else 2 * i,
+                            quality=1.0 - 0.01 * i, flops_per_example=1e9 * (1 - 0.1 * i),
+                            flops_saving=0.1 * i, encoder_flops_saving=0.15 * i,
+                            plugin_params=100 * i, plugin_params_pct=0.5 * i, examples_per_s=10.0 * s,
+                            speedup=s, speedup_q25=s - 0.05, speedup_q75=s + 0.05,
+                            speedup_ceiling=1 / (1 - 0.1 * i), above_ceiling=bad, speed_rounds=10))
+    return dict(task="pretrain", eval_data="builtin:pydoc", max_input_length=32, machine="test",
+                quality_metric="agreement", entries=entries)
+
+
+def test_table_flags_a_speedup_above_the_ceiling_and_names_rows_by_run(tmp_path):
+    results = _fake_results([1.0, 2.69, 1.15], [False, True, False])
+    table = evaluate.format_table(results)
+    assert "| run1 | 2 |" in table and "| run2 | 4 |" in table
+    assert "n/a: 2.69x (2.64-2.74) exceeds the FLOPs ceiling 1.11x" in table
+    assert "| 1.15x (1.10-1.20) |" in table and "median over 10 interleaved rounds" in table
+    evaluate.plot(results, str(tmp_path / "p.png"))  # Flagged points and error bars draw.
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert evaluate.run_name("runs/t5-base-sst2-k4/plugin") == "t5-base-sst2-k4"
+    assert evaluate.run_name("plugins/k8/") == "k8"
+
+
+def test_progress_counts_examples_and_gives_an_eta(monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 0.0)
+
+    class Data:
+        num_examples, references = 10, ["r"]
+
+        def __iter__(self):
+            return iter(range(3))
+
+        def __len__(self):
+            return 3
+
+    data = evaluate.Progress(Data(), "k=4 run", batch_size=4)
+    assert list(data) == [0, 1, 2] and data.references == ["r"] and len(data) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(",")[0] for ln in lines[:2]] == ["  k=4 run: 4/10 examples",
+                                                      "  k=4 run: 8/10 examples"]
+    assert "ETA 0:00:0" in lines[0] and lines[2].startswith("  k=4 run: 10 examples in ")

@@ -267,7 +267,7 @@ def test_configs_have_the_issue_fields_and_a_comment_on_each(name, arg):
         for part in field.split("."):
             assert part in target, f"{name}: no field {field}"
             target = target[part]
-    with open(os.path.join(tu.REPO, "configs", f"{name}.py")) as f:
+    with open(os.path.join(tu.REPO, "variator_jax", "configs", f"{name}.py")) as f:
         assignments = [ln for ln in f if ln.lstrip().startswith("c.") and " = " in ln]
     assert assignments and all("#" in ln for ln in assignments), name
     if arg and "adapt" in arg:  # Presets: released settings per stage and task (DESIGN §2).

@@ -1,7 +1,6 @@
 """Shared test helpers: tiny models, fake batches, tiny HF directories, tiny training configs."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import jax
@@ -28,10 +27,8 @@ def make_hf_dir(path: str, cfg: T5Config | None = None, seed: int = 0,
     """A random HF-format T5 directory (config.json + model.safetensors) and, by default,
     the ByT5 tokenizer's files, so that `tokenizer=None` finds it there."""
     cfg = cfg or tiny_t5()
-    save_hf_t5(path, cfg, jax.device_get(init_t5(jax.random.key(seed), cfg)))
-    if tokenizer:
-        import transformers
-        transformers.ByT5Tokenizer().save_pretrained(path)
+    save_hf_t5(path, cfg, jax.device_get(init_t5(jax.random.key(seed), cfg)),
+               tokenizer="byte" if tokenizer else None)
     return path
 
 
@@ -55,12 +52,9 @@ def fake_batch(batch: int = 4, n: int = 32, m: int = 8, vocab: int = BYTE_VOCAB,
 
 
 def load_config(name: str, arg: str | None = None):
-    """configs/NAME.py's get_config(arg), as `--config=configs/NAME.py:arg` would load it."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}",
-                                                  os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """variator_jax/configs/NAME.py's get_config(arg), as `--config=NAME:arg` loads it."""
+    from variator_jax import configs
+    return configs.get_config(name, arg)
 
 
 # Shrinks configs/plugin.py to seconds: batch 8, lengths 32 / 8, log and save every 4 steps.

@@ -253,11 +253,28 @@ def tree_to_hf(cfg: T5Config, backbone) -> dict[str, np.ndarray]:
             for row in key_table(cfg)}
 
 
-def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone) -> None:
+def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone, tokenizer=None) -> None:
     """Writes config.json + model.safetensors that `T5ForConditionalGeneration.from_pretrained`
-    loads. Files are written to temporaries and renamed, so a failure leaves the old ones."""
+    loads. Files are written to temporaries and renamed, so a failure leaves the old ones.
+
+    `tokenizer` (an HF tokenizer, or what `load_tokenizer` takes: "byte" or a directory) is
+    saved beside the weights, so that the directory is complete: `AutoTokenizer` and
+    `from_pretrained` both load it, and `load_hf_t5` + `load_tokenizer(None, path)` read it back.
+
+    Example:
+      >>> vj.save_hf_t5("export/backbone", cfg, backbone, tokenizer="byte")
+      >>> model = transformers.T5ForConditionalGeneration.from_pretrained("export/backbone")
+      >>> tok = transformers.AutoTokenizer.from_pretrained("export/backbone")
+    """
     from safetensors.numpy import save_file
     path = os.fspath(path)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from variator_jax.data import load_tokenizer
+            tokenizer = load_tokenizer(os.fspath(tokenizer))
+        if len(tokenizer) > cfg.vocab_size:  # Checked before anything is written.
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the "
+                             f"model's vocab_size {cfg.vocab_size}")
     os.makedirs(path, exist_ok=True)
     tensors = tree_to_hf(cfg, backbone)
     atomic_write(path, "model.safetensors",
@@ -265,6 +282,8 @@ def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone) -> None:
     config = cfg.to_hf()
     atomic_write(path, "config.json",
                   lambda tmp: write_text(tmp, json.dumps(config, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
 
 
 # -- The authors' released plugins (variator_jax/released.py) ------------------------------------

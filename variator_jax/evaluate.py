@@ -6,14 +6,16 @@ For the teacher (the backbone, no plugin) and each plugin, on the config's eval 
     the student's span predictions (argmax tokens) agree with the teacher's;
   - analytic FLOPs per example of the path measured, and the saving over the teacher;
   - plugin parameters as a share of the backbone;
-  - measured examples/s on this machine and the speedup over the teacher (medians, the
-    models timed in interleaved rounds so that a change in machine load hits all alike).
+  - measured examples/s on this machine and the speedup over the teacher: the median over
+    interleaved rounds with its interquartile range, checked against the FLOPs ceiling
+    (variator_jax/timing.py).
 
 Writes `WORKDIR/eval/results.json`, `results.md` (the table printed) and `speed_accuracy.png`.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -29,6 +31,7 @@ from variator_jax import compressors
 from variator_jax import data as data_lib
 from variator_jax import flops as flops_lib
 from variator_jax import sharding
+from variator_jax import timing
 from variator_jax import train_lib
 from variator_jax.convert import load_hf_t5
 from variator_jax.fileio import atomic_write, write_text
@@ -75,6 +78,10 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
         mesh, logical_axes(cfg), host_backbone, rules))
     models = [Model("teacher", None)] + [
         _load_model(d, cfg, host_backbone, mesh) for d in _plugin_dirs(config, workdir, plugin_dirs)]
+    names = [m.name for m in models]
+    for m in models:  # Two runs' plugins with one name (a/x/plugin, b/x/plugin): add k.
+        if names.count(m.name) > 1 and m.pcfg is not None:
+            m.name = f"{m.name} (k={m.ratio})"
     data = _eval_data(config, task, tokenizer, mesh, rules)
     verbalizer = (tuple(int(i) for i in task.verbalizer_ids(tokenizer))
                   if task.kind == "classification" else None)
@@ -84,14 +91,14 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
         setup = train_lib.Setup(cfg, model.pcfg, "hidden", task.kind, verbalizer, dropout=False)
         quality = _quality(setup, model, backbone, data, mesh, rules, task, tokenizer, config)
         rows.append(dict(name=model.name, ratio=model.ratio, **quality))
-    speeds = _measure_speed(cfg, models, backbone, data, mesh, rules, task, config)
+    times = _measure_speed(cfg, models, backbone, data, mesh, rules, task, config)
     backbone_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(host_backbone))
-    for row, model, seconds in zip(rows, models, speeds):
+    for row, model, seconds in zip(rows, models, times):
         row.update(_costs(cfg, model, task, config, backbone_params))
-        row["examples_per_s"] = _batch_size(config) / seconds
-        row["speedup"] = speeds[0] / seconds
-    for row in rows:
         row["flops_saving"] = 1 - row["flops_per_example"] / rows[0]["flops_per_example"]
+        row["examples_per_s"] = _batch_size(config) / float(np.median(seconds))
+        ceiling = rows[0]["flops_per_example"] / row["flops_per_example"]  # FLOPs allow no more.
+        row.update(timing.speedup_stats(times[0], seconds, ceiling))
     results = {"task": task.name, "eval_data": config.data.eval, "backbone": backbone_dir,
                "quality_metric": _quality_metric(task), "machine": machine_description(),
                "max_input_length": config.max_input_length, "entries": rows}
@@ -140,7 +147,15 @@ def _load_model(directory: str, cfg, host_backbone, mesh) -> Model:
     with train_lib.user_errors(f"plugin {directory}"):
         pcfg, params = load_plugin(directory, cfg=cfg, backbone=host_backbone)
     params = jax.device_put(params, sharding.replicated(mesh))
-    return Model(f"k={pcfg.ratio} ({os.path.basename(os.path.normpath(directory))})", pcfg, params)
+    return Model(run_name(directory), pcfg, params)
+
+
+def run_name(directory: str) -> str:
+    """A plugin's row label: its run, `runs/t5-base-sst2-k4/plugin` -> 't5-base-sst2-k4'
+    (the workdir's name), or the directory's own name when it is not called `plugin`."""
+    path = os.path.normpath(os.path.abspath(directory))
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name == "plugin" else name
 
 
 def _batch_size(config) -> int:
@@ -167,6 +182,7 @@ def _quality_metric(task) -> str:
 
 
 def _quality(setup, model, backbone, data, mesh, rules, task, tokenizer, config) -> dict:
+    data = Progress(data, model.name, _batch_size(config))
     if task.kind == "generation":
         out = _squad(setup.cfg, model, backbone, data, mesh, rules, tokenizer, config)
     else:
@@ -201,6 +217,40 @@ def _squad(cfg, model, backbone, data, mesh, rules, tokenizer, config) -> dict:
     return squad_em_f1(predictions, answers)
 
 
+PROGRESS_EVERY_S = 10.0  # Seconds between progress lines of a long evaluation.
+
+
+class Progress:
+    """`data` (eval batches) that, while iterated, prints every PROGRESS_EVERY_S seconds the
+    examples done, their rate and the time left, and at the end how long the pass took.
+    Other attributes (`num_examples`, `references`) are `data`'s."""
+
+    def __init__(self, data, label: str, batch_size: int):
+        self.data, self.label, self.batch_size = data, label, batch_size
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        total = int(getattr(self.data, "num_examples", 0) or 0)
+        start = last = time.perf_counter()
+        examples = 0
+        for done, batch in enumerate(self.data, 1):
+            yield batch
+            examples = min(total, done * self.batch_size) if total else done * self.batch_size
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and examples < total:
+                last, rate = now, examples / (now - start)
+                eta = datetime.timedelta(seconds=round((total - examples) / rate))
+                train_lib.say(f"  {self.label}: {examples:,}/{total:,} examples, "
+                              f"{rate:.1f} examples/s, ETA {eta}")
+        train_lib.say(f"  {self.label}: {examples:,} examples in "
+                      f"{time.perf_counter() - start:.1f}s")
+
+
 # -- Cost and speed -------------------------------------------------------------------------------
 def _decoder_length(task, config) -> int:
     """Decoder positions the measured path computes: one for classification (the verbalizer
@@ -218,8 +268,9 @@ def _costs(cfg, model, task, config, backbone_params: int) -> dict:
             "plugin_params": params, "plugin_params_pct": 100.0 * params / backbone_params}
 
 
-def _measure_speed(cfg, models, backbone, data, mesh, rules, task, config) -> list[float]:
-    """Median seconds per eval batch for each model, on the first eval batch, in rounds."""
+def _measure_speed(cfg, models, backbone, data, mesh, rules, task, config) -> np.ndarray:
+    """Seconds per eval batch, [model, round], on the first eval batch: the models timed in
+    interleaved rounds of `eval.speed_calls` calls each (variator_jax/timing.py)."""
     batch = sharding.global_batch(mesh, next(iter(data)), rules)
     m = _decoder_length(task, config)
     if task.kind == "generation":
@@ -229,16 +280,11 @@ def _measure_speed(cfg, models, backbone, data, mesh, rules, task, config) -> li
         run = lambda model: forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
                                     batch["decoder_input_ids"][:, :m],
                                     batch["decoder_attention_mask"][:, :m], model.plugin)["logits"]
-    repeats = max(int(config.eval.speed_repeats), 1)
-    times = [[] for _ in models]
-    for model in models:  # Compile and warm up.
-        jax.block_until_ready(run(model))
-    for _ in range(repeats):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            jax.block_until_ready(run(model))
-            times[i].append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
+    rounds = max(int(config.eval.speed_repeats), 1)
+    calls = max(int(config.eval.get("speed_calls", 1)), 1)
+    train_lib.say(f"timing {len(models)} models: {rounds} interleaved rounds x {calls} calls ...")
+    return timing.interleaved_times([functools.partial(run, model) for model in models],
+                                    rounds, calls)
 
 
 def cpu_model() -> str:
@@ -260,39 +306,70 @@ def machine_description() -> str:
 
 # -- Outputs --------------------------------------------------------------------------------------
 def format_table(results: dict) -> str:
-    """The Markdown table a reader compares methods with."""
+    """The Markdown table a reader compares methods with, and a line on how speed was timed."""
     metric = results["quality_metric"]
-    teacher = results["entries"][0]["quality"]
+    entries = results["entries"]
+    teacher = entries[0]["quality"]
     lines = [f"{results['task']} on {results['eval_data']} (n = {results['max_input_length']}), "
              f"measured on {results['machine']}", "",
              f"| model | k | {metric} | vs teacher | GFLOPs/example | FLOPs saved | encoder FLOPs "
-             "saved | plugin params (% of backbone) | examples/s | speedup |",
+             "saved | plugin params (% of backbone) | examples/s | speedup (IQR) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results["entries"]:
+    for r in entries:
         delta = "" if r["ratio"] == 1 else f"{r['quality'] - teacher:+.4f}"
         lines.append(
             f"| {r['name']} | {r['ratio']} | {r['quality']:.4f} | {delta} | "
             f"{r['flops_per_example'] / 1e9:.3f} | {100 * r['flops_saving']:.1f} % | "
             f"{100 * r['encoder_flops_saving']:.1f} % | {r['plugin_params']:,} "
-            f"({r['plugin_params_pct']:.2f} %) | {r['examples_per_s']:.1f} | {r['speedup']:.2f}x |")
+            f"({r['plugin_params_pct']:.2f} %) | {r['examples_per_s']:.1f} | "
+            f"{timing.format_speedup(r)} |")
+    lines += ["", f"Speedup: median over {entries[0]['speed_rounds']} interleaved rounds, with "
+              "the interquartile range; the FLOPs ceiling is teacher / model GFLOPs."]
+    if any(r.get("above_ceiling") for r in entries):
+        lines.append("n/a: the measured speedup is above what the FLOPs allow by more than its "
+                     "spread, so machine load, not the model, made it; run eval.py again on a "
+                     "quieter machine or with more --config.eval.speed_repeats.")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: str) -> None:
-    """Quality vs measured speedup, one point per ratio (the teacher at 1x)."""
+    """Quality vs measured speedup (median, IQR error bars), points in order of FLOPs saved;
+    each model's FLOPs ceiling as a tick, and speedups above it drawn hollow."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    entries = sorted(results["entries"], key=lambda r: r["ratio"])
-    ax.plot([r["speedup"] for r in entries], [r["quality"] for r in entries], "o-", color="C0")
-    for r in entries:
-        ax.annotate("teacher" if r["ratio"] == 1 else f"k={r['ratio']}", (r["speedup"], r["quality"]),
-                    textcoords="offset points", xytext=(5, 5))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    entries = sorted(results["entries"], key=lambda r: r["flops_saving"])
+    x = np.array([r["speedup"] for r in entries])
+    y = np.array([r["quality"] for r in entries])
+    err = np.array([[r["speedup"] - r["speedup_q25"], r["speedup_q75"] - r["speedup"]]
+                    for r in entries]).T
+    bad = np.array([bool(r.get("above_ceiling")) for r in entries])
+    ax.plot(x[~bad], y[~bad], "-", color="C0", alpha=0.5)
+    ax.errorbar(x[~bad], y[~bad], xerr=err[:, ~bad], fmt="o", color="C0", capsize=3,
+                label="measured (median, IQR)")
+    if bad.any():
+        ax.errorbar(x[bad], y[bad], xerr=err[:, bad], fmt="o", mfc="none", color="0.5",
+                    capsize=3, label="above the FLOPs ceiling (noise)")
+    ceilings = np.array([r["speedup_ceiling"] for r in entries])
+    ax.plot(ceilings, y, "|", color="C1", markersize=14, label="FLOPs ceiling")
+    # Limits first, with room for the labels, so that every label lands inside the frame.
+    lo, hi = min(x.min() - err[0].max(), ceilings.min()), max(x.max() + err[1].max(), ceilings.max())
+    pad = 0.2 * max(hi - lo, 0.1)
+    ax.set_xlim(lo - pad, hi + pad)
+    ypad = 0.2 * max(float(y.max() - y.min()), 0.02)
+    ax.set_ylim(y.min() - ypad, y.max() + ypad)
+    middle = (lo + hi) / 2
+    for r, xi, yi in zip(entries, x, y):
+        left = xi <= middle  # Labels point inwards: right of left points, left of right ones.
+        text = r["name"] if r["ratio"] == 1 else f"{r['name']}, k={r['ratio']}"
+        ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(8 if left else -8, 6),
+                    ha="left" if left else "right", fontsize=8)
     ax.set_xlabel("measured speedup over the teacher (x)")
     ax.set_ylabel(results["quality_metric"])
-    ax.set_title(f"Variator on {results['task']}: quality vs speed")
+    ax.set_title(f"Variator on {results['task']}: quality vs speed", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -28,7 +28,7 @@ import argparse
 import math
 from typing import Any, Sequence
 
-from variator_jax import compressors
+from variator_jax import cli, compressors
 from variator_jax.t5 import T5Config
 
 
@@ -217,4 +217,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)  # Bad input: one line, not a traceback.

@@ -16,7 +16,12 @@ from variator_jax.t5 import T5, T5Config
 
 
 def shift_right(targets, start_id: int = 0):
-    """Teacher forcing: [batch, m] targets -> decoder inputs starting with `start_id`."""
+    """Teacher forcing: [batch, m] targets -> decoder inputs starting with `start_id`.
+
+    Example:
+      >>> shift_right(jnp.array([[5, 6, 1, 0]]))
+      Array([[0, 5, 6, 1]], dtype=int32)
+    """
     return jnp.concatenate([jnp.full_like(targets[:, :1], start_id), targets[:, :-1]], axis=1)
 
 
@@ -52,7 +57,13 @@ forward = jax.jit(apply_forward, static_argnames=("deterministic",))
 
 @jax.jit
 def encode(cfg: T5Config, backbone, input_ids, attention_mask, plugin=None):
-    """Encoder only: [batch, n] -> [batch, n, d_model] (the part a plugin accelerates)."""
+    """Encoder only: [batch, n] -> [batch, n, d_model] (the part a plugin accelerates).
+
+    Example:
+      >>> hidden = encode(cfg, backbone, ids, mask, plugin=(pcfg, plugin))
+      >>> hidden.shape == (*ids.shape, cfg.d_model)
+      True
+    """
     return T5(cfg).apply({"params": backbone}, input_ids, attention_mask, as_plugin(plugin),
                          method=T5.encode)
 
@@ -73,6 +84,12 @@ def generate(cfg: T5Config, backbone, input_ids, attention_mask, max_new_tokens:
     Returns only the new tokens, [batch, max_new_tokens] int32: each row starts after the
     decoder start token, ends with EOS, and holds `pad_token_id` after it (as HF's greedy
     `generate` with `max_new_tokens`, padded to full length).
+
+    Example:
+      >>> batch = tokenizer(["Return the absolute value"], return_tensors="np")
+      >>> ids = generate(cfg, backbone, batch["input_ids"], batch["attention_mask"],
+      ...                max_new_tokens=16, plugin=(pcfg, plugin))
+      >>> tokenizer.batch_decode(jax.device_get(ids), skip_special_tokens=True)
     """
     enc = encode(cfg, backbone, input_ids, attention_mask, plugin)
     batch, dt = input_ids.shape[0], jnp.dtype(cfg.dtype)

@@ -348,6 +348,13 @@ def save_plugin(directory, pcfg: PluginConfig, plugin, backbone_id: str | dict |
 
     `backbone_id`: a name, or `backbone_identity(cfg, backbone)` to have `load_plugin` warn
     when the plugin is used on a different backbone.
+
+    Example:
+      >>> pcfg = vj.PluginConfig(ratio=4)
+      >>> plugin = vj.init_plugin(jax.random.key(0), cfg, pcfg)
+      >>> vj.save_plugin("my_plugin", pcfg, plugin, vj.backbone_identity(cfg, backbone))
+      >>> sorted(os.listdir("my_plugin"))
+      ['plugin.safetensors', 'plugin_config.json']
     """
     from safetensors.numpy import save_file
     directory = os.fspath(directory)
@@ -377,6 +384,12 @@ def load_plugin(directory, *, cfg: T5Config | None = None, backbone=None):
     With `cfg`, checks that the plugin fits that backbone (d_model, layers) and raises a
     ValueError naming both numbers; with `backbone` too, warns if its fingerprint differs
     from the one the plugin was trained on.
+
+    Example:
+      >>> cfg, backbone = vj.load_hf_t5("demo_workdir/backbone_stage/backbone")
+      >>> pcfg, plugin = vj.load_plugin("demo_workdir/plugin", cfg=cfg, backbone=backbone)
+      >>> pcfg.ratio, pcfg.bottleneck
+      (4, 64)
     """
     directory = os.fspath(directory)
     weights_path = os.path.join(directory, PLUGIN_FILE)

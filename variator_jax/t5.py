@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -188,7 +189,9 @@ class T5Config:
                 return cls(**kw)
         known = [f"{p}{s}" for p, t in (("t5-", _T5_V1_0), ("t5-v1_1-", _T5_V1_1),
                                           ("flan-t5-", _T5_V1_1)) for s in t]
-        raise ValueError(f"unknown T5 variant {name!r}; known: {', '.join(known)}")
+        close = difflib.get_close_matches(short, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown T5 variant {name!r}; {hint}known: {', '.join(known)}")
 
 
 # A config is static data: passing it to a jitted function keys the cache, it is never traced.

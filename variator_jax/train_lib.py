@@ -15,7 +15,7 @@ A config with an empty `backbone` and a `backbone_stage` sub-config first runs t
 is recognised by its `result.json` and skipped.
 
 Example (what `python train.py --config=configs/plugin.py:stage=pretrain` does):
-  >>> config = plugin_config_module.get_config("stage=pretrain,ratio=4")
+  >>> config = variator_jax.configs.get_config("plugin", "stage=pretrain,ratio=4")
   >>> config.backbone = "/models/t5-base"
   >>> result = train_and_evaluate(config, "runs/t5-base-k4")
   >>> result["plugin_dir"], result["train"]["loss"], result["eval"]
@@ -1056,8 +1056,7 @@ def _finish(run: _Run, state, frozen, last: dict, writer) -> dict:
         result["backbone_dir"] = os.path.join(workdir, "backbone")
         if jax.process_index() == 0:
             cfg = run.cfg.replace(dtype="float32")
-            save_hf_t5(result["backbone_dir"], cfg, params)
-            run.tokenizer.save_pretrained(result["backbone_dir"])
+            save_hf_t5(result["backbone_dir"], cfg, params, tokenizer=run.tokenizer)
         say(f"Backbone written to {result['backbone_dir']} (HF format)")
     if jax.process_index() == 0:  # Last: its presence means "this stage is done".
         atomic_write(workdir, RESULT_FILE,

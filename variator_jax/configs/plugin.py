@@ -32,33 +32,11 @@ Running the same command again resumes from the workdir's latest checkpoint.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-# Released maximum input lengths per task (DESIGN.md §2); targets are label words or answers.
-MAX_INPUT_LENGTH = {"mnli": 256, "qqp": 256, "rte": 256, "qnli": 356, "sst2": 96, "mrpc": 96,
-                    "squad": 512}
-TFDS_NAME = {"squad": "squad/v1.1"}  # GLUE tasks are glue/NAME.
-
-
-def parse_preset(arg, known):
-    """'stage=adapt,task=sst2' -> {'stage': 'adapt', 'task': 'sst2'} (only `known` keys)."""
-    preset = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key.strip() not in known:
-            raise ValueError(f"config preset {item!r}: expected KEY=VALUE with KEY one of "
-                             f"{', '.join(known)}")
-        preset[key.strip()] = value.strip()
-    return preset
-
-
-def variant_name(size):
-    """'base' -> 't5-base'; a full variant name passes through; '' -> ''."""
-    if not size or "-" in size:
-        return size or ""
-    return f"t5-{size}"
+from variator_jax.configs import common
 
 
 def get_config(arg=None):
-    preset = parse_preset(arg, ("stage", "task", "size", "ratio"))
+    preset = common.parse_preset(arg, ("stage", "task", "size", "ratio"))
     stage = preset.get("stage", "pretrain")
     if stage not in ("pretrain", "adapt"):
         raise ValueError(f"configs/plugin.py: stage={stage!r}; use stage=pretrain or stage=adapt "
@@ -75,7 +53,7 @@ def get_config(arg=None):
     # -- Model ------------------------------------------------------------------------------------
     c.backbone = ""  # HF T5 dir (config.json + model.safetensors), frozen; required.
     c.tokenizer = placeholder(str)  # "byte" (ByT5), a tokenizer dir; None: the backbone dir's.
-    c.variant = variant_name(preset.get("size", ""))  # Expected T5 variant; its sizes are checked.
+    c.variant = common.variant_name(preset.get("size", ""))  # Expected T5 variant; its sizes are checked.
     c.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU (parameters stay float32).
     c.plugin = ml_collections.ConfigDict()  # The plugin's shape (DESIGN.md §1).
     c.plugin.ratio = int(preset.get("ratio", 4))  # k: neighbouring vectors merged into one.
@@ -84,14 +62,14 @@ def get_config(arg=None):
 
     # -- Data -------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()  # Sources: text:, jsonl:, tfds:NAME[:SPLIT], builtin:.
-    tfds = f"tfds:{TFDS_NAME.get(task, 'glue/' + task)}"
+    tfds = common.tfds_source(task)
     c.data.train = f"{tfds}:train" if adapt else "builtin:pydoc"  # text:, jsonl:, tfds:, builtin:.
     c.data.eval = tfds if adapt else ""  # Eval source (split: the task's); "" = no evaluation.
     c.data.data_dir = placeholder(str)  # tfds data_dir; None: tfds's default.
     c.data.train_split = placeholder(str)  # Slice of a file source, e.g. "train[:95%]".
     c.data.eval_split = placeholder(str)  # Eval split or slice; None: the task's eval split.
     c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
-    c.max_input_length = MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released: 224 pretrain).
+    c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released: 224 pretrain).
     c.max_target_length = 32  # Decoder tokens (released: 32).
 
     # -- Optimisation (released settings, §2) ----------------------------------------------------
@@ -110,27 +88,4 @@ def get_config(arg=None):
     c.eval_batch_size = 0  # Global eval batch; 0 = batch_size.
     c.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     c.keep_checkpoints = 3  # Most recent checkpoints kept in WORKDIR/checkpoints.
-    return add_eval_and_mesh(c)
-
-
-def add_eval_and_mesh(c):
-    """The eval.py, mesh and scale fields every training config shares (finetune.py too)."""
-    # -- eval.py --------------------------------------------------------------------------------
-    c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
-    c.eval.plugins = ""  # Comma-separated plugin dirs or training-free compressors (tome:4); "" = WORKDIR/plugin.
-    c.eval.speed_repeats = 5  # Timed rounds per model; the median is reported.
-
-    # -- Mesh -------------------------------------------------------------------------------------
-    c.mesh = ml_collections.ConfigDict()  # Device mesh ("data", "model") and axis rules.
-    c.mesh.data = -1  # Devices along the batch axis; -1 = all the rest.
-    c.mesh.model = 1  # Devices along the backbone's mlp / heads / vocab dims (tensor parallel).
-    c.mesh.rules = (  # Logical axis -> mesh axis (or None).
-        ("batch", "data"), ("vocab", "model"), ("mlp", "model"), ("heads", "model"),
-        ("kv", None), ("embed", None), ("relpos_buckets", None), ("length", None),
-        ("layers", None))
-    c.mesh.fsdp = False  # Shard weights' embed dim over data too (FSDP); gathered layer by layer.
-
-    # -- Scale (DESIGN.md §5): see `python train.py ... --dry_run` for what fits ---------------
-    c.scan_layers = True  # nn.scan over layers: compile time independent of depth.
-    c.remat = "none"  # Recompute layers in backward: none | full | a jax.checkpoint_policies name.
-    return c
+    return common.add_eval_and_mesh(c)

@@ -20,27 +20,16 @@ prints, from process 0:
 With `backbone=""` and a `variant`, the backbone starts from a random init of that variant
 (plus `model_overrides`): `configs/demo.py` pre-trains a tiny byte-level T5 this way.
 """
-import os
-import importlib.util
-
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-
-def _plugin_config_module():
-    """configs/plugin.py, for its shared preset parsing and per-task tables."""
-    spec = importlib.util.spec_from_file_location(
-        "variator_configs_plugin", os.path.join(os.path.dirname(__file__), "plugin.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from variator_jax.configs import common
 
 
 def get_config(arg=None):
-    plugin = _plugin_config_module()
-    preset = plugin.parse_preset(arg, ("task", "size"))
+    preset = common.parse_preset(arg, ("task", "size"))
     task = preset.get("task", "sst2")
-    tfds = f"tfds:{plugin.TFDS_NAME.get(task, 'glue/' + task)}"
+    tfds = common.tfds_source(task)
     c = ml_collections.ConfigDict()
     c.stage = "finetune"  # Stage 0: every backbone weight is trained.
     c.task = task  # mnli|qqp|qnli|sst2|rte|mrpc|squad, or "pretrain" (span corruption).
@@ -49,7 +38,7 @@ def get_config(arg=None):
     # -- Model ------------------------------------------------------------------------------------
     c.backbone = ""  # HF T5 dir to start from; "" = random init of `variant` + `model_overrides`.
     c.tokenizer = placeholder(str)  # "byte" (ByT5), a tokenizer dir; None: the backbone dir's.
-    c.variant = plugin.variant_name(preset.get("size", ""))  # Expected, or initialised, variant.
+    c.variant = common.variant_name(preset.get("size", ""))  # Expected, or initialised, variant.
     c.model_overrides = ml_collections.ConfigDict()  # T5Config fields for a random init.
     c.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU (parameters stay float32).
 
@@ -61,7 +50,7 @@ def get_config(arg=None):
     c.data.train_split = placeholder(str)  # Slice of a file source, e.g. "train[:95%]".
     c.data.eval_split = placeholder(str)  # Eval split or slice; None: the task's eval split.
     c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
-    c.max_input_length = plugin.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
+    c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
     c.max_target_length = 32  # Decoder tokens.
 
     # -- Optimisation (stage 0's settings are not in DESIGN.md §2: common T5 AdamW ones) -------
@@ -81,4 +70,4 @@ def get_config(arg=None):
     c.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
     c.keep_checkpoints = 2  # Most recent checkpoints kept (each holds the whole backbone).
 
-    return plugin.add_eval_and_mesh(c)
+    return common.add_eval_and_mesh(c)

@@ -37,22 +37,13 @@ not. `--config.backbone=DIR` (an HF T5 directory) skips stage 0 and trains the p
 that model instead (with `--config.tokenizer=DIR` too: the demo's tokenizer is ByT5's).
 Overrides reach stage 0 through `--config.backbone_stage.total_steps=...`.
 """
-import importlib.util
-import os
+from variator_jax.configs import finetune, plugin
 
 # The demo's model: t5-v1_1-small's layout (gated-GELU, untied head), shrunk for 2 CPU cores.
 TINY_MODEL = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2,
                   relative_attention_max_distance=64)
 CORPUS = "builtin:pydoc"
 TRAIN_SPLIT, EVAL_SPLIT = "train[:95%]", "train[95%:]"  # Held-out 5 % of the pydoc topics.
-
-
-def _sibling(name):
-    spec = importlib.util.spec_from_file_location(
-        f"variator_configs_{name}", os.path.join(os.path.dirname(__file__), f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _shared(c, steps, lr):
@@ -78,11 +69,11 @@ def _shared(c, steps, lr):
 
 def get_config(arg=None):
     del arg  # No presets: the demo is one fixed recipe.
-    stage0 = _shared(_sibling("finetune").get_config("task=pretrain"), steps=600, lr=2e-3)
+    stage0 = _shared(finetune.get_config("task=pretrain"), steps=600, lr=2e-3)
     stage0.variant = "t5-v1_1-small"  # Layout to initialise (gated-GELU); sizes from TINY_MODEL.
     stage0.model_overrides.update(TINY_MODEL)
 
-    c = _shared(_sibling("plugin").get_config("stage=pretrain,ratio=4"), steps=600, lr=1e-3)
+    c = _shared(plugin.get_config("stage=pretrain,ratio=4"), steps=600, lr=1e-3)
     c.backbone = ""  # Empty: made by backbone_stage below.
     c.backbone_stage = stage0  # The stage-0 config that makes the backbone (see docstring).
     return c
