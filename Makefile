@@ -29,7 +29,7 @@ $(TEST_STAMP): $(STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# The embedded default (DESIGN §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell
+# The embedded default (docs/DESIGN.md §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell
 # which stdlib package a docstring comes from, a k=4 plugin, and their test accuracy (~8 min).
 demo: install
 	$(PY) -m benchmarks.quality --preset=demo

@@ -3,7 +3,7 @@ training-free baselines, with the paper's ablations (Variator, Findings of EMNLP
 
   python -m benchmarks.quality          # or `make reproduce`: about 45 min on 2 CPU cores
 
-With no download at all it builds the whole pipeline of DESIGN.md §2 on CPython's own text:
+With no download at all it builds the whole pipeline of docs/DESIGN.md §2 on CPython's own text:
 
   (a) lm         a small T5 pre-trained from scratch by T5 span corruption on CPython's
                  documentation (`builtin:pydoc`) and the training split's docstrings, with a
@@ -43,7 +43,7 @@ import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The miniature (DESIGN.md §5): sized so that the whole pipeline fits ~45 min on 2 CPU cores.
+# The miniature (docs/DESIGN.md §5): sized so that the whole pipeline fits ~45 min on 2 CPU cores.
 # A byte-level first try (n = 128 bytes, 600 + 400 steps) left the LM at the unigram plateau
 # (held-out CE 2.46 per byte) and the teacher at 31.9 % validation accuracy, where a
 # bag-of-words logistic regression reaches 79 %: subwords let the tiny model see words.

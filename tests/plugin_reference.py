@@ -1,4 +1,4 @@
-"""An independent NumPy restatement of the Variator plugin (DESIGN.md §1).
+"""An independent NumPy restatement of the Variator plugin (docs/DESIGN.md §1).
 
 Deliberately naive: float64, explicit loops over batch rows, groups and
 positions, one equation of §1 per line, so that it can be checked against the
@@ -81,7 +81,7 @@ def _merge(X, real, w_c, b_c):
 
 
 def reference_ffn_block(h, mask, ffn, norm_weight, eps, plugin_layer, k, mask_aware=True):
-    """T5's FFN block with the plugin of DESIGN.md §1, residual included.
+    """T5's FFN block with the plugin of docs/DESIGN.md §1, residual included.
 
     Args:
       h: [batch, n, d] hidden states entering the FFN block.

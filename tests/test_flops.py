@@ -65,7 +65,7 @@ def test_plugin_term_matches_section1_parameter_shapes():
         w_c, w_io, biases = k * k * d, 2 * d * r + r * d, k + r + d
         assert params == w_c + w_io + biases
         if k == 4:
-            assert params == 160_580  # DESIGN §1's figure.
+            assert params == 160_580  # docs/DESIGN.md §1's figure.
         n = 64 * k  # 64 groups.
         p = flops.plugin_flops(cfg, n, k, r)
         # Each weight is one MAC per use: W_c once per group, W_i and W_o once per position;

@@ -1,4 +1,4 @@
-"""The plugin (DESIGN §1) against an independent NumPy restatement and the PyTorch export."""
+"""The plugin (docs/DESIGN.md §1) against an independent NumPy restatement and the PyTorch export."""
 import json
 import os
 import warnings
@@ -169,7 +169,7 @@ def test_init_follows_the_released_code():
 def test_param_count_formula():
     base = vj.T5Config.variant("t5-base")
     assert vj.plugin_param_count(base, vj.PluginConfig(ratio=4)) == 1_926_960
-    # DESIGN §1 quotes 0.82 / 0.86 / 1.06 %; the formula gives 0.815 / 0.864 / 1.063 %.
+    # docs/DESIGN.md §1 quotes 0.82 / 0.86 / 1.06 %; the formula gives 0.815 / 0.864 / 1.063 %.
     for k, share in ((2, 0.82), (4, 0.86), (8, 1.06)):
         count = vj.plugin_param_count(base, vj.PluginConfig(ratio=k))
         assert abs(100 * count / 222_903_552 - share) < 0.01

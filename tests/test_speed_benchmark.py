@@ -22,7 +22,7 @@ def test_speed_benchmark_tables(tmp_path):
     for row in payload["compression"]:
         k, n, d, ff, h = row["ratio"], 12, cfg.d_model, cfg.d_ff, cfg.inner_dim
         g = math.ceil(n / k)
-        # Written out from DESIGN §1, not from flops.py: attention 4 projections + 2 score
+        # Written out from docs/DESIGN.md §1, not from flops.py: attention 4 projections + 2 score
         # products; FFN two matmuls on g merged vectors; plugin W_c, weighted sum, W_i, W_o.
         attn = 2 * (4 * n * d * h) + 2 * (2 * n * n * h)
         base = attn + 2 * 2 * n * d * ff

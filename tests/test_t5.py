@@ -193,7 +193,7 @@ def test_variant_table():
     flan = vj.T5Config.variant("google/flan-t5-large")
     assert (flan.d_model, flan.d_ff, flan.feed_forward_proj) == (1024, 2816, "gated-gelu")
     assert not flan.tie_word_embeddings and not flan.scale_decoder_outputs
-    # T5-base parameter count as published (DESIGN §1: 222,903,552).
+    # T5-base parameter count as published (docs/DESIGN.md §1: 222,903,552).
     n = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(vj.init_t5, jax.random.key(0), base)))
     assert n == 222_903_552
     with pytest.raises(ValueError, match="unknown T5 variant 't5-huge'"):

@@ -1,4 +1,4 @@
-"""variator_jax.torch_plugin against the NumPy restatement of DESIGN.md §1.
+"""variator_jax.torch_plugin against the NumPy restatement of docs/DESIGN.md §1.
 
 The oracle runs HF's own attention sublayers and swaps each encoder FFN block
 for `plugin_reference.reference_ffn_block` (float64, loops), with the mask

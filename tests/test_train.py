@@ -270,7 +270,7 @@ def test_configs_have_the_issue_fields_and_a_comment_on_each(name, arg):
     with open(os.path.join(tu.REPO, "variator_jax", "configs", f"{name}.py")) as f:
         assignments = [ln for ln in f if ln.lstrip().startswith("c.") and " = " in ln]
     assert assignments and all("#" in ln for ln in assignments), name
-    if arg and "adapt" in arg:  # Presets: released settings per stage and task (DESIGN §2).
+    if arg and "adapt" in arg:  # Presets: released settings per stage and task (docs/DESIGN.md §2).
         assert (c.lr, c.batch_size, c.max_input_length, c.plugin.ratio) == (1e-5, 32, 256, 8)
         assert c.variant == "t5-base" and c.data.train == "tfds:glue/mnli:train"
     if arg == "stage=pretrain":

@@ -1,7 +1,7 @@
 """Checkpoints of a training run: orbax `CheckpointManager` under `WORKDIR/checkpoints`.
 
 A checkpoint holds what a resumed run needs to continue exactly as an unbroken one
-(DESIGN.md §5): the train state (trainable parameters, optimizer state, step, RNG) and the
+(docs/DESIGN.md §5): the train state (trainable parameters, optimizer state, step, RNG) and the
 data position (a small JSON dict). The frozen backbone is never saved: it is referenced by
 its identity in `WORKDIR/run.json`, which also pins the plugin's shape. A workdir whose
 `run.json` disagrees with the current config is refused before anything in it is touched.

@@ -1,6 +1,6 @@
 """Training-free compressors: the baselines a Variator plugin is measured against.
 
-Each one replaces the plugin's learned merge and expand (plugins.py, DESIGN.md §1) at the
+Each one replaces the plugin's learned merge and expand (plugins.py, docs/DESIGN.md §1) at the
 same place, around every encoder FFN, and reduces the sequence the frozen FFN sees to the
 same length, n/k (n padded to a multiple of k). None has parameters: they are selected by
 `PluginConfig(ratio=k, compressor=NAME)` and run, save, load, evaluate and serve like a

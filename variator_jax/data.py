@@ -4,7 +4,7 @@ Everything here is host-side numpy; the training code turns a process's local
 batch into a global array with `jax.make_array_from_process_local_data`.
 
 Sources are strings: `text:PATH`, `jsonl:PATH`, `tfds:NAME[/CONFIG][:SPLIT]`,
-`builtin:pydoc`. Tasks are `pretrain` (T5 span corruption, DESIGN.md §2 step 1),
+`builtin:pydoc`. Tasks are `pretrain` (T5 span corruption, docs/DESIGN.md §2 step 1),
 the GLUE tasks `mnli qqp qnli sst2 rte mrpc` and `squad` (v1.1), all
 text-to-text as in the T5 paper.
 
@@ -33,7 +33,7 @@ import numpy as np
 from variator_jax import stdlib_docs
 
 # T5 span corruption (Raffel et al. 2020, §3.1.4); Variator pre-trains its
-# plugins with the same objective (DESIGN.md §2).
+# plugins with the same objective (docs/DESIGN.md §2).
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
 # T5 convention: pad id 0, and the decoder starts from the pad id.

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of a T5 forward pass, with and without a compression plugin (DESIGN §1).
+"""Analytic FLOPs of a T5 forward pass, with and without a compression plugin (docs/DESIGN.md §1).
 
 Convention: a multiply-add is 2 FLOPs, and by default only matrix products are counted, the
 convention of XLA's `cost_analysis()` for dot ops and of the FLOPs figures in papers. Norms,
@@ -9,7 +9,7 @@ the way XLA's cost analysis does (1 FLOP per element per op; exp/tanh/rsqrt are
 "transcendentals", not FLOPs). Embedding lookups and the relative position bias are gathers (0).
 Everything is for one sequence (batch 1); multiply by the batch size.
 
-Where the plugin sits (DESIGN §1): in every encoder layer, around the FFN only. Attention
+Where the plugin sits (docs/DESIGN.md §1): in every encoder layer, around the FFN only. Attention
 runs at full length `n`; the FFN-block runs on `n` padded to a multiple of `k`, and its FFN on
 `ceil(n/k)` merged vectors; the decoder is untouched.
 
@@ -82,7 +82,7 @@ def _elementwise_block(cfg: T5Config, q_len: int, kv_lens: Sequence[int], ffn_to
 
 
 def plugin_flops(cfg: T5Config, n: int, ratio: Any, bottleneck: int = 64) -> dict[str, int]:
-    """Matmul FLOPs of one layer's plugin on a sequence of length `n` (DESIGN §1).
+    """Matmul FLOPs of one layer's plugin on a sequence of length `n` (docs/DESIGN.md §1).
 
     With `n_pad = ceil(n/k)*k` and `g = n_pad/k` groups:
       compress:   scores W_c [k, k*d] per group, 2*g*k*k*d; weighted sum of k vectors, 2*g*k*d.

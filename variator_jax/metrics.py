@@ -1,4 +1,4 @@
-"""Task metrics of the paper's evaluation (DESIGN §2): GLUE accuracy / F1, SQuAD v1.1 EM / F1.
+"""Task metrics of the paper's evaluation (docs/DESIGN.md §2): GLUE accuracy / F1, SQuAD v1.1 EM / F1.
 
 Host-side NumPy, exact definitions:
   - `accuracy`, `f1`: fractions in [0, 1], as scikit-learn and the GLUE/HF `evaluate` scripts
@@ -113,7 +113,7 @@ def agreement(student_ids: Any, teacher_ids: Any, mask: Any) -> float:
 
 
 # -- GLUE ------------------------------------------------------------------------------------
-# Tasks of the paper (DESIGN §2) and the metrics GLUE reports for them, headline first.
+# Tasks of the paper (docs/DESIGN.md §2) and the metrics GLUE reports for them, headline first.
 # `stdlib_docs` (CPython's docstrings by package, stdlib_docs.py) is scored like them: accuracy.
 _GLUE = {"mnli": ("accuracy",), "qnli": ("accuracy",), "sst2": ("accuracy",),
          "rte": ("accuracy",), "qqp": ("accuracy", "f1"), "mrpc": ("f1", "accuracy"),

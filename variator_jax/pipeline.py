@@ -1,6 +1,6 @@
 """The training input pipeline, on grain: random-access sources, per-row streams, resumable.
 
-What a global batch holds does not depend on how many processes read it (DESIGN.md §5):
+What a global batch holds does not depend on how many processes read it (docs/DESIGN.md §5):
 row `r` of every global batch of `G` rows comes from its own stream, and a process reads
 only the rows of its block (`sharding.data_shard`), so two processes produce exactly the
 rows one would, and read disjoint data.
@@ -9,7 +9,7 @@ rows one would, and read disjoint data.
     a lazy permutation, re-drawn each epoch (O(1) memory whatever the corpus size). Global
     position `p` of that stream belongs to row `p % G`.
   - Supervised tasks (GLUE, SQuAD): row `r` of batch `b` is example `b * G + r`.
-  - `pretrain` (T5 span corruption, DESIGN.md §2 step 1): row `r` reads the documents at
+  - `pretrain` (T5 span corruption, docs/DESIGN.md §2 step 1): row `r` reads the documents at
     positions `r, r + G, r + 2G, ...`, tokenizes each (a per-record map), concatenates
     their tokens and splits them into chunks of `tokens_length` (t5's
     `reduce_concat_tokens` + `split_tokens`, as a streaming transform), and corrupts chunk

@@ -1,4 +1,4 @@
-"""The Variator compression plugin (Xiao et al., Findings of EMNLP 2023), DESIGN.md §1.
+"""The Variator compression plugin (Xiao et al., Findings of EMNLP 2023), docs/DESIGN.md §1.
 
 Around each encoder layer's FFN, every k neighbouring hidden vectors are merged into one by
 a learned softmax over the group's members; the frozen FFN runs on n/k vectors; the result
@@ -11,7 +11,7 @@ position's own input:
 In memory the plugin's params are stacked over the encoder's layers (as a scanned backbone's
 are): `{"compress": {kernel [L, k*d, k], bias [L, k]}, "decompress": {"wi": {kernel
 [L, 2d, r], bias [L, r]}, "wo": {kernel [L, r, d], bias [L, d]}}}` (Flax convention, kernel =
-[in, out]). Files stay per layer, in PyTorch's [out, in] (DESIGN.md §4, see `save_plugin`).
+[in, out]). Files stay per layer, in PyTorch's [out, in] (docs/DESIGN.md §4, see `save_plugin`).
 `Plugin` pairs the params with their static `PluginConfig`; the model also takes the
 `(pcfg, params)` tuple of the public API, and per-layer `{"block_{i}": ...}` params.
 """

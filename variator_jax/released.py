@@ -9,7 +9,7 @@ plugin tensors are, for encoder layer i (`variator/model/muxT5.py`, `AdapterLaye
     mux_layer.{i}.demux_adapter.w_out.weight [d, r]   .bias [d]    W_o
 
 beside, possibly, the backbone's own `t5.*` keys. ModelCenter's `Linear` (default
-`length_scale=False`) is a plain `x W^T + b`, so these are DESIGN.md §1's W_c, b_c, W_i, b_i,
+`length_scale=False`) is a plain `x W^T + b`, so these are docs/DESIGN.md §1's W_c, b_c, W_i, b_i,
 W_o, b_o in the plugin-file layout, computed exactly as §1 says (member-major concat, softmax
 over the k members, y^ before x, tanh) -- but on a differently scaled backbone.
 
@@ -49,7 +49,7 @@ when mean(h^2) >> 1e-2); and ModelCenter's encoder masks padded *queries* (their
 output is 0) where HF masks only keys, so pad positions carry other vectors.
 
 Padding. The released code pads to a fixed length and merges pad vectors unmasked.
-`mask_aware=True` (the default here, DESIGN.md §1) keeps pads out of every group: identical to
+`mask_aware=True` (the default here, docs/DESIGN.md §1) keeps pads out of every group: identical to
 the released computation wherever a batch has no padding. `mask_aware=False` runs the released
 plugin computation exactly (pads join groups); with padding its outputs still differ from a
 ModelCenter run by the pad vectors themselves (above).
@@ -75,7 +75,7 @@ from variator_jax.t5 import T5Config
 
 MODELCENTER_SCALE = 100.0  # `scale` of ModelCenter's T5 / T5-v1.1 / mT5 transfer scripts.
 
-# The released module names -> ours (DESIGN.md §4 file keys without `encoder.block.{i}.plugin.`).
+# The released module names -> ours (docs/DESIGN.md §4 file keys without `encoder.block.{i}.plugin.`).
 _NAMES = {"mux_layer": "compress", "demux_adapter.w_in": "decompress.wi",
           "demux_adapter.w_out": "decompress.wo"}
 _KEY = re.compile(r"^(?P<prefix>.*?)mux_layer\.(?P<layer>\d+)\.(?P<name>"
@@ -112,7 +112,7 @@ def import_released_plugin(path, cfg: T5Config, *, mask_aware: bool = True,
 class _Released(NamedTuple):
     """A released file, read and checked against a backbone config."""
     path: str
-    layers: list  # per layer {DESIGN.md §4 file name: float32 array}, ModelCenter scale
+    layers: list  # per layer {docs/DESIGN.md §4 file name: float32 array}, ModelCenter scale
     k: int
     d: int
     r: int

@@ -1,4 +1,4 @@
-"""The device mesh, logical axis rules, and trees -> `NamedSharding`s (DESIGN.md §5).
+"""The device mesh, logical axis rules, and trees -> `NamedSharding`s (docs/DESIGN.md §5).
 
 Parameters carry logical axis names (`t5.logical_axes`: `embed`, `mlp`, `heads`, `kv`,
 `vocab`, `relpos_buckets`); batches carry `batch`. A short rule list from the config maps

@@ -1,7 +1,7 @@
 """PyTorch export path: run a Variator plugin inside an HF `T5ForConditionalGeneration`.
 
 `attach_plugin` replaces every encoder FFN block (`encoder.block[i].layer[-1]`,
-an HF `T5LayerFF`) by `VariatorT5LayerFF`, which computes DESIGN.md §1 from the
+an HF `T5LayerFF`) by `VariatorT5LayerFF`, which computes docs/DESIGN.md §1 from the
 files `save_plugin` writes; `detach_plugin` puts the original blocks back. The
 frozen FFN inside the patched block is HF's own `DenseReluDense` module, so
 relu (T5 v1.0) and gated-gelu (v1.1, flan) backbones both work, and dropout
@@ -40,7 +40,7 @@ _STATE_ATTR = "_variator_plugin"  # where an attached model keeps what detach ne
 
 
 # ---------------------------------------------------------------------------
-# The plugin modules (DESIGN.md §1).
+# The plugin modules (docs/DESIGN.md §1).
 # ---------------------------------------------------------------------------
 
 
@@ -113,7 +113,7 @@ class _MaskBox:
 
 
 class VariatorT5LayerFF(nn.Module):
-    """Drop-in for HF `T5LayerFF` with the FFN run on merged groups (DESIGN.md §1).
+    """Drop-in for HF `T5LayerFF` with the FFN run on merged groups (docs/DESIGN.md §1).
 
     Reuses the original block's `layer_norm`, `DenseReluDense` and `dropout`
     modules (same objects, same state-dict names), and adds `plugin`.
@@ -179,7 +179,7 @@ def _read_config(plugin_dir):
     config = plugin_file.read_config(plugin_dir)  # Exact types: "false" is not False.
     if config["scope"] != "ffn":
         raise ValueError(f"plugin scope {config['scope']!r} is not supported by the PyTorch "
-                         "export path; only scope 'ffn' (DESIGN.md §1)")
+                         "export path; only scope 'ffn' (docs/DESIGN.md §1)")
     if config.get("compressor", "variator") != "variator":
         raise ValueError(f"{plugin_dir} holds the training-free {config['compressor']!r} "
                          "compressor: attach_plugin runs Variator plugins only (the baselines "
@@ -262,7 +262,7 @@ def _mask_hooks(encoder, mask_box):
 
 
 def attach_plugin(hf_model, plugin_dir, *, mask_aware=None):
-    """Patches the encoder FFN blocks of an HF T5 so that they compute DESIGN.md §1.
+    """Patches the encoder FFN blocks of an HF T5 so that they compute docs/DESIGN.md §1.
 
     Args:
       hf_model: a `transformers.T5ForConditionalGeneration` (anything with a T5

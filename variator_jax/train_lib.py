@@ -1,10 +1,10 @@
 """Training: train state, losses, `train_step` / `eval_step`, and `train_and_evaluate`.
 
-Three stages share one driver (DESIGN.md §2):
+Three stages share one driver (docs/DESIGN.md §2):
   - `finetune` (stage 0): the whole backbone is trainable, task cross-entropy; the result
     is an HF-format backbone in `WORKDIR/backbone`.
   - `pretrain` (stage 1) and `adapt` (stage 2): the backbone is frozen, only the plugin is
-    trained, by distillation from the same backbone without the plugin (DESIGN.md §2):
+    trained, by distillation from the same backbone without the plugin (docs/DESIGN.md §2):
     loss = masked MSE(final encoder hidden) + masked MSE(final decoder hidden), plus the
     task cross-entropy for `loss="task+hidden"` (or only it, `loss="task"`). The result is a
     plugin directory `WORKDIR/plugin` (`save_plugin` format).
@@ -788,7 +788,7 @@ def _initial_state(run: _Run, tx, finetune_from=None):
 
 
 def _load_init_plugin(run: _Run, param_shardings):
-    """Adaptation starts from the pre-trained plugin (DESIGN.md §2, step 2)."""
+    """Adaptation starts from the pre-trained plugin (docs/DESIGN.md §2, step 2)."""
     path = run.config.init_plugin
     with user_errors(f"init_plugin {path}"):
         pcfg, host_plugin = load_plugin(path, cfg=run.cfg)

@@ -7,7 +7,7 @@ path (`--config=configs/plugin.py`) and one loaded from the installed package
 """
 import ml_collections
 
-# Released maximum input lengths per task (DESIGN.md §2); targets are label words or answers.
+# Released maximum input lengths per task (docs/DESIGN.md §2); targets are label words or answers.
 MAX_INPUT_LENGTH = {"mnli": 256, "qqp": 256, "rte": 256, "qnli": 356, "sst2": 96, "mrpc": 96,
                     "squad": 512}
 TFDS_NAME = {"squad": "squad/v1.1"}  # GLUE tasks are glue/NAME.
@@ -55,7 +55,7 @@ def add_eval_and_mesh(c):
         ("layers", None))
     c.mesh.fsdp = False  # Shard weights' embed dim over data too (FSDP); gathered layer by layer.
 
-    # -- Scale (DESIGN.md §5): see `python train.py ... --dry_run` for what fits ---------------
+    # -- Scale (docs/DESIGN.md §5): see `python train.py ... --dry_run` for what fits ---------------
     c.scan_layers = True  # nn.scan over layers: compile time independent of depth.
     c.remat = "none"  # Recompute layers in backward: none | full | a jax.checkpoint_policies name.
     return c

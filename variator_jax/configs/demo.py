@@ -1,4 +1,4 @@
-r"""The embedded default (`make demo`, DESIGN.md §5): no network, no pre-trained weights.
+r"""The embedded default (`make demo`, docs/DESIGN.md §5): no network, no pre-trained weights.
 
   python train.py --config=configs/demo.py --workdir=demo_workdir
 

@@ -1,4 +1,4 @@
-r"""Stage 0 (DESIGN.md §2): full fine-tuning of the backbone on a task, saving an HF backbone.
+r"""Stage 0 (docs/DESIGN.md §2): full fine-tuning of the backbone on a task, saving an HF backbone.
 
 Classification reads the verbalizer logits at the first decoder position (cross-entropy
 over the label words); span corruption and SQuAD use token cross-entropy over the targets.
@@ -53,7 +53,7 @@ def get_config(arg=None):
     c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
     c.max_target_length = 32  # Decoder tokens.
 
-    # -- Optimisation (stage 0's settings are not in DESIGN.md §2: common T5 AdamW ones) -------
+    # -- Optimisation (stage 0's settings are not in docs/DESIGN.md §2: common T5 AdamW ones) -------
     c.batch_size = 32  # Global batch, split over the mesh's data axis.
     c.total_steps = 10_000  # Optimizer steps.
     c.lr = 1e-4  # Peak learning rate of AdamW.

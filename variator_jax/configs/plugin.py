@@ -1,4 +1,4 @@
-r"""Plugin training (DESIGN.md §2): stage 1 `pretrain` and stage 2 `adapt`.
+r"""Plugin training (docs/DESIGN.md §2): stage 1 `pretrain` and stage 2 `adapt`.
 
 Stage 1, task-agnostic pre-training on a frozen pre-trained T5 (span corruption, released
 settings: Adam lr 1e-3, batch 64, 60k steps, lengths 224 / 32):
@@ -55,7 +55,7 @@ def get_config(arg=None):
     c.tokenizer = placeholder(str)  # "byte" (ByT5), a tokenizer dir; None: the backbone dir's.
     c.variant = common.variant_name(preset.get("size", ""))  # Expected T5 variant; its sizes are checked.
     c.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU (parameters stay float32).
-    c.plugin = ml_collections.ConfigDict()  # The plugin's shape (DESIGN.md §1).
+    c.plugin = ml_collections.ConfigDict()  # The plugin's shape (docs/DESIGN.md §1).
     c.plugin.ratio = int(preset.get("ratio", 4))  # k: neighbouring vectors merged into one.
     c.plugin.bottleneck = 64  # r: width of the decompression MLP (paper: 64).
     c.plugin.mask_aware = True  # Padding never joins a group; False = released code's behaviour.
