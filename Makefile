@@ -27,6 +27,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 test: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # The embedded default (docs/DESIGN.md §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell

@@ -6,14 +6,11 @@ _RUNTIME = [
     "flax>=0.8.5",
     "optax>=0.2.2",
     "orbax-checkpoint>=0.5.20",
-    "chex>=0.1.86",
     "transformers>=4.40",
     "safetensors>=0.4.3",
     "ml_collections>=0.1.1",
     "absl-py>=1.4",
-    "clu>=0.0.10",
     "tensorboard>=2.14",
-    "tqdm>=4.64",
     "numpy>=1.24",
     "grain>=0.2.10",  # The training input pipeline (pipeline.py).
     "matplotlib>=3.7",
@@ -23,7 +20,7 @@ _EXTRAS = {
     "torch": ["torch>=2.1"],
     # tfds datasets (GLUE, SQuAD): their builders need TensorFlow.
     "tfds": ["tensorflow-datasets>=4.9.3", "tensorflow>=2.15"],
-    "dev": ["pytest>=7.4"],
+    "dev": ["pytest>=7.4", "ruff>=0.5"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 

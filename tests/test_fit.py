@@ -3,7 +3,6 @@ import json
 import os
 import re
 
-import jax
 
 from variator_jax import fit, t5
 from tests import test_utils as tu

@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 
 import variator_jax as vj
-from variator_jax import convert, released, torch_plugin
+from variator_jax import convert, torch_plugin
 from tests.hf_reference import build_hf_t5, rel_diff, save_hf_dir
 
 S = 100.0  # ModelCenter's `scale` for T5 / T5-v1.1
