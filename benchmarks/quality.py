@@ -138,6 +138,7 @@ class Pipeline:
         c.checkpoint_every = max(min(100, c.total_steps), 1)
         c.keep_checkpoints = 1
         c.mesh.data, c.mesh.model = 1, 1  # 2 CPU cores: one device, no communication.
+        c.scan_layers = False  # 4 + 2 layers compile fast unrolled, and run faster on CPU.
         return c
 
     def _documents(self) -> list[str]:
