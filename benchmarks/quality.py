@@ -54,8 +54,8 @@ MINI = dict(n=64, target=16, vocab=4000, lm_steps=1000, lm_lr=2e-3, ft_steps=150
 # For the tests: a model and step counts that only prove the pipeline runs end to end.
 TINY_MODEL = dict(d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2, num_decoder_layers=1,
                   relative_attention_max_distance=16)
-# `make demo`: the same pipeline at k = 4 only, no ablations, fewer steps (~8 min on 2 cores).
-DEMO = dict(MINI, lm_steps=600, ft_steps=600, pretrain_steps=150, adapt_steps=300)
+# `make demo`: the same pipeline at k = 4 only, no ablations, fewer steps (~10 min on 2 cores).
+DEMO = dict(MINI, lm_steps=250, ft_steps=450, pretrain_steps=150, adapt_steps=300)
 TINY = dict(n=32, target=8, vocab=600, lm_steps=2, lm_lr=1e-3, ft_steps=2, ft_lr=1e-3,
             pretrain_steps=2, pretrain_lr=1e-3, adapt_steps=2, adapt_lr=1e-3, batch=4)
 BASELINES = ("mean_pool", "tome", "strided")
