@@ -69,8 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from variator_jax.convert import CheckpointError, load_hf_t5, torch_load_weights_only
-from variator_jax.plugins import (CONFIG_FILE, PLUGIN_FILE, PluginConfig, backbone_identity,
-                                  plugin_param_count, save_plugin)
+from variator_jax.plugins import (CONFIG_FILE, PLUGIN_FILE, PluginConfig, as_plugin,
+                                  backbone_identity, plugin_param_count, save_plugin)
 from variator_jax.t5 import T5Config
 
 MODELCENTER_SCALE = 100.0  # `scale` of ModelCenter's T5 / T5-v1.1 / mT5 transfer scripts.
@@ -138,9 +138,9 @@ def _convert(released: _Released, mask_aware, modelcenter_scale, backbone):
     if backbone is not None and released.embedding is not None:
         _check_scale(released.embedding, backbone, modelcenter_scale, released.path)
     pcfg = PluginConfig(ratio=released.k, bottleneck=released.r, mask_aware=mask_aware)
-    plugin = {f"block_{i}": _to_hf_scale(layer, released.d, float(modelcenter_scale))
-              for i, layer in enumerate(released.layers)}
-    return pcfg, plugin
+    per_layer = {f"block_{i}": _to_hf_scale(layer, released.d, float(modelcenter_scale))
+                 for i, layer in enumerate(released.layers)}
+    return pcfg, as_plugin((pcfg, per_layer)).params  # Stacked over layers, as load_plugin's.
 
 
 def _released_layers(state, source) -> tuple[list[dict], str]:
