@@ -215,12 +215,12 @@ def test_imported_plugin_on_hf_equals_released_plugin_on_modelcenter(setup, regi
     # So does one that gets any single factor wrong.
     d = cfg.d_model
     for wrong in ("y_half", "w_out", "b_out"):
-        bad = {name: {"compress": layer["compress"], "decompress": {
-            "wi": {"kernel": layer["decompress"]["wi"]["kernel"].at[:d].multiply(
-                S if wrong == "y_half" else 1.0), "bias": layer["decompress"]["wi"]["bias"]},
-            "wo": {"kernel": layer["decompress"]["wo"]["kernel"] / (S if wrong == "w_out" else 1.0),
-                   "bias": layer["decompress"]["wo"]["bias"] / (S if wrong == "b_out" else 1.0)}}}
-            for name, layer in plugin.items()}
+        wi, wo = plugin["decompress"]["wi"], plugin["decompress"]["wo"]  # Stacked: [layers, ...].
+        bad = {"compress": plugin["compress"], "decompress": {
+            "wi": {"kernel": wi["kernel"].at[:, :d].multiply(S if wrong == "y_half" else 1.0),
+                   "bias": wi["bias"]},
+            "wo": {"kernel": wo["kernel"] / (S if wrong == "w_out" else 1.0),
+                   "bias": wo["bias"] / (S if wrong == "b_out" else 1.0)}}}
         assert rel_diff(encoder_states(setup, pcfg, bad, ids, mask), want) > 1e-3, wrong
 
 
