@@ -1,7 +1,7 @@
 r"""The paper's experiment in miniature: task accuracy against compression ratio, against
 training-free baselines, with the paper's ablations (Variator, Findings of EMNLP 2023, §4).
 
-  python -m benchmarks.quality          # or `make reproduce`: about 45 min on 2 CPU cores
+  python -m benchmarks.quality          # or `make reproduce`: about 20 min on 2 CPU cores
 
 With no download at all it builds the whole pipeline of docs/DESIGN.md §2 on CPython's own text:
 
@@ -43,7 +43,7 @@ import time
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The miniature (docs/DESIGN.md §5): sized so that the whole pipeline fits ~45 min on 2 CPU cores.
+# The miniature (docs/DESIGN.md §5): the whole pipeline took 16 min on 2 shared CPU cores.
 # A byte-level first try (n = 128 bytes, 600 + 400 steps) left the LM at the unigram plateau
 # (held-out CE 2.46 per byte) and the teacher at 31.9 % validation accuracy, where a
 # bag-of-words logistic regression reaches 79 %: subwords let the tiny model see words.
@@ -59,7 +59,6 @@ DEMO = dict(MINI, lm_steps=250, ft_steps=450, pretrain_steps=150, adapt_steps=30
 TINY = dict(n=32, target=8, vocab=600, lm_steps=2, lm_lr=1e-3, ft_steps=2, ft_lr=1e-3,
             pretrain_steps=2, pretrain_lr=1e-3, adapt_steps=2, adapt_lr=1e-3, batch=4)
 BASELINES = ("mean_pool", "tome", "strided")
-METHODS = ("teacher", "variator", "variator_no_pretrain", "variator_task_loss") + BASELINES
 
 
 def load_config(name: str, arg: str | None = None):
