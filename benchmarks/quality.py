@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import re
@@ -140,7 +141,9 @@ class Pipeline:
         c.scan_layers = False  # 4 + 2 layers compile fast unrolled, and run faster on CPU.
         return c
 
+    @functools.cached_property
     def _documents(self) -> list[str]:
+        """CPython's docs and the task's training inputs: the corpus of (a) and its vocabulary."""
         from variator_jax import data as data_lib
         docs = [e["text"] for e in data_lib.read_source("builtin:pydoc")]
         task = data_lib.get_task(self.args.task)
@@ -154,7 +157,7 @@ class Pipeline:
         path = self.path("corpus.txt")
         if not os.path.isfile(path):
             from variator_jax.fileio import atomic_write, write_text
-            docs = self._documents()[:40] if self.tiny else self._documents()
+            docs = self._documents[:40] if self.tiny else self._documents
             os.makedirs(self.workdir, exist_ok=True)
             atomic_write(self.workdir, "corpus.txt",
                          lambda tmp: write_text(tmp, "\n\n".join(docs) + "\n"))
@@ -167,7 +170,7 @@ class Pipeline:
         path = self.path("tokenizer")
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             from variator_jax import vocab
-            vocab.train_tokenizer(self._documents(), self.mini["vocab"], path + ".tmp")
+            vocab.train_tokenizer(self._documents, self.mini["vocab"], path + ".tmp")
             os.replace(path + ".tmp", path)
         return path
 
@@ -321,7 +324,7 @@ class Pipeline:
         n = self.mini["n"] if self.mini else 256
         ids = np.zeros((len(examples), n), np.int32)
         for row, e in enumerate(examples):
-            x = tok.encode(task.format(e)[0], add_special_tokens=False)[: n - 1] + [tok.eos_token_id]
+            x = data_lib._encode(tok, task.format(e)[0], n, tok.eos_token_id)  # As the eval batches.
             ids[row, : len(x)] = x
         mask, start = jnp.asarray(ids > 0, jnp.int32), jnp.zeros((len(examples), 1), jnp.int32)
         answer = lambda p: np.asarray(vj.forward(cfg, backbone, jnp.asarray(ids), mask, start, plugin=p)
