@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import test_utils as tu
-from variator_jax import load_hf_t5, load_plugin, train_lib
+from variator_jax import experiment, load_hf_t5, load_plugin, train_lib, trainer
 from variator_jax.plugins import PluginConfig, init_plugin
 from variator_jax.t5 import init_t5
 
@@ -224,12 +224,12 @@ def test_finetune_state_shards_backbone_and_adam_moments_alike(hf_dir, tmp_path)
     tiny = {k: v for k, v in tu.TINY_OVERRIDES.items() if not k.startswith("plugin.")}
     tu.override(config, {**tiny, **tu.TINY_CORPUS, "mesh.data": 4, "mesh.model": 2})
     config.backbone = hf_dir
-    run = train_lib._prepare(config, str(tmp_path / "ft"))
+    run = experiment.prepare(config, str(tmp_path / "ft"))
     tx, _ = train_lib.make_optimizer(config)
-    shardings, _ = train_lib._backbone_shardings(run)
+    shardings, _ = run.backbone_shardings()
     from variator_jax import sharding as sh
     backbone = sh.put_global(run.host_backbone, shardings)
-    abstract, state_sh, make = train_lib._initial_state(run, tx, backbone)
+    abstract, state_sh, make = trainer.initial_state(run, tx, backbone)
     state = make()
     path = ("encoder", "layers", "layer_1", "DenseReluDense", "wi_0", "kernel")  # [layers, ...]
     adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's first part is scale_by_adam.

@@ -241,12 +241,12 @@ def start(argv: Sequence[str], flag_values) -> bool:
 
 @contextlib.contextmanager
 def one_line_errors(*kinds: type):
-    """Inside, a `train_lib.UserError` (or one of `kinds`) ends the program with its
+    """Inside, an `errors.UserError` (or one of `kinds`) ends the program with its
     one-line message and exit status 1, instead of a traceback."""
     try:
         yield
     except Exception as e:
-        from variator_jax.train_lib import UserError  # Imported by now: no device touched here.
+        from variator_jax.errors import UserError
         if not isinstance(e, (UserError, *kinds)) or os.environ.get("VARIATOR_TRACEBACK"):
             raise  # A bug, or a traceback asked for (VARIATOR_TRACEBACK=1).
         fail(str(e) if isinstance(e, UserError) else _one_line(e))

@@ -28,19 +28,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from variator_jax import compressors
-from variator_jax import data as data_lib
+from variator_jax import experiment as experiment_lib
 from variator_jax import flops as flops_lib
-from variator_jax import sharding
-from variator_jax import timing
-from variator_jax import train_lib
-from variator_jax.convert import load_hf_t5
+from variator_jax import objectives, sharding, timing, trainer
+from variator_jax.errors import UserError, user_errors
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import headline_metric, squad_em_f1
 from variator_jax.model import forward, generate
 from variator_jax.plugins import Plugin, PluginConfig, init_plugin, load_plugin, plugin_param_count
-from variator_jax.t5 import logical_axes
-
-UserError = train_lib.UserError
+from variator_jax.reporting import say
 
 
 @dataclasses.dataclass
@@ -58,38 +54,39 @@ class Model:
     def plugin(self):
         return None if self.pcfg is None else Plugin(self.pcfg, self.params)
 
+    def scored(self, cfg, task, verbalizer, backbone):
+        """-> (objective, params, frozen) for `objectives.eval_sums`: the teacher is the
+        backbone on its own (`Finetune`'s view of it); a plugin distills it (`Distill`)."""
+        objective = objectives.make(cfg, self.pcfg, "hidden", task.kind, verbalizer,
+                                    dropout=False)
+        return objective, (self.params if self.pcfg else backbone), objective.frozen(backbone)
+
 
 def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict:
     """Evaluates the teacher and `plugin_dirs` (default: `config.eval.plugins`, else
     WORKDIR/plugin). Returns the results dict also written to WORKDIR/eval/results.json."""
     workdir = os.path.abspath(workdir)
     backbone_dir = _backbone_dir(config, workdir)
-    with train_lib.user_errors("tokenizer"):
-        tokenizer = data_lib.load_tokenizer(config.get("tokenizer") or None, backbone_dir)
-    with train_lib.user_errors(f"backbone {backbone_dir}"):
-        cfg, host_backbone = load_hf_t5(backbone_dir, **train_lib.runtime_fields(config))
-    with train_lib.user_errors("config.task"):
-        task = data_lib.get_task(config.task)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
-    if config.mesh.get("fsdp", False):
-        rules = sharding.with_fsdp(rules)
-    backbone = sharding.put_global(host_backbone, sharding.tree_shardings(
-        mesh, logical_axes(cfg), host_backbone, rules))
+    exp = experiment_lib.setup(config, backbone_dir)
+    cfg, host_backbone, task, tokenizer = exp.cfg, exp.host_backbone, exp.task, exp.tokenizer
+    mesh, rules = exp.mesh, exp.rules
+    backbone = exp.place_backbone()
     models = [Model("teacher", None)] + [
         _load_model(d, cfg, host_backbone, mesh) for d in _plugin_dirs(config, workdir, plugin_dirs)]
     names = [m.name for m in models]
     for m in models:  # Two runs' plugins with one name (a/x/plugin, b/x/plugin): add k.
         if names.count(m.name) > 1 and m.pcfg is not None:
             m.name = f"{m.name} (k={m.ratio})"
-    data = _eval_data(config, task, tokenizer, mesh, rules)
+    if not config.data.get("eval"):
+        raise UserError("config.data.eval is empty: nothing to evaluate on")
+    data = exp.eval_batches()
     verbalizer = (tuple(int(i) for i in task.verbalizer_ids(tokenizer))
                   if task.kind == "classification" else None)
     rows = []
     for model in models:
-        train_lib.say(f"evaluating {model.name} on {config.data.eval} ...")
-        setup = train_lib.Setup(cfg, model.pcfg, "hidden", task.kind, verbalizer, dropout=False)
-        quality = _quality(setup, model, backbone, data, mesh, rules, task, tokenizer, config)
+        say(f"evaluating {model.name} on {config.data.eval} ...")
+        quality = _quality(cfg, model, backbone, data, mesh, rules, task, tokenizer, config,
+                           verbalizer)
         rows.append(dict(name=model.name, ratio=model.ratio, **quality))
     times = _measure_speed(cfg, models, backbone, data, mesh, rules, task, config)
     backbone_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(host_backbone))
@@ -111,7 +108,7 @@ def _backbone_dir(config, workdir: str) -> str:
     """`config.backbone`, or the backbone a `backbone_stage` made (the demo)."""
     if config.backbone:
         return config.backbone
-    result = os.path.join(workdir, "backbone_stage", train_lib.RESULT_FILE)
+    result = os.path.join(workdir, "backbone_stage", trainer.RESULT_FILE)
     if os.path.isfile(result):
         with open(result) as f:
             return json.load(f)["backbone_dir"]
@@ -144,7 +141,7 @@ def _load_model(directory: str, cfg, host_backbone, mesh) -> Model:
     pcfg = compressor_spec(directory)
     if pcfg is not None:
         return Model(f"{pcfg.compressor} k={pcfg.ratio}", pcfg, init_plugin(None, cfg, pcfg))
-    with train_lib.user_errors(f"plugin {directory}"):
+    with user_errors(f"plugin {directory}"):
         pcfg, params = load_plugin(directory, cfg=cfg, backbone=host_backbone)
     params = jax.device_put(params, sharding.replicated(mesh))
     return Model(run_name(directory), pcfg, params)
@@ -158,20 +155,7 @@ def run_name(directory: str) -> str:
     return os.path.basename(os.path.dirname(path)) if name == "plugin" else name
 
 
-def _batch_size(config) -> int:
-    return config.get("eval_batch_size") or config.batch_size
-
-
-def _eval_data(config, task, tokenizer, mesh, rules):
-    if not config.data.get("eval"):
-        raise UserError("config.data.eval is empty: nothing to evaluate on")
-    index, count = sharding.data_shard(mesh, rules)
-    with train_lib.user_errors(f"data.eval {config.data.eval}"):
-        return data_lib.eval_batches(
-            config.data.eval, task, tokenizer, global_batch_size=_batch_size(config),
-            max_input_length=config.max_input_length, max_target_length=config.max_target_length,
-            seed=config.seed, data_dir=config.data.get("data_dir") or None,
-            split=config.data.get("eval_split") or None, process_index=index, process_count=count)
+_batch_size = experiment_lib.eval_batch_size  # The global eval batch (training's too).
 
 
 # -- Quality --------------------------------------------------------------------------------------
@@ -181,21 +165,23 @@ def _quality_metric(task) -> str:
     return "f1" if task.kind == "generation" else "agreement"
 
 
-def _quality(setup, model, backbone, data, mesh, rules, task, tokenizer, config) -> dict:
+def _quality(cfg, model, backbone, data, mesh, rules, task, tokenizer, config,
+             verbalizer) -> dict:
     data = Progress(data, model.name, _batch_size(config))
     if task.kind == "generation":
-        out = _squad(setup.cfg, model, backbone, data, mesh, rules, tokenizer, config)
+        out = _squad(cfg, model, backbone, data, mesh, rules, tokenizer, config)
     else:
-        out = _distillation_and_task(setup, model, backbone, data, mesh, rules, task)
+        out = _distillation_and_task(model.scored(cfg, task, verbalizer, backbone), model,
+                                     data, mesh, rules, task)
     out["quality"] = out[_quality_metric(task)]
     return out
 
 
-def _distillation_and_task(setup, model, backbone, data, mesh, rules, task) -> dict:
-    """train_lib's eval step: classification metrics, CE, distillation errors, agreement."""
-    step = jax.jit(functools.partial(train_lib.eval_step, setup=setup))
-    params, frozen = (backbone, None) if model.pcfg is None else (model.params, backbone)
-    result = train_lib.eval_pass(step, params, frozen, data, mesh, rules, task.name)
+def _distillation_and_task(scored, model, data, mesh, rules, task) -> dict:
+    """Training's eval step: classification metrics, CE, distillation errors, agreement."""
+    objective, params, frozen = scored
+    step = jax.jit(functools.partial(trainer.eval_step, objective=objective))
+    result = trainer.eval_pass(step, params, frozen, data, mesh, rules, task.name)
     if model.pcfg is None:  # The teacher agrees with itself; its metrics are its own.
         result["agreement"] = 1.0
     return result
@@ -245,10 +231,9 @@ class Progress:
             if now - last >= PROGRESS_EVERY_S and examples < total:
                 last, rate = now, examples / (now - start)
                 eta = datetime.timedelta(seconds=round((total - examples) / rate))
-                train_lib.say(f"  {self.label}: {examples:,}/{total:,} examples, "
-                              f"{rate:.1f} examples/s, ETA {eta}")
-        train_lib.say(f"  {self.label}: {examples:,} examples in "
-                      f"{time.perf_counter() - start:.1f}s")
+                say(f"  {self.label}: {examples:,}/{total:,} examples, "
+                    f"{rate:.1f} examples/s, ETA {eta}")
+        say(f"  {self.label}: {examples:,} examples in {time.perf_counter() - start:.1f}s")
 
 
 # -- Cost and speed -------------------------------------------------------------------------------
@@ -282,7 +267,7 @@ def _measure_speed(cfg, models, backbone, data, mesh, rules, task, config) -> np
                                     batch["decoder_attention_mask"][:, :m], model.plugin)["logits"]
     rounds = max(int(config.eval.speed_repeats), 1)
     calls = max(int(config.eval.get("speed_calls", 1)), 1)
-    train_lib.say(f"timing {len(models)} models: {rounds} interleaved rounds x {calls} calls ...")
+    say(f"timing {len(models)} models: {rounds} interleaved rounds x {calls} calls ...")
     return timing.interleaved_times([functools.partial(run, model) for model in models],
                                     rounds, calls)
 
@@ -377,7 +362,7 @@ def plot(results: dict, path: str) -> None:
 
 def _write(workdir: str, results: dict) -> None:
     table = format_table(results)
-    train_lib.say(table)
+    say(table)
     if jax.process_index() != 0:
         return
     out = os.path.join(workdir, "eval")
@@ -385,4 +370,4 @@ def _write(workdir: str, results: dict) -> None:
     atomic_write(out, "results.json", lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
     atomic_write(out, "results.md", lambda tmp: write_text(tmp, table + "\n"))
     plot(results, os.path.join(out, "speed_accuracy.png"))
-    train_lib.say(f"Results written to {out}/results.json, results.md, speed_accuracy.png")
+    say(f"Results written to {out}/results.json, results.md, speed_accuracy.png")

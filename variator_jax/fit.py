@@ -1,6 +1,6 @@
 """Will this run fit? `train.py ... --dry_run`: the real train step, compiled ahead of time.
 
-The step is compiled exactly as training would compile it (same `train_lib.make_train_step`,
+The step is compiled exactly as training would compile it (same `trainer.make_train_step`,
 mesh, rules, shardings, donation) against abstract parameters (`jax.eval_shape`): no weight
 is read, allocated or initialised, so a laptop with fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`) can size an 11B run for a pod.
@@ -26,13 +26,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from variator_jax import data as data_lib
+from variator_jax import experiment as experiment_lib
 from variator_jax import flops as flops_lib
-from variator_jax import sharding, train_lib
+from variator_jax import sharding, trainer
+from variator_jax.errors import UserError, user_errors
 from variator_jax.fileio import atomic_write, write_text
+from variator_jax.objectives import Objective
 from variator_jax.plugins import PluginConfig
+from variator_jax.reporting import say
 from variator_jax.t5 import T5Config
 
 FIT_FILE = "fit.json"
@@ -43,24 +46,24 @@ def model_config(config, **runtime_overrides) -> T5Config:
     """The T5Config a run would use, from the backbone's config.json alone (no weights) or,
     with no backbone, from `config.variant`; attention as an accelerator runs it (dense)
     unless `runtime_overrides` say otherwise."""
-    runtime = {**train_lib.runtime_fields(config), "attention": "dense", **runtime_overrides}
-    with train_lib.user_errors("config"):
+    runtime = {**experiment_lib.runtime_fields(config), "attention": "dense", **runtime_overrides}
+    with user_errors("config"):
         if config.backbone:
             return T5Config.from_hf(config.backbone, **runtime)
         if not config.get("variant"):
-            raise train_lib.UserError("--dry_run needs config.backbone (its config.json) or a "
-                                      "variant (e.g. size=11b)")
+            raise UserError("--dry_run needs config.backbone (its config.json) or a "
+                            "variant (e.g. size=11b)")
         overrides = (config.get("model_overrides") or {})
         overrides = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides)
         return T5Config.variant(config.variant, **runtime, **overrides)
 
 
-def abstract_batch(config, setup: train_lib.Setup, mesh, rules) -> dict:
+def abstract_batch(config, objective: Objective, mesh, rules) -> dict:
     """ShapeDtypeStructs of one global batch, placed as training places it."""
     b, n, m = config.batch_size, config.max_input_length, config.max_target_length
     shapes = {"input_ids": (b, n), "attention_mask": (b, n), "labels": (b, m),
               "decoder_input_ids": (b, m), "decoder_attention_mask": (b, m)}
-    if setup.kind == "classification":
+    if objective.kind == "classification":
         shapes["label"] = (b,)
     return {k: jax.ShapeDtypeStruct(s, jnp.int32,
                                     sharding=sharding.batch_sharding(mesh, rules, len(s)))
@@ -95,7 +98,7 @@ def total_bytes(tree) -> int:
 
 def dry_run(config, workdir: str) -> dict:
     """Compiles the train step of `config` on its mesh against abstract params; writes and
-    returns the fit report (WORKDIR/fit.json). Raises `train_lib.UserError` for bad input."""
+    returns the fit report (WORKDIR/fit.json). Raises `errors.UserError` for bad input."""
     start = time.perf_counter()
     lowered, parts = lower_train_step(config)
     compiled = lowered.compile()
@@ -104,7 +107,7 @@ def dry_run(config, workdir: str) -> dict:
                      parts["state"], parts["backbone"])
     os.makedirs(workdir, exist_ok=True)
     atomic_write(workdir, FIT_FILE, lambda tmp: write_text(tmp, json.dumps(report, indent=2) + "\n"))
-    train_lib.say(format_report(report) + f"\nWritten to {os.path.join(workdir, FIT_FILE)}")
+    say(format_report(report) + f"\nWritten to {os.path.join(workdir, FIT_FILE)}")
     return report
 
 
@@ -113,46 +116,29 @@ def lower_train_step(config, **runtime_overrides):
     backbone and batch -> (jax `Lowered`, dict of cfg, mesh, state, backbone (None when
     fine-tuning: the backbone is the state), batch). `runtime_overrides`: T5Config runtime
     fields (default: dense attention, as accelerators run it)."""
-    train_lib.check_config(config, backbone_pending=True)
-    with train_lib.user_errors("mesh"):
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
-        rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
-        if config.mesh.get("fsdp", False):
-            rules = sharding.with_fsdp(rules)
-    if config.batch_size % mesh.shape["data"]:
-        raise train_lib.UserError(f"config.batch_size {config.batch_size} is not divisible by "
-                                  f"the mesh's data axis ({mesh.shape['data']} devices)")
+    experiment_lib.check_config(config, backbone_pending=True)
+    mesh, rules = experiment_lib.mesh_and_rules(config)
+    experiment_lib.check_batch_sizes(config, mesh)
     cfg = model_config(config, **runtime_overrides)
     task = data_lib.get_task(config.task)
-    pcfg = None
-    if config.stage != "finetune":
-        with train_lib.user_errors("config.plugin"):
-            pcfg = PluginConfig(ratio=config.plugin.ratio, bottleneck=config.plugin.bottleneck,
-                                mask_aware=config.plugin.mask_aware)
     # Classification reads one logit per label; which token ids they are does not matter here.
     verbalizer = tuple(range(len(task.labels))) if task.kind == "classification" else None
-    setup = train_lib.Setup(cfg, pcfg, "task" if pcfg is None else config.loss, task.kind,
-                            verbalizer, bool(config.get("dropout", True)))
-    run = train_lib._Run(_without_init_plugin(config), os.getcwd(), mesh, rules, None, cfg,
-                         pcfg, setup, None, {}, {})
-    tx, schedule = train_lib.make_optimizer(config)
-    backbone_shardings, backbone_shapes = train_lib._backbone_shardings(run)
+    objective = experiment_lib.objective_for(config, cfg, task, verbalizer)
+    exp = experiment_lib.Experiment(config, mesh, rules, None, cfg, task, None,
+                                    objective=objective)
+    tx, schedule = trainer.make_optimizer(config)
+    backbone_shardings, backbone_shapes = exp.backbone_shardings()
     backbone = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             backbone_shapes, backbone_shardings)
-    state, state_shardings, _ = train_lib._initial_state(run, tx)
-    frozen = None if pcfg is None else backbone  # Fine-tuning: the backbone is the state.
-    step = train_lib.make_train_step(setup, tx, schedule, mesh, state_shardings,
-                                     None if frozen is None else backbone_shardings, rules)
-    batch = abstract_batch(config, setup, mesh, rules)
+    # Nothing is read from disk: the fresh state's shapes are a loaded one's.
+    state, state_shardings, _ = trainer.initial_state(exp, tx)
+    frozen = objective.frozen(backbone)  # Fine-tuning: none, the backbone is the state.
+    step = trainer.make_train_step(objective, tx, schedule, mesh, state_shardings,
+                                   None if frozen is None else backbone_shardings, rules)
+    batch = abstract_batch(config, objective, mesh, rules)
+    pcfg = getattr(objective, "pcfg", None)
     return step.lower(state, batch, frozen), dict(cfg=cfg, pcfg=pcfg, mesh=mesh, state=state,
                                                   backbone=frozen, batch=batch)
-
-
-def _without_init_plugin(config):
-    """The config with no `init_plugin`: a dry run reads nothing from disk."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.init_plugin = ""
-    return config
 
 
 def make_report(config, cfg: T5Config, pcfg, mesh, compiled, seconds: float, state,

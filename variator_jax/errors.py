@@ -1,0 +1,45 @@
+"""The errors a user sees as one line: bad input (`UserError`), divergence, interruption."""
+from __future__ import annotations
+
+import contextlib
+
+from variator_jax.convert import CheckpointError
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, paths, data, workdir); `train.py` prints its
+    one-line message and exits non-zero, without a traceback."""
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, step: int = 0, last_good: int | None = None,
+                 what: str = ""):
+        super().__init__(message)
+        self.step, self.last_good, self.what = step, last_good, what
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM: a checkpoint was saved, the same command resumes."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+# Exceptions that, raised while reading the user's config, files and data, mean bad input.
+_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, CheckpointError, KeyError)
+
+
+@contextlib.contextmanager
+def user_errors(what: str):
+    """Turns bad-input exceptions raised inside into a one-line `UserError` ("WHAT: msg")."""
+    try:
+        yield
+    except UserError:
+        raise
+    except _INPUT_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what}: {msg}" if what else msg) from None
