@@ -58,6 +58,7 @@ from variator_jax import stacking  # noqa: E402
 from variator_jax import t5  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.model import encode  # noqa: E402
+from variator_jax.report import markdown_table  # noqa: E402
 
 TARGET_FRACTION, TARGET_FROM_N = 0.9, 256  # Issue 3: >= 0.9 of the ceiling at n >= 256 (CPU).
 
@@ -319,12 +320,10 @@ def measure_blocks(cfg, backbone, plugins, n, args, torch_ffn=None) -> dict:
 def blocks_table(blocks) -> str:
     names = [key for key in blocks[0] if key.startswith(("attention", "ffn"))
              and "alone" not in key]
-    lines = ["| n | " + " | ".join(f"{name} block ms (GFLOP/s)" for name in names) + " |",
-             "|---:|" + "---:|" * len(names)]
-    for b in blocks:
-        cells = [f"{b[name]['ms']:.1f} ({b[name]['gflops_per_s']:.0f})" for name in names]
-        lines.append(f"| {b['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[b["n"], *(f"{b[name]['ms']:.1f} ({b[name]['gflops_per_s']:.0f})" for name in names)]
+            for b in blocks]
+    return markdown_table(["n", *(f"{name} block ms (GFLOP/s)" for name in names)], rows,
+                          align="r" * (1 + len(names)))
 
 
 def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
@@ -358,21 +357,19 @@ def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
 def thin_matmul_table(blocks) -> str:
     """Table 5: the plugin's largest matmul alone, JAX vs PyTorch (GFLOP/s)."""
     has_torch = "torch x @ W_i^x" in blocks[0]
-    lines = ["| n | JAX ms (GFLOP/s) |" + (" PyTorch ms (GFLOP/s) |" if has_torch else ""),
-             "|---:|---:|" + ("---:|" if has_torch else "")]
-    for b in blocks:
-        cells = [str(b["n"])] + [f"{b[name]['ms']:.3f} ({b[name]['gflops_per_s']:.0f})"
-                                 for name in ("x @ W_i^x", "torch x @ W_i^x") if name in b]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    headers = ["n", "JAX ms (GFLOP/s)"] + (["PyTorch ms (GFLOP/s)"] if has_torch else [])
+    rows = [[b["n"], *(f"{b[name]['ms']:.3f} ({b[name]['gflops_per_s']:.0f})"
+                       for name in ("x @ W_i^x", "torch x @ W_i^x") if name in b)]
+            for b in blocks]
+    return markdown_table(headers, rows, align="r" * len(headers))
 
 
 def plugin_costs_table(rows) -> str:
     has_torch = "torch_ms" in rows[0]
-    head = ("| n | k | FFN rows | JAX FFN alone ms (GFLOP/s) | JAX rate vs k = 1 |"
-            + (" PyTorch FFN alone ms (GFLOP/s) | PyTorch rate vs k = 1 |" if has_torch else "")
-            + " plugin ms | plugin ms at the k = 1 FFN's rate |")
-    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    headers = (["n", "k", "FFN rows", "JAX FFN alone ms (GFLOP/s)", "JAX rate vs k = 1"]
+               + (["PyTorch FFN alone ms (GFLOP/s)", "PyTorch rate vs k = 1"] if has_torch else [])
+               + ["plugin ms", "plugin ms at the k = 1 FFN's rate"])
+    table = []
     for r in rows:
         cells = [str(r["n"]), str(r["ratio"]), str(r["rows"]),
                  f"{r['jax_ms']:.2f} ({r['jax_gflops_per_s']:.0f})", f"{r['jax_rate_vs_full']:.2f}"]
@@ -381,28 +378,27 @@ def plugin_costs_table(rows) -> str:
                       f"{r['torch_rate_vs_full']:.2f}"]
         cells += ([f"{r['plugin_ms']:.2f}", f"{r['plugin_ms_at_ffn_rate']:.2f}"]
                   if "plugin_ms" in r else ["-", "-"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(headers, table, align="r" * len(headers))
 
 
 # -- Report ---------------------------------------------------------------------------------------
 def compression_table(rows) -> str:
-    lines = ["| n | k | uncompressed ms | compressed ms | speedup | FLOPs ceiling | "
-             "fraction of ceiling | target (>= 0.9, n >= 256) |",
-             "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
-    for r in rows:
-        mark = {None: "-", True: "yes", False: "**no**"}[r["target"]]
-        lines.append(f"| {r['n']} | {r['ratio']} | {r['off_ms']:.1f} | {r['compressed_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['ceiling']:.2f}x | {r['fraction']:.2f} | {mark} |")
-    return "\n".join(lines)
+    mark = {None: "-", True: "yes", False: "**no**"}
+    table = [[r["n"], r["ratio"], f"{r['off_ms']:.1f}", f"{r['compressed_ms']:.1f}",
+              f"{r['speedup']:.2f}x", f"{r['ceiling']:.2f}x", f"{r['fraction']:.2f}",
+              mark[r["target"]]] for r in rows]
+    return markdown_table(["n", "k", "uncompressed ms", "compressed ms", "speedup",
+                           "FLOPs ceiling", "fraction of ceiling", "target (>= 0.9, n >= 256)"],
+                          table, align="rrrrrrrc")
 
 
 def framework_table(frames) -> str:
     has_torch, has_mfu = "torch_ms" in frames[0], "mfu" in frames[0]
-    head = ("| n | encoder GFLOPs | JAX ms |"
-            + (" PyTorch ms | JAX / PyTorch | max abs diff |" if has_torch else "")
-            + (" MFU |" if has_mfu else ""))
-    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    headers = (["n", "encoder GFLOPs", "JAX ms"]
+               + (["PyTorch ms", "JAX / PyTorch", "max abs diff"] if has_torch else [])
+               + (["MFU"] if has_mfu else []))
+    table = []
     for f in frames:
         cells = [str(f["n"]), f"{f['gflops']:.1f}", f"{f['jax_ms']:.1f}"]
         if has_torch:
@@ -410,8 +406,8 @@ def framework_table(frames) -> str:
                       f"{f['max_abs_diff']:.1e}"]
         if has_mfu:
             cells.append(f"{100 * f['mfu']:.1f} %")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(headers, table, align="r" * len(headers))
 
 
 def header(info, cfg, args) -> str:
