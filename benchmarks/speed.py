@@ -24,9 +24,9 @@ Five tables (see benchmarks/README.md for every column):
   5. the plugin's largest matmul (x @ W_i^x, [batch*n, d] x [d, r]) alone in both frameworks.
 On CPU it first calls `variator_jax.host.keep_freed_memory()` (`--no-keep-freed-memory` to
 compare glibc's defaults).
-Every variant of one length runs interleaved, round after round (order reversed every other
-round), so load from other processes hits them alike; times are medians over rounds and
-ratios are medians of the per-round ratios. Results: benchmarks/results/speed-<machine>.{md,json}.
+Every variant of one length runs interleaved, round after round, the order rotating from round
+to round (`variator_jax.timing`), so load from other processes hits them alike; times are
+medians over rounds and ratios are medians of the per-round ratios. Results: benchmarks/results/speed-<machine>.{md,json}.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ from variator_jax import cli, host  # noqa: E402
 from variator_jax import plugins as plugins_lib  # noqa: E402
 from variator_jax import stacking  # noqa: E402
 from variator_jax import t5  # noqa: E402
+from variator_jax import timing  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.model import encode  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402
@@ -126,23 +127,6 @@ def peak_flops(info: dict, dtype: str, override_tflops: float | None) -> float |
 
 
 # -- Timing ---------------------------------------------------------------------------------------
-def interleaved_times(fns: dict, rounds: int, warmup: int = 2) -> dict[str, np.ndarray]:
-    """Runs every fn (which must block until done) once per round -> {name: [rounds] seconds}.
-
-    Order alternates between rounds, so slow drifts in machine load cancel in the ratios."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            tic = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - tic)
-    return {name: np.asarray(t) for name, t in times.items()}
-
-
 def paired_ratio(num: np.ndarray, den: np.ndarray) -> float:
     """Median over rounds of num/den, each pair measured in the same round."""
     return float(np.median(num / den))
@@ -199,7 +183,7 @@ def measure_length(cfg, backbone, plugins, n, args, torch_factory, peak):
         fns["torch"] = torch_factory(ids, mask)
         check = float(np.max(np.abs(np.asarray(encode(cfg, backbone, ids, mask))
                                     - fns["torch"]().float().cpu().numpy())))
-    times = interleaved_times(fns, args.repeats)
+    times = timing.interleaved_times(fns, args.repeats, warmup=2)
     t_off, base_flops = times["off"], encoder_flops(cfg, n)["total"]
     rows = []
     for k in plugins:
@@ -311,7 +295,7 @@ def _torch_closure(fn, like, *arrays):
 def measure_blocks(cfg, backbone, plugins, n, args, torch_ffn=None) -> dict:
     """Median ms and GFLOP/s of each block of one layer at length n (interleaved rounds)."""
     fns, flops = layer_blocks(cfg, backbone, plugins, n, args.batch, torch_ffn)
-    times = interleaved_times(fns, args.repeats)
+    times = timing.interleaved_times(fns, args.repeats, warmup=2)
     return {"n": n, **{name: dict(ms=1e3 * float(np.median(t)),
                                   gflops_per_s=flops[name] / float(np.median(t)) / 1e9)
                        for name, t in times.items()}}

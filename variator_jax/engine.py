@@ -1,4 +1,4 @@
-"""The compiled plugin bank: one frozen backbone, a plugin per ratio, every (ratio, bucket) precompiled.
+"""The compiled plugin bank: a frozen backbone, a plugin per ratio, each (ratio, bucket) compiled.
 
 - `Bucket`, `bucket_grid`, `pick_bucket`, `plan_chunks`: the input shapes compiled ahead of
   time, and how a request batch is padded or split into them.
