@@ -26,7 +26,8 @@ On CPU it first calls `variator_jax.host.keep_freed_memory()` (`--no-keep-freed-
 compare glibc's defaults).
 Every variant of one length runs interleaved, round after round, the order rotating from round
 to round (`variator_jax.timing`), so load from other processes hits them alike; times are
-medians over rounds and ratios are medians of the per-round ratios. Results: benchmarks/results/speed-<machine>.{md,json}.
+medians over rounds and ratios are medians of the per-round ratios.
+Results: benchmarks/results/speed-<machine>.{md,json}.
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ from variator_jax.report import markdown_table
 
 
 def test_markdown_table_text():
-    text = markdown_table(["policy", "p50 ms", "mix"], [["adaptive", 1.5, ""], ("off", "2.0", "a / b")],
-                          align="lrc")
+    text = markdown_table(["policy", "p50 ms", "mix"],
+                          [["adaptive", 1.5, ""], ("off", "2.0", "a / b")], align="lrc")
     assert text == ("| policy | p50 ms | mix |\n"
                     "|---|---:|:---:|\n"
                     "| adaptive | 1.5 |  |\n"

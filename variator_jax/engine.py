@@ -11,7 +11,8 @@ Which ratio to run is not decided here: `policy.py` predicts costs from the engi
 profile and chooses; `serving.py` queues requests in front of the engine.
 
 Example:
-    >>> engine = AdaptiveEngine(cfg, backbone, {2: p2, 4: p4, 8: p8}, bucket_grid((1, 8), (64, 128)))
+    >>> buckets = bucket_grid((1, 8), (64, 128))
+    >>> engine = AdaptiveEngine(cfg, backbone, {2: p2, 4: p4, 8: p8}, buckets)
     >>> states = engine.run(4, input_ids, attention_mask)   # [batch, n, d_model], no compilation
 """
 from __future__ import annotations

@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 _ALIGN = {"l": "---", "r": "---:", "c": ":---:"}
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence], align: str | None = None) -> str:
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence],
+                   align: str | None = None) -> str:
     """A Markdown table: a header line, an alignment line, one line per row; no final newline.
 
     Args:
