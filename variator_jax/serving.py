@@ -46,6 +46,7 @@ __all__ = [
     "RateMeter", "Request", "Batch", "AdaptiveServer",
 ]
 
+
 # -- Server: the request path ---------------------------------------------------------------------
 class RateMeter:
     """Arrivals per second over a sliding window of `window_s` seconds."""

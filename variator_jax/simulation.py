@@ -3,7 +3,7 @@
 Arrivals come from a seeded non-homogeneous Poisson trace of phases (steady, burst, ramp),
 in machine-independent units: rates in units of C1, the uncompressed capacity (full batches
 of the longest bucket), durations in units of T0, the time of one such batch. `simulate`
-replays it against an `serving.AdaptiveServer` on a simulated clock: whenever the engine is
+replays it against a `serving.AdaptiveServer` on a simulated clock: whenever the engine is
 free and requests wait, up to a full batch starts, and the clock advances by the profile's
 service time for it, so every policy sees exactly the same machine and the run is
 deterministic given the profile. With an engine the server also really runs every batch.
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # For annotations only: the server is duck-typed (queue, submit, dispatch).
+if TYPE_CHECKING:  # Annotations only: replay uses just the server's queue, submit, dispatch.
     from variator_jax.serving import AdaptiveServer
 
 
