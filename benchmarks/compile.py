@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 from benchmarks import speed  # noqa: E402
 from benchmarks.train_step import _batch  # noqa: E402
 from tests.test_utils import load_config, override  # noqa: E402
-from variator_jax import fit, host, sharding, train_lib  # noqa: E402
+from variator_jax import fit, host, sharding, timing, train_lib  # noqa: E402
 from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
+from variator_jax.report import markdown_table  # noqa: E402
 from variator_jax.t5 import T5Config, init_t5  # noqa: E402
 
 GIB = float(1 << 30)
@@ -93,26 +94,28 @@ def speed_ratio(args) -> dict:
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
         print(f"  t5-small step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
-        state, metrics = compiled(state, batch, backbone)  # Warm-up.
-        jax.block_until_ready(metrics)
-        steps[name] = [compiled, state, backbone, []]
-    for _ in range(args.speed_repeats):  # Interleaved: load changes hit both alike.
-        for name, entry in steps.items():
-            compiled, state, backbone, times = entry
-            tic = time.perf_counter()
-            state, metrics = compiled(state, batch, backbone)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - tic)
-            entry[1] = state
-    med = {name: float(np.median(entry[3])) for name, entry in steps.items()}
+        steps[name] = _stepper(compiled, state, batch, backbone)
+    # Interleaved (one warm-up step each first): load changes hit both alike.
+    times = timing.interleaved_times(steps, args.speed_repeats)
+    med = {name: float(np.median(t)) for name, t in times.items()}
     out = {"batch": args.speed_batch, "input_length": args.speed_length, "target_length": 32,
            "repeats": args.speed_repeats, "median_seconds": med,
-           "min_seconds": {n: float(np.min(e[3])) for n, e in steps.items()},
+           "min_seconds": {n: float(np.min(t)) for n, t in times.items()},
            "scan_over_unrolled": med["scan"] / med["unrolled"]}
     print(f"  t5-small step: scan {med['scan'] * 1e3:.0f} ms, unrolled "
           f"{med['unrolled'] * 1e3:.0f} ms (medians of {args.speed_repeats}): ratio "
           f"{out['scan_over_unrolled']:.3f}", flush=True)
     return out
+
+
+def _stepper(compiled, state, batch, backbone):
+    """A no-argument closure running one train step, the state carried from call to call."""
+    carry = [state]
+
+    def step():
+        carry[0], metrics = compiled(carry[0], batch, backbone)
+        return carry[0], metrics
+    return step
 
 
 def markdown(results: dict) -> str:
@@ -123,20 +126,21 @@ def markdown(results: dict) -> str:
              f"8 fake CPU devices, batch {results['batch']}, n = {results['input_length']}, "
              f"m = {results['target_length']}, mesh.fsdp, remat={results['remat']}, "
              f"scan_layers={not results['unrolled']}, dense attention; "
-             f"load average at start {results['machine']['load_average_start']}.", "",
-             "| variant | trace s | compile s | total s | vs t5-small | params GiB/dev | "
-             "optimizer GiB/dev | temp GiB/dev | total GiB/dev | target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"load average at start {results['machine']['load_average_start']}.", ""]
+    table = []
     for r in rows:
         b = r["bytes_per_device"]
         rel = f"{r['compile_seconds'] / small['compile_seconds']:.2f}x" if small else ""
         target = TARGETS_GIB.get(r["variant"])
         verdict = "" if target is None else (
             f"<= {target}: {'ok' if b['total'] / GIB <= target else 'MISSED'}")
-        lines.append(f"| {r['variant']} | {r['trace_seconds']:.1f} | {r['compile_only_seconds']:.1f} "
-                     f"| {r['compile_seconds']:.1f} | {rel} | {b['params'] / GIB:.2f} | "
-                     f"{b['optimizer'] / GIB:.3f} | {b['temp'] / GIB:.2f} | {b['total'] / GIB:.2f} "
-                     f"| {verdict} |")
+        table.append([r["variant"], f"{r['trace_seconds']:.1f}", f"{r['compile_only_seconds']:.1f}",
+                      f"{r['compile_seconds']:.1f}", rel, f"{b['params'] / GIB:.2f}",
+                      f"{b['optimizer'] / GIB:.3f}", f"{b['temp'] / GIB:.2f}",
+                      f"{b['total'] / GIB:.2f}", verdict])
+    lines.append(markdown_table(["variant", "trace s", "compile s", "total s", "vs t5-small",
+                                 "params GiB/dev", "optimizer GiB/dev", "temp GiB/dev",
+                                 "total GiB/dev", "target"], table))
     if results.get("speed"):
         s = results["speed"]
         lines += ["", f"t5-small widths, 1 device, batch {s['batch']} x {s['input_length']}: "

@@ -9,12 +9,13 @@ It prints the measured latency profile and a table (p50/p95/p99 latency, share o
 within budget, throughput, goodput, average quality proxy, ratio mix per policy), and writes
 `serve.md`, `serve.json` and `serve.png` (chosen ratio and latency over time) to `--out`.
 
-How it runs: a discrete-event simulation on a simulated clock. Arrivals come from a seeded
-non-homogeneous Poisson trace (steady, burst, steady, ramp up, ramp down); whenever the engine
-is free and requests wait, up to a full batch starts; its service time is the latency profile
-measured at start-up on this machine (median of `--repeats` interleaved runs per ratio x
-bucket), so the three policies see exactly the same machine and the run is deterministic given
-the profile (`--profile FILE` replays a saved one; `--flops-per-s` uses an analytic one).
+How it runs: a discrete-event simulation on a simulated clock (`variator_jax/simulation.py`).
+Arrivals come from a seeded non-homogeneous Poisson trace (steady, burst, steady, ramp up, ramp
+down); whenever the engine is free and requests wait, up to a full batch starts; its service
+time is the latency profile measured at start-up on this machine (median of `--repeats`
+interleaved runs per ratio x bucket), so the three policies see exactly the same machine and
+the run is deterministic given the profile (`--profile FILE` replays a saved one;
+`--flops-per-s` uses an analytic one).
 With `--execute` (default) every batch of the adaptive policy also really runs through the
 precompiled engine, switching executables per batch under the guard that fails on any
 compilation; the JSON records how its measured wall times compare with the profile. (The fixed
@@ -38,138 +39,32 @@ import jax
 import numpy as np
 
 from variator_jax import cli, host, serving
+from variator_jax.report import markdown_table
 from variator_jax.serving import OFF, AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig
+# The trace and its replay (also reached as benchmarks.serve.make_trace etc.).
+from variator_jax.simulation import (DEFAULT_PHASES, Phase, make_trace, parse_phases, simulate,
+                                     summarize)
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """A stretch of the trace: `duration` in T0, arrival rate from `start` to `end` x C1."""
-    name: str
-    duration: float
-    start: float
-    end: float
-
-    def rate(self, u):
-        """Rate (x C1) at `u` in [0, 1] of the phase."""
-        return self.start + (self.end - self.start) * u
-
-
-DEFAULT_PHASES = (Phase("steady", 120, 0.5, 0.5), Phase("burst", 40, 1.6, 1.6),
-                  Phase("steady", 80, 0.5, 0.5), Phase("ramp up", 100, 0.4, 1.4),
-                  Phase("ramp down", 100, 1.4, 0.4))
-
-
-def parse_phases(text: str) -> tuple[Phase, ...]:
-    """'steady:120:0.5,burst:40:1.6,ramp:100:0.4-1.4' -> phases (name:duration:rate[-end])."""
-    phases = []
-    for item in text.split(","):
-        name, duration, rates = item.split(":")
-        start, _, end = rates.partition("-")
-        phases.append(Phase(name, float(duration), float(start), float(end or start)))
-    return tuple(phases)
-
-
-# -- Trace --------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Trace:
-    """Arrival times [N] (seconds), lengths [N] (tokens), phase index [N], token ids (list)."""
-    arrivals: np.ndarray
-    lengths: np.ndarray
-    phase: np.ndarray
-    tokens: list
-
-
-def make_trace(phases: Sequence[Phase], *, unit_rate: float, unit_time: float, min_len: int,
-               max_len: int, vocab_size: int, seed: int = 0) -> Trace:
-    """Non-homogeneous Poisson arrivals by thinning, in units of T0, then scaled to seconds.
-
-    `unit_rate` is C1 in requests per T0 (the batch size of a full batch); the trace in those
-    units is the same on every machine for a given seed.
-    """
-    rng = np.random.default_rng(seed)
-    peak = max(max(p.start, p.end) for p in phases) * unit_rate
-    total = sum(p.duration for p in phases)
-    u = np.cumsum(rng.exponential(1.0 / peak, int(peak * total * 1.5) + 100))
-    u = u[u < total]
-    edges = np.cumsum([0.0] + [p.duration for p in phases])
-    index = np.searchsorted(edges, u, side="right") - 1
-    rate = np.array([phases[i].rate((t - edges[i]) / phases[i].duration) for t, i in zip(u, index)])
-    keep = rng.random(len(u)) < rate * unit_rate / peak
-    u, index = u[keep], index[keep]
-    lengths = rng.integers(min_len, max_len + 1, len(u))
-    tokens = [rng.integers(2, vocab_size, n, dtype=np.int32) for n in lengths]
-    return Trace(u * unit_time, lengths, index, tokens)
-
-
-# -- Discrete-event simulation ------------------------------------------------------------------
-def simulate(server: serving.AdaptiveServer, trace: Trace) -> dict:
-    """Serves the trace on a simulated clock; returns per-request and per-batch records.
-
-    Each step: if nothing waits, the clock jumps to the next arrival; arrivals up to `now`
-    join the queue; the server dispatches a batch (choosing its ratio, and running it if it
-    has an engine); the clock advances by the profile's service time for that batch.
-    """
-    n = len(trace.arrivals)
-    done, ratio = np.full(n, np.nan), np.zeros(n, int)
-    batches, now, i = [], 0.0, 0
-    while i < n or server.queue:
-        if not server.queue:
-            now = max(now, trace.arrivals[i])
-        while i < n and trace.arrivals[i] <= now:
-            server.submit(i, trace.tokens[i], trace.arrivals[i])
-            i += 1
-        batch = server.dispatch(now)
-        ids = [r.id for r in batch.requests]
-        now += batch.service_s
-        done[ids], ratio[ids] = now, batch.ratio
-        batches.append(dict(start=batch.start, ratio=batch.ratio, size=len(ids),
-                            service_s=batch.service_s, wall_s=batch.wall_s,
-                            depth=len(server.queue) + len(ids)))
-    return dict(latency=done - trace.arrivals, ratio=ratio, done=done, batches=batches)
-
-
-def summarize(sim: dict, trace: Trace, budget_s: float, quality: Mapping[int, float],
-              ratios: Sequence[int]) -> dict:
-    """Latency percentiles, budget attainment, throughput, goodput, quality, ratio mix."""
-    lat, used = sim["latency"], sim["ratio"]
-    span = sim["done"].max() - trace.arrivals.min()
-    within = lat <= budget_s
-    row = {f"p{q}_ms": float(np.percentile(lat, q) * 1e3) for q in (50, 95, 99)}
-    row.update(requests=len(lat), within_budget=float(within.mean()),
-               throughput=len(lat) / span, goodput=float(within.sum() / span),
-               quality=float(np.mean([quality[r] for r in used])),
-               mix={int(r): float((used == r).mean()) for r in ratios})
-    walls = [b["wall_s"] / b["service_s"] for b in sim["batches"] if b["wall_s"] is not None]
-    row["wall_over_profile"] = float(np.median(walls)) if walls else None
-    row["by_phase"] = {int(p): dict(within_budget=float(within[trace.phase == p].mean()),
-                                    quality=float(np.mean([quality[r] for r in used[trace.phase == p]])))
-                       for p in np.unique(trace.phase)}
-    return row
-
-
+# -- Report ---------------------------------------------------------------------------------------
 def format_table(rows: Mapping[str, dict], ratios: Sequence[int]) -> str:
     """Markdown, one line per policy."""
     names = ["off" if r == OFF else f"k={r}" for r in ratios]
-    lines = ["| policy | p50 ms | p95 ms | p99 ms | within budget | throughput req/s | "
-             "goodput req/s | avg quality | ratio mix (" + " / ".join(names) + ") |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, r in rows.items():
-        mix = " / ".join(f"{100 * r['mix'][k]:.0f}" for k in ratios)
-        lines.append(f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{100 * r['within_budget']:.1f} % | {r['throughput']:.1f} | "
-                     f"{r['goodput']:.1f} | {r['quality']:.4f} | {mix} |")
-    return "\n".join(lines)
+    table = [[name, f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}",
+              f"{100 * r['within_budget']:.1f} %", f"{r['throughput']:.1f}", f"{r['goodput']:.1f}",
+              f"{r['quality']:.4f}", " / ".join(f"{100 * r['mix'][k]:.0f}" for k in ratios)]
+             for name, r in rows.items()]
+    return markdown_table(["policy", "p50 ms", "p95 ms", "p99 ms", "within budget",
+                           "throughput req/s", "goodput req/s", "avg quality",
+                           "ratio mix (" + " / ".join(names) + ")"], table, align="lrrrrrrrl")
 
 
 def format_phase_table(rows: Mapping[str, dict], phases: Sequence[Phase]) -> str:
     """Markdown: share within budget per phase and policy."""
-    lines = ["| policy | " + " | ".join(p.name for p in phases) + " |",
-             "|---|" + "---:|" * len(phases)]
-    for name, r in rows.items():
-        cells = [f"{100 * r['by_phase'][i]['within_budget']:.0f} %" if i in r["by_phase"] else ""
-                 for i in range(len(phases))]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    table = [[name, *(f"{100 * r['by_phase'][i]['within_budget']:.0f} %" if i in r["by_phase"]
+                      else "" for i in range(len(phases)))] for name, r in rows.items()]
+    return markdown_table(["policy", *(p.name for p in phases)], table,
+                          align="l" + "r" * len(phases))
 
 
 # -- The benchmark ------------------------------------------------------------------------------

@@ -24,9 +24,10 @@ Five tables (see benchmarks/README.md for every column):
   5. the plugin's largest matmul (x @ W_i^x, [batch*n, d] x [d, r]) alone in both frameworks.
 On CPU it first calls `variator_jax.host.keep_freed_memory()` (`--no-keep-freed-memory` to
 compare glibc's defaults).
-Every variant of one length runs interleaved, round after round (order reversed every other
-round), so load from other processes hits them alike; times are medians over rounds and
-ratios are medians of the per-round ratios. Results: benchmarks/results/speed-<machine>.{md,json}.
+Every variant of one length runs interleaved, round after round, the order rotating from round
+to round (`variator_jax.timing`), so load from other processes hits them alike; times are
+medians over rounds and ratios are medians of the per-round ratios.
+Results: benchmarks/results/speed-<machine>.{md,json}.
 """
 from __future__ import annotations
 
@@ -56,8 +57,10 @@ from variator_jax import cli, host  # noqa: E402
 from variator_jax import plugins as plugins_lib  # noqa: E402
 from variator_jax import stacking  # noqa: E402
 from variator_jax import t5  # noqa: E402
+from variator_jax import timing  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.model import encode  # noqa: E402
+from variator_jax.report import markdown_table  # noqa: E402
 
 TARGET_FRACTION, TARGET_FROM_N = 0.9, 256  # Issue 3: >= 0.9 of the ceiling at n >= 256 (CPU).
 
@@ -125,23 +128,6 @@ def peak_flops(info: dict, dtype: str, override_tflops: float | None) -> float |
 
 
 # -- Timing ---------------------------------------------------------------------------------------
-def interleaved_times(fns: dict, rounds: int, warmup: int = 2) -> dict[str, np.ndarray]:
-    """Runs every fn (which must block until done) once per round -> {name: [rounds] seconds}.
-
-    Order alternates between rounds, so slow drifts in machine load cancel in the ratios."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    names = list(fns)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            tic = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - tic)
-    return {name: np.asarray(t) for name, t in times.items()}
-
-
 def paired_ratio(num: np.ndarray, den: np.ndarray) -> float:
     """Median over rounds of num/den, each pair measured in the same round."""
     return float(np.median(num / den))
@@ -198,7 +184,7 @@ def measure_length(cfg, backbone, plugins, n, args, torch_factory, peak):
         fns["torch"] = torch_factory(ids, mask)
         check = float(np.max(np.abs(np.asarray(encode(cfg, backbone, ids, mask))
                                     - fns["torch"]().float().cpu().numpy())))
-    times = interleaved_times(fns, args.repeats)
+    times = timing.interleaved_times(fns, args.repeats, warmup=2)
     t_off, base_flops = times["off"], encoder_flops(cfg, n)["total"]
     rows = []
     for k in plugins:
@@ -310,7 +296,7 @@ def _torch_closure(fn, like, *arrays):
 def measure_blocks(cfg, backbone, plugins, n, args, torch_ffn=None) -> dict:
     """Median ms and GFLOP/s of each block of one layer at length n (interleaved rounds)."""
     fns, flops = layer_blocks(cfg, backbone, plugins, n, args.batch, torch_ffn)
-    times = interleaved_times(fns, args.repeats)
+    times = timing.interleaved_times(fns, args.repeats, warmup=2)
     return {"n": n, **{name: dict(ms=1e3 * float(np.median(t)),
                                   gflops_per_s=flops[name] / float(np.median(t)) / 1e9)
                        for name, t in times.items()}}
@@ -319,12 +305,10 @@ def measure_blocks(cfg, backbone, plugins, n, args, torch_ffn=None) -> dict:
 def blocks_table(blocks) -> str:
     names = [key for key in blocks[0] if key.startswith(("attention", "ffn"))
              and "alone" not in key]
-    lines = ["| n | " + " | ".join(f"{name} block ms (GFLOP/s)" for name in names) + " |",
-             "|---:|" + "---:|" * len(names)]
-    for b in blocks:
-        cells = [f"{b[name]['ms']:.1f} ({b[name]['gflops_per_s']:.0f})" for name in names]
-        lines.append(f"| {b['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[b["n"], *(f"{b[name]['ms']:.1f} ({b[name]['gflops_per_s']:.0f})" for name in names)]
+            for b in blocks]
+    return markdown_table(["n", *(f"{name} block ms (GFLOP/s)" for name in names)], rows,
+                          align="r" * (1 + len(names)))
 
 
 def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
@@ -358,21 +342,19 @@ def plugin_costs(blocks, plugins, cfg, batch) -> list[dict]:
 def thin_matmul_table(blocks) -> str:
     """Table 5: the plugin's largest matmul alone, JAX vs PyTorch (GFLOP/s)."""
     has_torch = "torch x @ W_i^x" in blocks[0]
-    lines = ["| n | JAX ms (GFLOP/s) |" + (" PyTorch ms (GFLOP/s) |" if has_torch else ""),
-             "|---:|---:|" + ("---:|" if has_torch else "")]
-    for b in blocks:
-        cells = [str(b["n"])] + [f"{b[name]['ms']:.3f} ({b[name]['gflops_per_s']:.0f})"
-                                 for name in ("x @ W_i^x", "torch x @ W_i^x") if name in b]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    headers = ["n", "JAX ms (GFLOP/s)"] + (["PyTorch ms (GFLOP/s)"] if has_torch else [])
+    rows = [[b["n"], *(f"{b[name]['ms']:.3f} ({b[name]['gflops_per_s']:.0f})"
+                       for name in ("x @ W_i^x", "torch x @ W_i^x") if name in b)]
+            for b in blocks]
+    return markdown_table(headers, rows, align="r" * len(headers))
 
 
 def plugin_costs_table(rows) -> str:
     has_torch = "torch_ms" in rows[0]
-    head = ("| n | k | FFN rows | JAX FFN alone ms (GFLOP/s) | JAX rate vs k = 1 |"
-            + (" PyTorch FFN alone ms (GFLOP/s) | PyTorch rate vs k = 1 |" if has_torch else "")
-            + " plugin ms | plugin ms at the k = 1 FFN's rate |")
-    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    headers = (["n", "k", "FFN rows", "JAX FFN alone ms (GFLOP/s)", "JAX rate vs k = 1"]
+               + (["PyTorch FFN alone ms (GFLOP/s)", "PyTorch rate vs k = 1"] if has_torch else [])
+               + ["plugin ms", "plugin ms at the k = 1 FFN's rate"])
+    table = []
     for r in rows:
         cells = [str(r["n"]), str(r["ratio"]), str(r["rows"]),
                  f"{r['jax_ms']:.2f} ({r['jax_gflops_per_s']:.0f})", f"{r['jax_rate_vs_full']:.2f}"]
@@ -381,28 +363,27 @@ def plugin_costs_table(rows) -> str:
                       f"{r['torch_rate_vs_full']:.2f}"]
         cells += ([f"{r['plugin_ms']:.2f}", f"{r['plugin_ms_at_ffn_rate']:.2f}"]
                   if "plugin_ms" in r else ["-", "-"])
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(headers, table, align="r" * len(headers))
 
 
 # -- Report ---------------------------------------------------------------------------------------
 def compression_table(rows) -> str:
-    lines = ["| n | k | uncompressed ms | compressed ms | speedup | FLOPs ceiling | "
-             "fraction of ceiling | target (>= 0.9, n >= 256) |",
-             "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
-    for r in rows:
-        mark = {None: "-", True: "yes", False: "**no**"}[r["target"]]
-        lines.append(f"| {r['n']} | {r['ratio']} | {r['off_ms']:.1f} | {r['compressed_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['ceiling']:.2f}x | {r['fraction']:.2f} | {mark} |")
-    return "\n".join(lines)
+    mark = {None: "-", True: "yes", False: "**no**"}
+    table = [[r["n"], r["ratio"], f"{r['off_ms']:.1f}", f"{r['compressed_ms']:.1f}",
+              f"{r['speedup']:.2f}x", f"{r['ceiling']:.2f}x", f"{r['fraction']:.2f}",
+              mark[r["target"]]] for r in rows]
+    return markdown_table(["n", "k", "uncompressed ms", "compressed ms", "speedup",
+                           "FLOPs ceiling", "fraction of ceiling", "target (>= 0.9, n >= 256)"],
+                          table, align="rrrrrrrc")
 
 
 def framework_table(frames) -> str:
     has_torch, has_mfu = "torch_ms" in frames[0], "mfu" in frames[0]
-    head = ("| n | encoder GFLOPs | JAX ms |"
-            + (" PyTorch ms | JAX / PyTorch | max abs diff |" if has_torch else "")
-            + (" MFU |" if has_mfu else ""))
-    lines = [head, "|" + "---:|" * (head.count("|") - 1)]
+    headers = (["n", "encoder GFLOPs", "JAX ms"]
+               + (["PyTorch ms", "JAX / PyTorch", "max abs diff"] if has_torch else [])
+               + (["MFU"] if has_mfu else []))
+    table = []
     for f in frames:
         cells = [str(f["n"]), f"{f['gflops']:.1f}", f"{f['jax_ms']:.1f}"]
         if has_torch:
@@ -410,8 +391,8 @@ def framework_table(frames) -> str:
                       f"{f['max_abs_diff']:.1e}"]
         if has_mfu:
             cells.append(f"{100 * f['mfu']:.1f} %")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append(cells)
+    return markdown_table(headers, table, align="r" * len(headers))
 
 
 def header(info, cfg, args) -> str:

@@ -67,17 +67,6 @@ def test_squad_empty_after_normalization():
         metrics.squad_em_f1(["x", "y"], [["x"]])
 
 
-def test_agreement_over_masked_positions():
-    student = np.array([[5, 6, 7, 0], [1, 2, 9, 9]])
-    teacher = np.array([[5, 6, 8, 3], [1, 3, 9, 4]])
-    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 0]])
-    # Masked-in positions: 6; equal at (0,0), (0,1), (1,0), (1,2) -> 4/6.
-    assert metrics.agreement(student, teacher, mask) == pytest.approx(2 / 3)
-    assert metrics.agreement(student, teacher, np.ones_like(mask)) == pytest.approx(4 / 8)
-    with pytest.raises(ValueError):
-        metrics.agreement(student, teacher[:, :3], mask)
-
-
 def test_glue_metric_names_per_task():
     preds, labels = [1, 0, 1, 1], [1, 0, 0, 1]  # TP 2, FP 1, FN 0; 3 of 4 right.
     for task in ("mnli", "glue/mnli_mismatched", "qnli", "SST-2", "rte"):

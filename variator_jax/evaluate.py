@@ -37,6 +37,7 @@ from variator_jax.metrics import headline_metric, squad_em_f1
 from variator_jax.model import forward, generate
 from variator_jax.plugins import Plugin, PluginConfig, init_plugin, load_plugin, plugin_param_count
 from variator_jax.reporting import say
+from variator_jax.report import markdown_table
 
 
 @dataclasses.dataclass
@@ -295,19 +296,17 @@ def format_table(results: dict) -> str:
     metric = results["quality_metric"]
     entries = results["entries"]
     teacher = entries[0]["quality"]
+    rows = [[r["name"], r["ratio"], f"{r['quality']:.4f}",
+             "" if r["ratio"] == 1 else f"{r['quality'] - teacher:+.4f}",
+             f"{r['flops_per_example'] / 1e9:.3f}", f"{100 * r['flops_saving']:.1f} %",
+             f"{100 * r['encoder_flops_saving']:.1f} %",
+             f"{r['plugin_params']:,} ({r['plugin_params_pct']:.2f} %)",
+             f"{r['examples_per_s']:.1f}", timing.format_speedup(r)] for r in entries]
+    table = markdown_table(["model", "k", metric, "vs teacher", "GFLOPs/example", "FLOPs saved",
+                            "encoder FLOPs saved", "plugin params (% of backbone)",
+                            "examples/s", "speedup (IQR)"], rows, align="lrrrrrrrrr")
     lines = [f"{results['task']} on {results['eval_data']} (n = {results['max_input_length']}), "
-             f"measured on {results['machine']}", "",
-             f"| model | k | {metric} | vs teacher | GFLOPs/example | FLOPs saved | encoder FLOPs "
-             "saved | plugin params (% of backbone) | examples/s | speedup (IQR) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in entries:
-        delta = "" if r["ratio"] == 1 else f"{r['quality'] - teacher:+.4f}"
-        lines.append(
-            f"| {r['name']} | {r['ratio']} | {r['quality']:.4f} | {delta} | "
-            f"{r['flops_per_example'] / 1e9:.3f} | {100 * r['flops_saving']:.1f} % | "
-            f"{100 * r['encoder_flops_saving']:.1f} % | {r['plugin_params']:,} "
-            f"({r['plugin_params_pct']:.2f} %) | {r['examples_per_s']:.1f} | "
-            f"{timing.format_speedup(r)} |")
+             f"measured on {results['machine']}", "", table]
     lines += ["", f"Speedup: median over {entries[0]['speed_rounds']} interleaved rounds, with "
               "the interquartile range; the FLOPs ceiling is teacher / model GFLOPs."]
     if any(r.get("above_ceiling") for r in entries):

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from variator_jax import cli, compressors
 from variator_jax.t5 import T5Config
+from variator_jax.report import markdown_table
 
 
 def _plugin_args(ratio: Any, bottleneck: int) -> tuple[int | None, int]:
@@ -191,14 +192,14 @@ def format_table(rows: Sequence[dict]) -> str:
     lengths = list(dict.fromkeys(row["n"] for row in rows))
     ratios = list(dict.fromkeys(row["ratio"] for row in rows))
     cell = {(row["n"], row["ratio"]): row for row in rows}
-    lines = ["| n | uncompressed GFLOPs | " + " | ".join(f"k = {k}" for k in ratios) + " |",
-             "|---:|---:|" + "---:|" * len(ratios)]
+    table = []
     for n in lengths:
         base = next(row["uncompressed"] for row in rows if row["n"] == n)
         cells = [f"{cell[n, k]['compressed'] / 1e9:.2f} (-{100 * cell[n, k]['saving']:.1f} %)"
                  if (n, k) in cell else "" for k in ratios]
-        lines.append(f"| {n} | {base / 1e9:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        table.append([n, f"{base / 1e9:.2f}", *cells])
+    return markdown_table(["n", "uncompressed GFLOPs", *(f"k = {k}" for k in ratios)], table,
+                          align="r" * (2 + len(ratios)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,7 +5,6 @@ Host-side NumPy, exact definitions:
     return them. `weights` (1 for real examples, 0 for batch padding) make padded examples
     count for nothing.
   - `squad_em_f1`: the official SQuAD v1.1 `evaluate-v1.1.py`, percentages in [0, 100].
-  - `agreement`: how often the plugin-compressed student picks the teacher's token.
 
 Example:
   >>> glue_metric("mrpc", [1, 0, 1, 1], [1, 0, 0, 1])
@@ -93,23 +92,6 @@ def squad_em_f1(predictions: Sequence[str], answers: Sequence[Sequence[str]]) ->
         em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)
         f1_sum += max(_token_f1(pred, g) for g in golds)
     return {"exact_match": 100.0 * em / len(predictions), "f1": 100.0 * f1_sum / len(predictions)}
-
-
-# -- Distillation ----------------------------------------------------------------------------
-def agreement(student_ids: Any, teacher_ids: Any, mask: Any) -> float:
-    """Fraction of target positions (mask == 1) where the student's token is the teacher's.
-
-    Args:
-      student_ids, teacher_ids: argmax token ids, `[batch, length]` (any equal shapes).
-      mask: 1 at real target positions, 0 at padding; same shape.
-    Returns NaN when the mask is empty.
-    """
-    student_ids, teacher_ids = np.asarray(student_ids), np.asarray(teacher_ids)
-    mask = np.asarray(mask)
-    if not student_ids.shape == teacher_ids.shape == mask.shape:
-        raise ValueError(f"shapes differ: student {student_ids.shape}, teacher "
-                         f"{teacher_ids.shape}, mask {mask.shape}")
-    return accuracy(student_ids, teacher_ids, mask)
 
 
 # -- GLUE ------------------------------------------------------------------------------------

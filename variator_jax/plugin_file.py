@@ -1,5 +1,7 @@
-"""Reading a plugin directory strictly, for both the JAX side (`plugins.load_plugin`) and the
-PyTorch side (`torch_plugin.attach_plugin`): numpy and safetensors only, no JAX, no torch.
+"""Strict reading of a plugin directory, shared by the JAX and the PyTorch side.
+
+Both `plugins.load_plugin` and `torch_plugin.attach_plugin` read through it: numpy and
+safetensors only, no JAX, no torch.
 
 A plugin file that loads must be one `save_plugin` could have written: `plugin_config.json`
 is a JSON object whose fields have their exact types (`"mask_aware": "false"`, a string,

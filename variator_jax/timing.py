@@ -18,21 +18,25 @@ honest (as in benchmarks/speed.py):
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 
-def interleaved_times(fns: Sequence[Callable], rounds: int, calls: int = 1) -> np.ndarray:
-    """Seconds per call of each of `fns`, [len(fns), rounds].
+def interleaved_times(fns: Sequence[Callable] | Mapping[Any, Callable], rounds: int,
+                      calls: int = 1, warmup: int = 1) -> np.ndarray | dict[Any, np.ndarray]:
+    """Seconds per call of each of `fns`: [len(fns), rounds], or {key: [rounds]} for a mapping.
 
-    Each fn is called once first (compilation, warm-up). Then, in every round, each fn is
-    called `calls` times back to back (results blocked on) and its mean time recorded; the
-    order of the fns rotates from round to round, so none always runs first.
+    Each fn is called `warmup` times first (compilation, caches). Then, in every round, each
+    fn is called `calls` times back to back (results blocked on) and its mean time recorded;
+    the order of the fns rotates from round to round, so none always runs first.
     """
-    for fn in fns:
-        jax.block_until_ready(fn())
+    keys = list(fns) if isinstance(fns, Mapping) else None
+    fns = [fns[k] for k in keys] if keys is not None else list(fns)
+    for _ in range(warmup):
+        for fn in fns:
+            jax.block_until_ready(fn())
     times = np.zeros((len(fns), max(rounds, 1)))
     for r in range(times.shape[1]):
         for j in range(len(fns)):
@@ -41,7 +45,7 @@ def interleaved_times(fns: Sequence[Callable], rounds: int, calls: int = 1) -> n
             for _ in range(max(calls, 1)):
                 jax.block_until_ready(fns[i]())
             times[i, r] = (time.perf_counter() - start) / max(calls, 1)
-    return times
+    return times if keys is None else dict(zip(keys, times))
 
 
 def speedup_stats(base: np.ndarray, times: np.ndarray, ceiling: float | None = None) -> dict:

@@ -1,5 +1,7 @@
-r"""What the config files share (big_vision's `configs/common.py`): preset parsing, the
-per-task tables, and the eval.py / mesh fields every training config has.
+r"""What every config file shares: preset parsing, per-task tables, the eval and mesh fields.
+
+As big_vision's `configs/common.py`: the presets after a colon, the per-task tables, and the
+eval.py / mesh fields every training config has.
 
 Config files import it as `from variator_jax.configs import common`, so a config loaded by
 path (`--config=configs/plugin.py`) and one loaded from the installed package
