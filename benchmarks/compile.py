@@ -2,6 +2,7 @@
 
     python -m benchmarks.compile                 # all five sizes, then the speed ratio
     python -m benchmarks.compile --variants t5-small,t5-3b --speed-repeats 0
+    python -m benchmarks.compile --speed-only    # re-measure the ratio, keep the compile rows
 
 For every variant it compiles the real plugin train step (`fit.lower_train_step`, what
 `train.py --dry_run` compiles) against abstract parameters on 8 fake CPU devices, at the
@@ -10,7 +11,8 @@ scanned layers, attention as an accelerator runs it (dense), and reports:
   - trace (lowering) and compile seconds;
   - the fit report's bytes per device (params, optimizer, temp, total).
 Then, at t5-small widths on one device, the train step's time with layers scanned vs
-unrolled (the same batch, steps interleaved; their ratio is the figure).
+unrolled (the same batch, interleaved rounds; the median and quartiles of the per-round
+ratio, of wall time and of CPU time, are the figure), at batch 4 and 16 x 128 tokens.
 
 Targets: t5-3b compiles in <= 1.5x t5-small's time; t5-3b <= 16 GiB and t5-11b <= 32 GiB per
 device; scan / unrolled step time ~1 (within noise). Results go to
@@ -35,7 +37,6 @@ from benchmarks.train_step import _batch  # noqa: E402
 from tests.test_utils import load_config, override  # noqa: E402
 from variator_jax import fit, host, sharding, timing, train_lib  # noqa: E402
 from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
-from variator_jax.report import markdown_table  # noqa: E402
 from variator_jax.t5 import T5Config, init_t5  # noqa: E402
 
 GIB = float(1 << 30)
@@ -69,7 +70,11 @@ def compile_variant(variant: str, args) -> dict:
 
 
 def speed_ratio(args) -> dict:
-    """t5-small widths, 1 device: the plugin train step scanned vs unrolled, interleaved."""
+    """t5-small widths, 1 device: the plugin train step with layers scanned vs unrolled, in
+    interleaved rounds (`timing.interleaved_times`). Per round, the scan / unrolled ratio of
+    wall time and of CPU time (the process's user + system seconds: the work a step costs,
+    which other processes on a shared machine do not inflate); median and quartiles."""
+    import resource
     mesh = sharding.make_mesh(1, 1)
     base = T5Config.variant("t5-small", dropout_rate=0.0,
                             attention_block_bytes=host.attention_block_bytes())
@@ -80,9 +85,14 @@ def speed_ratio(args) -> dict:
     repl = sharding.replicated(mesh)
     batch = sharding.global_batch(mesh, _batch(base, args.speed_batch, args.speed_length, 32),
                                   sharding.DEFAULT_RULES)
-    steps = {}
-    for name, scan in (("scan", True), ("unrolled", False)):
-        cfg = base.replace(scan_layers=scan)
+
+    def cpu_seconds():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    names, fns, cpu = ("scan", "unrolled"), [], {}
+    for name in names:
+        cfg = base.replace(scan_layers=name == "scan")
         backbone = jax.jit(lambda k, cfg=cfg: init_t5(k, cfg), out_shardings=repl)(
             jax.random.key(0))
         state = jax.jit(lambda p: train_lib.create_state(p, jax.random.key(0), tx),
@@ -94,28 +104,27 @@ def speed_ratio(args) -> dict:
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
         print(f"  t5-small step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
-        steps[name] = _stepper(compiled, state, batch, backbone)
-    # Interleaved (one warm-up step each first): load changes hit both alike.
-    times = timing.interleaved_times(steps, args.speed_repeats)
-    med = {name: float(np.median(t)) for name, t in times.items()}
+        cpu[name], box = [], [state]
+
+        def run(compiled=compiled, box=box, backbone=backbone, spent=cpu[name]):
+            start = cpu_seconds()
+            box[0], metrics = compiled(box[0], batch, backbone)  # The state is donated.
+            jax.block_until_ready((box[0], metrics))
+            spent.append(cpu_seconds() - start)
+            return metrics
+        fns.append(run)
+    wall = timing.interleaved_times(fns, rounds=args.speed_repeats)
+    cpu_s = np.array([cpu[n][1:] for n in names])  # The first call is the warm-up.
     out = {"batch": args.speed_batch, "input_length": args.speed_length, "target_length": 32,
-           "repeats": args.speed_repeats, "median_seconds": med,
-           "min_seconds": {n: float(np.min(t)) for n, t in times.items()},
-           "scan_over_unrolled": med["scan"] / med["unrolled"]}
-    print(f"  t5-small step: scan {med['scan'] * 1e3:.0f} ms, unrolled "
-          f"{med['unrolled'] * 1e3:.0f} ms (medians of {args.speed_repeats}): ratio "
-          f"{out['scan_over_unrolled']:.3f}", flush=True)
+           "rounds": args.speed_repeats, "load_average": list(os.getloadavg())}
+    for what, t in (("wall", wall), ("cpu", cpu_s)):
+        q25, med, q75 = np.percentile(t[0] / t[1], [25, 50, 75])
+        out[what] = {"median_seconds": {n: float(np.median(row)) for n, row in zip(names, t)},
+                     "scan_over_unrolled": float(med), "q25": float(q25), "q75": float(q75)}
+        print(f"  t5-small step ({what} time): scan {out[what]['median_seconds']['scan']:.3f} s, "
+              f"unrolled {out[what]['median_seconds']['unrolled']:.3f} s; scan / unrolled "
+              f"{med:.3f} (IQR {q25:.3f}-{q75:.3f}, {args.speed_repeats} rounds)", flush=True)
     return out
-
-
-def _stepper(compiled, state, batch, backbone):
-    """A no-argument closure running one train step, the state carried from call to call."""
-    carry = [state]
-
-    def step():
-        carry[0], metrics = compiled(carry[0], batch, backbone)
-        return carry[0], metrics
-    return step
 
 
 def markdown(results: dict) -> str:
@@ -126,28 +135,33 @@ def markdown(results: dict) -> str:
              f"8 fake CPU devices, batch {results['batch']}, n = {results['input_length']}, "
              f"m = {results['target_length']}, mesh.fsdp, remat={results['remat']}, "
              f"scan_layers={not results['unrolled']}, dense attention; "
-             f"load average at start {results['machine']['load_average_start']}.", ""]
-    table = []
+             f"load average at start {results['machine']['load_average_start']}.", "",
+             "| variant | trace s | compile s | total s | vs t5-small | params GiB/dev | "
+             "optimizer GiB/dev | temp GiB/dev | total GiB/dev | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b = r["bytes_per_device"]
         rel = f"{r['compile_seconds'] / small['compile_seconds']:.2f}x" if small else ""
         target = TARGETS_GIB.get(r["variant"])
         verdict = "" if target is None else (
             f"<= {target}: {'ok' if b['total'] / GIB <= target else 'MISSED'}")
-        table.append([r["variant"], f"{r['trace_seconds']:.1f}", f"{r['compile_only_seconds']:.1f}",
-                      f"{r['compile_seconds']:.1f}", rel, f"{b['params'] / GIB:.2f}",
-                      f"{b['optimizer'] / GIB:.3f}", f"{b['temp'] / GIB:.2f}",
-                      f"{b['total'] / GIB:.2f}", verdict])
-    lines.append(markdown_table(["variant", "trace s", "compile s", "total s", "vs t5-small",
-                                 "params GiB/dev", "optimizer GiB/dev", "temp GiB/dev",
-                                 "total GiB/dev", "target"], table))
+        lines.append(f"| {r['variant']} | {r['trace_seconds']:.1f} | {r['compile_only_seconds']:.1f} "
+                     f"| {r['compile_seconds']:.1f} | {rel} | {b['params'] / GIB:.2f} | "
+                     f"{b['optimizer'] / GIB:.3f} | {b['temp'] / GIB:.2f} | {b['total'] / GIB:.2f} "
+                     f"| {verdict} |")
     if results.get("speed"):
-        s = results["speed"]
-        lines += ["", f"t5-small widths, 1 device, batch {s['batch']} x {s['input_length']}: "
-                  f"plugin train step scanned {s['median_seconds']['scan'] * 1e3:.0f} ms, "
-                  f"unrolled {s['median_seconds']['unrolled'] * 1e3:.0f} ms (medians of "
-                  f"{s['repeats']} interleaved steps); scan / unrolled = "
-                  f"{s['scan_over_unrolled']:.3f}."]
+        m = results.get("speed_machine", results["machine"])
+        lines += ["", f"Scan vs unrolled step, measured {m['date']} on {m['cpu']}, {m['cores']} "
+                  "cores (shared: other jobs ran; CPU time is the work, wall time also waits):"]
+    for s in results.get("speed", []):
+        lines += ["", f"t5-small widths, 1 device, batch {s['batch']} x {s['input_length']}, "
+                  f"{s['rounds']} interleaved rounds, load average "
+                  f"{s['load_average'][0]:.1f} at the end: plugin train step scanned / unrolled"]
+        for what, label in (("cpu", "CPU time (the work)"), ("wall", "wall time")):
+            r = s[what]
+            lines.append(f"- {label}: {r['median_seconds']['scan'] * 1e3:.0f} ms vs "
+                         f"{r['median_seconds']['unrolled'] * 1e3:.0f} ms, ratio "
+                         f"{r['scan_over_unrolled']:.3f} (IQR {r['q25']:.3f}-{r['q75']:.3f})")
     return "\n".join(lines) + "\n"
 
 
@@ -159,23 +173,33 @@ def main(argv=None) -> dict:
     p.add_argument("--target-length", type=int, default=32)
     p.add_argument("--remat", default="full")
     p.add_argument("--unrolled", action="store_true", help="scan_layers=False (for comparison)")
-    p.add_argument("--speed-batch", type=int, default=4)
+    p.add_argument("--speed-batch", default="4,16", help="batch sizes of the speed ratio")
     p.add_argument("--speed-length", type=int, default=128)
-    p.add_argument("--speed-repeats", type=int, default=7, help="0: skip the speed ratio")
+    p.add_argument("--speed-repeats", type=int, default=8, help="rounds; 0: skip the ratio")
+    p.add_argument("--speed-only", action="store_true",
+                   help="only the speed ratio; the compile rows of the results file are kept")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     info = speed.machine_info(None)
-    # One small compile first, not reported: JAX's and XLA's one-time start-up costs would
-    # otherwise all land on the first variant.
-    compile_variant("t5-small", argparse.Namespace(**dict(vars(args), batch=8, input_length=32,
-                                                          target_length=8)))
-    print("(warm-up above, not reported)", flush=True)
-    results = dict(machine=info, batch=args.batch, input_length=args.input_length,
-                   target_length=args.target_length, remat=args.remat, unrolled=args.unrolled,
-                   variants=[compile_variant(v, args) for v in args.variants.split(",")])
-    if args.speed_repeats:
-        results["speed"] = speed_ratio(args)
     name = f"compile-{speed.machine_slug(info)}" + ("-unrolled" if args.unrolled else "")
+    if args.speed_only:
+        with open(os.path.join(args.out, name + ".json")) as f:
+            results = json.load(f)
+    else:
+        # One small compile first, not reported: JAX's and XLA's one-time start-up costs
+        # would otherwise all land on the first variant.
+        compile_variant("t5-small", argparse.Namespace(**dict(
+            vars(args), batch=8, input_length=32, target_length=8)))
+        print("(warm-up above, not reported)", flush=True)
+        results = dict(machine=info, batch=args.batch, input_length=args.input_length,
+                       target_length=args.target_length, remat=args.remat,
+                       unrolled=args.unrolled,
+                       variants=[compile_variant(v, args) for v in args.variants.split(",")])
+    results.pop("speed", None)
+    if args.speed_repeats:
+        results["speed_machine"] = info
+        results["speed"] = [speed_ratio(argparse.Namespace(**dict(vars(args), speed_batch=b)))
+                            for b in map(int, args.speed_batch.split(","))]
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(results, f, indent=2)

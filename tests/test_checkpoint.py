@@ -133,3 +133,129 @@ def test_sigkill_then_rerun_ends_bitwise_like_an_unbroken_run(hf_dir, tmp_path):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key}; {why}")
     assert not diverged, why
+
+
+def _interrupted_copy(workdir: str, copy: str, step: int) -> str:
+    """A copy of a finished run's workdir as it was when interrupted right after `step`'s
+    checkpoint: the later checkpoints and the outputs are removed."""
+    import shutil
+    shutil.copytree(workdir, copy)
+    root = os.path.join(copy, "checkpoints")
+    for name in os.listdir(root):
+        if name.isdigit() and int(name) > step:
+            shutil.rmtree(os.path.join(root, name))
+    for name in ("plugin", "backbone", "result.json"):
+        path = os.path.join(copy, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    return copy
+
+
+def _rewrite_pre_scan(workdir: str, step: int) -> None:
+    """Rewrites checkpoint `step` as the code before scanned layers wrote it: the plugin
+    params and both Adam moments as `{block_i: layer}`, not stacked (1-device run)."""
+    import shutil
+    import orbax.checkpoint as ocp
+    path = os.path.join(workdir, "checkpoints", str(step))
+    state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+    with open(os.path.join(path, "data", "metadata")) as f:
+        data = json.load(f)
+    per_layer = lambda t: {f"block_{i}": jax.tree.map(lambda x: np.asarray(x)[i], t)
+                           for i in range(len(jax.tree.leaves(t)[0]))}
+    state["params"] = per_layer(state["params"])
+    adam = state["opt_state"][1][0]
+    adam["mu"], adam["nu"] = per_layer(adam["mu"]), per_layer(adam["nu"])
+    assert set(state["params"]) == {"block_0", "block_1"}
+    shutil.rmtree(path)
+    ckpt = checkpoint.Checkpointer(workdir, keep=2)
+    ckpt.save(step, state, data)
+    ckpt.close()
+
+
+def test_a_pre_scan_checkpoint_resumes_into_scanned_layers(hf_dir, tmp_path, capsys):
+    """A checkpoint from before layers were scanned (per-layer plugin params, unrolled
+    model) resumes with scan_layers on, and with it off, to the uninterrupted run's plugin."""
+    from variator_jax import train_lib
+    config = lambda scan: tu.tiny_plugin_config(hf_dir, total_steps=8, checkpoint_every=4,
+                                                lr=1e-2, scan_layers=scan)
+    ref = str(tmp_path / "unbroken")
+    train_lib.train_and_evaluate(config(False), ref)
+    expected = tu.read_plugin(os.path.join(ref, "plugin"))
+    for scan in (False, True):
+        old = _interrupted_copy(ref, str(tmp_path / f"pre_scan_{scan}"), step=4)
+        _rewrite_pre_scan(old, 4)
+        capsys.readouterr()
+        result = train_lib.train_and_evaluate(config(scan), old)
+        assert f"Resumed from {old}/checkpoints/4" in capsys.readouterr().out
+        assert result["step"] == 8
+        got = tu.read_plugin(result["plugin_dir"])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            if scan:  # Steps 5-8 ran scanned: another fusion of the same float32 arithmetic.
+                np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7,
+                                           err_msg=key)
+            else:  # The same program from the same state: bit for bit.
+                np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_finetune_resumes_across_scan_layers(hf_dir, tmp_path, capsys):
+    """Stage 0 (the backbone is the trained tree): a checkpoint of unrolled layers resumes
+    scanned, and one of scanned layers resumes unrolled, to the uninterrupted run's weights."""
+    from safetensors.numpy import load_file
+    from variator_jax import train_lib
+
+    def config(scan):
+        c = tu.load_config("finetune", "task=pretrain")
+        tiny = {k: v for k, v in tu.TINY_OVERRIDES.items() if not k.startswith("plugin.")}
+        # Without dropout: scanned layers draw their masks from per-layer splits of one
+        # key, unrolled ones from their own names, so the masks differ between layouts.
+        tu.override(c, {**tiny, **tu.TINY_CORPUS, "total_steps": 8, "checkpoint_every": 4,
+                        "scan_layers": scan, "dropout": False})
+        c.backbone = hf_dir
+        return c
+
+    for scan in (False, True):
+        ref = str(tmp_path / f"unbroken_{scan}")
+        train_lib.train_and_evaluate(config(scan), ref)
+        other = _interrupted_copy(ref, str(tmp_path / f"switched_{scan}"), step=4)
+        capsys.readouterr()
+        result = train_lib.train_and_evaluate(config(not scan), other)
+        assert f"Resumed from {other}/checkpoints/4" in capsys.readouterr().out
+        assert result["step"] == 8
+        expected = load_file(os.path.join(ref, "backbone", "model.safetensors"))
+        got = load_file(os.path.join(result["backbone_dir"], "model.safetensors"))
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7,
+                                       err_msg=key)
+
+
+def test_relayout_moves_layers_between_scanned_unrolled_and_pre_scan_trees():
+    from variator_jax import stacking
+    from variator_jax.plugins import PluginConfig, init_plugin
+    from variator_jax.t5 import init_t5
+    cfg = tu.tiny_t5()
+    scanned = jax.device_get(init_t5(jax.random.key(0), cfg))
+    unrolled_like = jax.eval_shape(lambda: init_t5(jax.random.key(0), cfg.replace(
+        scan_layers=False)))
+    unrolled = stacking.relayout(scanned, unrolled_like, np.stack)
+    assert jax.tree.structure(unrolled) == jax.tree.structure(unrolled_like)
+    wo = lambda block: block["layer_1"]["DenseReluDense"]["wo"]["kernel"]
+    np.testing.assert_array_equal(wo(unrolled["encoder"]["block_1"]),
+                                  wo(scanned["encoder"]["layers"])[1])
+    back = stacking.relayout(unrolled, scanned, np.stack)
+    jax.tree.map(np.testing.assert_array_equal, back, scanned)
+    # The layout before scanning (HF's): the bias inside block 0's self-attention.
+    per_layer = stacking.to_per_layer(scanned)
+    jax.tree.map(np.testing.assert_array_equal,
+                 stacking.relayout(per_layer, scanned, np.stack), scanned)
+    # A plugin from before scanning: {block_i: layer} -> leaves stacked [layers, ...].
+    plugin = jax.device_get(init_plugin(jax.random.key(1), cfg, PluginConfig(4)))
+    old = {f"block_{i}": jax.tree.map(lambda x, i=i: x[i], plugin)
+           for i in range(cfg.num_layers)}
+    jax.tree.map(np.testing.assert_array_equal, stacking.relayout(old, plugin, np.stack),
+                 plugin)
+    with pytest.raises(ValueError, match="encoder has .*'final_layer_norm'.*not a layer layout"):
+        stacking.relayout({**scanned, "encoder": {"final_layer_norm": {}}}, scanned, np.stack)

@@ -30,10 +30,11 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
-from variator_jax import integrity
+from variator_jax import integrity, sharding, stacking
 from variator_jax.fileio import atomic_write, flatten, write_text
 
 RUN_FILE = "run.json"
@@ -173,8 +174,16 @@ class Checkpointer:
                                "use another --workdir")
         try:
             with _absl_quiet():  # orbax logs each failure itself; we report it once, below.
+                saved = _saved_tree(os.path.join(where, "state"))
+                relayout = saved is not None and set(_named_leaves(saved)) != set(
+                    _named_leaves(abstract_state))
+                # Another layer layout (the other `scan_layers`, or from before layers were
+                # scanned): read it as it was saved, on the host, then convert (stacking.py).
+                target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved) \
+                    if relayout else abstract_state
                 restored = self._manager.restore(int(step), args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            state = _relayout(restored.state, abstract_state) if relayout else restored.state
         except Exception as e:  # orbax, tensorstore and json each raise their own types.
             raise RestoreError(
                 f"checkpoint {where} cannot be restored ({_clean(e)}); "
@@ -183,7 +192,7 @@ class Checkpointer:
         if not isinstance(restored.data, dict):
             raise RestoreError(f"checkpoint {where} has no data position; delete it or use "
                                "another --workdir")
-        return restored.state, restored.data
+        return state, restored.data
 
     def restore_latest(self, abstract_state: Any, say: Callable[[str], None] = print
                        ) -> tuple[int, Any, dict] | None:
@@ -232,6 +241,58 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+
+
+def _saved_tree(path: str):
+    """The saved state's tree of orbax `ArrayMetadata` (shape, dtype), or None if unreadable
+    (the restore itself then reports why)."""
+    try:
+        return ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    except Exception:  # A missing or corrupt metadata file: left to the restore to report.
+        return None
+
+
+def _key_name(k):
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey.
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _named_leaves(tree) -> dict:
+    """{(key names...): leaf}: a train state, its orbax metadata and a restored tree name
+    their leaves alike (a dataclass field, a dict key, a tuple or list index)."""
+    return {tuple(map(_key_name, path)): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _nested(named: dict) -> dict:
+    out = {}
+    for path, leaf in named.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return out
+
+
+def _relayout(saved, abstract_state):
+    """A state restored in another layer layout (numpy leaves) -> `abstract_state`'s tree,
+    layout and shardings."""
+    wanted = _named_leaves(abstract_state)
+    tree = stacking.relayout(_nested(_named_leaves(saved)), _nested(wanted), np.stack)
+    leaves = []
+    for path, like in wanted.items():
+        leaf = tree
+        for k in path:
+            leaf = leaf[k]
+        if np.shape(leaf) != tuple(like.shape):
+            raise ValueError(f"{'/'.join(map(str, path))} has shape {np.shape(leaf)}, this run "
+                             f"expects {tuple(like.shape)}")
+        leaves.append(np.asarray(leaf, like.dtype))
+    treedef = jax.tree.structure(abstract_state)
+    return sharding.put_global(jax.tree.unflatten(treedef, leaves),
+                               jax.tree.map(lambda a: a.sharding, abstract_state))
 
 
 class SaveError(OSError):

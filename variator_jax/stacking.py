@@ -125,3 +125,52 @@ def _copy_path(tree: dict, path) -> dict:
         node[p] = dict(node[p])
         node = node[p]
     return out
+
+
+def relayout(tree: dict, like: dict, stack_fn: Callable[[list], Any]) -> dict:
+    """`tree` (nested dicts; a backbone, a plugin, or a train state holding them, in any of
+    the layouts) in the layout of `like`, a tree of the same model and the structure wanted
+    (leaves are not read). Resuming a checkpoint saved with the other `scan_layers`, or
+    before layers were scanned, goes through here.
+
+    Where a node's keys differ from `like`'s, it is a layer layout and is converted:
+    a T5 stack (`block_i` or `layers`, with the bias in the stack or in block 0) via the
+    per-layer layout; a plugin's `{block_i: layer}` (before scanning) -> its stacked tree.
+    `stack_fn` stacks a list of leaves (e.g. `np.stack`). Raises ValueError naming the first
+    node that is no layout of `like`'s.
+    """
+    return _relayout(tree, like, stack_fn, ())
+
+
+def _block_keys(node: dict) -> list[str]:
+    return [k for k in node if isinstance(k, str) and k.startswith("block_")]
+
+
+def _relayout(tree, like, stack_fn, path):
+    if not isinstance(like, dict):
+        return tree
+    if not isinstance(tree, dict):
+        raise ValueError(f"{'/'.join(map(str, path)) or 'the tree'} is a leaf where a subtree "
+                         "is expected")
+    if set(tree) != set(like):
+        tree = _relayout_node(tree, like, stack_fn, path)
+    return {k: _relayout(tree[k], like[k], stack_fn, path + (k,)) for k in like}
+
+
+def _relayout_node(node: dict, like: dict, stack_fn, path) -> dict:
+    where = "/".join(map(str, path)) or "the tree"
+    blocks, like_blocks = _block_keys(node), _block_keys(like)
+    if (blocks or "layers" in node) and (like_blocks or "layers" in like) and BIAS in like:
+        # A T5 stack: through the per-layer (HF) layout, then stacked or unrolled as `like`.
+        per_layer = to_per_layer({"encoder": node})["encoder"]
+        out = from_per_layer({"encoder": per_layer}, scan="layers" in like, stack_fn=stack_fn)
+        out = out["encoder"]
+    elif blocks and len(blocks) == len(node) and not like_blocks:  # Plugin: per layer -> stacked.
+        out = stack_layers([node[f"block_{i}"] for i in range(len(blocks))], stack_fn)
+    else:
+        out = node
+    if set(out) != set(like):
+        raise ValueError(f"{where} has {sorted(map(str, node))}, not a layer layout of "
+                         f"{sorted(map(str, like))}")
+    return out
+

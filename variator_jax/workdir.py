@@ -36,12 +36,13 @@ CHANGES_FILE = "changes.jsonl"
 DIVERGED_FILE = "diverged.json"
 
 # Config fields that do not change what is trained (a resume may change them freely):
-# reporting, checkpointing, evaluation, the device layout, and paths whose content is
+# reporting, checkpointing, evaluation, the device layout, how layers are laid out and
+# rematerialised (a checkpoint resumes across `scan_layers`), and paths whose content is
 # identified otherwise (the backbone by its fingerprint in run.json; the initial plugin is
 # read only at step 0; a stage-0 config has its own workdir and record).
 HARMLESS = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every",
             "keep_checkpoints", "eval", "mesh", "backbone", "variant", "init_plugin",
-            "backbone_stage", "data.data_dir", "divergence_factor")
+            "backbone_stage", "data.data_dir", "divergence_factor", "scan_layers", "remat")
 
 
 class WorkdirBusy(ValueError):
