@@ -37,6 +37,7 @@ from benchmarks.train_step import _batch  # noqa: E402
 from tests.test_utils import load_config, override  # noqa: E402
 from variator_jax import fit, host, sharding, timing, train_lib  # noqa: E402
 from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
+from variator_jax.report import markdown_table  # noqa: E402
 from variator_jax.t5 import T5Config, init_t5  # noqa: E402
 
 GIB = float(1 << 30)
@@ -135,20 +136,21 @@ def markdown(results: dict) -> str:
              f"8 fake CPU devices, batch {results['batch']}, n = {results['input_length']}, "
              f"m = {results['target_length']}, mesh.fsdp, remat={results['remat']}, "
              f"scan_layers={not results['unrolled']}, dense attention; "
-             f"load average at start {results['machine']['load_average_start']}.", "",
-             "| variant | trace s | compile s | total s | vs t5-small | params GiB/dev | "
-             "optimizer GiB/dev | temp GiB/dev | total GiB/dev | target |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"load average at start {results['machine']['load_average_start']}.", ""]
+    table = []
     for r in rows:
         b = r["bytes_per_device"]
         rel = f"{r['compile_seconds'] / small['compile_seconds']:.2f}x" if small else ""
         target = TARGETS_GIB.get(r["variant"])
         verdict = "" if target is None else (
             f"<= {target}: {'ok' if b['total'] / GIB <= target else 'MISSED'}")
-        lines.append(f"| {r['variant']} | {r['trace_seconds']:.1f} | {r['compile_only_seconds']:.1f} "
-                     f"| {r['compile_seconds']:.1f} | {rel} | {b['params'] / GIB:.2f} | "
-                     f"{b['optimizer'] / GIB:.3f} | {b['temp'] / GIB:.2f} | {b['total'] / GIB:.2f} "
-                     f"| {verdict} |")
+        table.append([r["variant"], f"{r['trace_seconds']:.1f}", f"{r['compile_only_seconds']:.1f}",
+                      f"{r['compile_seconds']:.1f}", rel, f"{b['params'] / GIB:.2f}",
+                      f"{b['optimizer'] / GIB:.3f}", f"{b['temp'] / GIB:.2f}",
+                      f"{b['total'] / GIB:.2f}", verdict])
+    lines.append(markdown_table(["variant", "trace s", "compile s", "total s", "vs t5-small",
+                                 "params GiB/dev", "optimizer GiB/dev", "temp GiB/dev",
+                                 "total GiB/dev", "target"], table))
     if results.get("speed"):
         m = results.get("speed_machine", results["machine"])
         lines += ["", f"Scan vs unrolled step, measured {m['date']} on {m['cpu']}, {m['cores']} "

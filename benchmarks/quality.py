@@ -365,17 +365,17 @@ def format_examples(results: dict) -> str:
 
 def format_table(results: dict) -> str:
     from variator_jax import timing
+    from variator_jax.report import markdown_table
     lines = [f"Task `{results['task']}` ({results['num_classes']} classes, {results['test_examples']} "
              f"test examples, majority class {100 * results['chance']:.1f} %), n = "
-             f"{results['max_input_length']}; measured on {results['machine']}.", "",
-             "| method | k | accuracy | vs teacher | encoder FLOPs saved | speedup (IQR) | params (% of backbone) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{results['max_input_length']}; measured on {results['machine']}.", ""]
     teacher = results["rows"][0]["accuracy"]
-    for r in results["rows"]:
-        delta = "" if r["method"] == "teacher" else f"{100 * (r['accuracy'] - teacher):+.1f}"
-        lines.append(f"| {r['method']} | {r['k']} | {100 * r['accuracy']:.1f} % | {delta} | "
-                     f"{100 * r['encoder_flops_saved']:.1f} % | {timing.format_speedup(r)} | "
-                     f"{r['params']:,} ({r['params_pct']:.2f} %) |")
+    rows = [[r["method"], r["k"], f"{100 * r['accuracy']:.1f} %",
+             "" if r["method"] == "teacher" else f"{100 * (r['accuracy'] - teacher):+.1f}",
+             f"{100 * r['encoder_flops_saved']:.1f} %", timing.format_speedup(r),
+             f"{r['params']:,} ({r['params_pct']:.2f} %)"] for r in results["rows"]]
+    lines.append(markdown_table(["method", "k", "accuracy", "vs teacher", "encoder FLOPs saved",
+                                 "speedup (IQR)", "params (% of backbone)"], rows, align="lrrrrrr"))
     return "\n".join(lines)
 
 
