@@ -94,7 +94,7 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     for row, model, seconds in zip(rows, models, times):
         row.update(_costs(cfg, model, task, config, backbone_params))
         row["flops_saving"] = 1 - row["flops_per_example"] / rows[0]["flops_per_example"]
-        row["examples_per_s"] = _batch_size(config) / float(np.median(seconds))
+        row["examples_per_s"] = experiment_lib.eval_batch_size(config) / float(np.median(seconds))
         ceiling = rows[0]["flops_per_example"] / row["flops_per_example"]  # FLOPs allow no more.
         row.update(timing.speedup_stats(times[0], seconds, ceiling))
     results = {"task": task.name, "eval_data": config.data.eval, "backbone": backbone_dir,
@@ -156,9 +156,6 @@ def run_name(directory: str) -> str:
     return os.path.basename(os.path.dirname(path)) if name == "plugin" else name
 
 
-_batch_size = experiment_lib.eval_batch_size  # The global eval batch (training's too).
-
-
 # -- Quality --------------------------------------------------------------------------------------
 def _quality_metric(task) -> str:
     if task.kind == "classification":
@@ -168,7 +165,7 @@ def _quality_metric(task) -> str:
 
 def _quality(cfg, model, backbone, data, mesh, rules, task, tokenizer, config,
              verbalizer) -> dict:
-    data = Progress(data, model.name, _batch_size(config))
+    data = Progress(data, model.name, experiment_lib.eval_batch_size(config))
     if task.kind == "generation":
         out = _squad(cfg, model, backbone, data, mesh, rules, tokenizer, config)
     else:
