@@ -35,7 +35,7 @@ from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
 from variator_jax import integrity, sharding, stacking
-from variator_jax.fileio import atomic_write, flatten, write_text
+from variator_jax.fileio import atomic_write, flatten, get_path, set_path, write_text
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -269,10 +269,7 @@ def _named_leaves(tree) -> dict:
 def _nested(named: dict) -> dict:
     out = {}
     for path, leaf in named.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = leaf
+        set_path(out, path, leaf)
     return out
 
 
@@ -283,9 +280,7 @@ def _relayout(saved, abstract_state):
     tree = stacking.relayout(_nested(_named_leaves(saved)), _nested(wanted), np.stack)
     leaves = []
     for path, like in wanted.items():
-        leaf = tree
-        for k in path:
-            leaf = leaf[k]
+        leaf = get_path(tree, path)
         if np.shape(leaf) != tuple(like.shape):
             raise ValueError(f"{'/'.join(map(str, path))} has shape {np.shape(leaf)}, this run "
                              f"expects {tuple(like.shape)}")
