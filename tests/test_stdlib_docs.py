@@ -78,5 +78,8 @@ def test_quality_command_writes_every_row(tmp_path):
     # The plugin's own matmuls cost FLOPs that mean pooling does not spend.
     assert 0 < variator["encoder_flops_saved"] < mean_pool["encoder_flops_saved"]
     assert len(results["lm"]["samples"]) == 3 and "ce" in results["lm"]["eval"]
+    use = results["lm"]["encoder_use"]  # Two different encoder inputs give two different CEs.
+    assert use["ce"] > 0 and use["ce_swapped_encoder"] > 0 and use["gap"] != 0
+    assert use["gap"] == pytest.approx(use["ce_swapped_encoder"] - use["ce"], abs=2e-4)
     for suffix in (".md", ".png"):
         assert os.path.isfile(tmp_path / "out" / path.replace(".json", suffix))
