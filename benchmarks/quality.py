@@ -296,10 +296,7 @@ class Pipeline:
         rng = np.random.default_rng(0)
         samples = []
         for text in texts:
-            ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"][: self.mini["n"] - 8], np.int32)
-            inputs, targets = data_lib.span_corruption(
-                ids, rng, data_lib.NOISE_DENSITY, data_lib.MEAN_NOISE_SPAN_LENGTH,
-                data_lib.sentinel_ids(tok, 64), tok.eos_token_id)
+            inputs, targets = self._corrupted(tok, text, rng)
             out = vj.generate(cfg, backbone, jnp.asarray(inputs)[None], jnp.ones((1, inputs.size), jnp.int32),
                               max_new_tokens=int(targets.size) + 4)
             decode = lambda x: tok.decode([int(t) for t in x if t > 0], skip_special_tokens=False)
@@ -307,38 +304,39 @@ class Pipeline:
         return dict(backbone=lm_dir, eval=lm.get("eval", {}), samples=samples,
                     encoder_use=self.encoder_use(cfg, backbone, tok))
 
+    def _corrupted(self, tok, text, rng):
+        """One validation text, span-corrupted as (a) was trained: (inputs, targets)."""
+        import numpy as np
+        from variator_jax import data as data_lib
+        ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"][: self.mini["n"] - 8], np.int32)
+        return data_lib.span_corruption(ids, rng, data_lib.NOISE_DENSITY, data_lib.MEAN_NOISE_SPAN_LENGTH,
+                                        data_lib.sentinel_ids(tok, 64), tok.eos_token_id)
+
     def encoder_use(self, cfg, backbone, tok, count=128):
         """Does (a)'s decoder read its encoder? Span-corruption CE on validation texts with the
         real encoder inputs, and with each example's encoder input swapped for the next one's.
         A gap near 0 means an unconditional decoder, a poor start for fine-tuning (issue 12)."""
-        import jax
         import jax.numpy as jnp
         import numpy as np
+        import optax
         import variator_jax as vj
         from variator_jax import data as data_lib
+        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
         n, m = self.mini["n"], self.mini["target"] + 8
         rng = np.random.default_rng(0)
-        inputs, targets = np.zeros((count, n), np.int32), np.zeros((count, m), np.int32)
-        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")]
-        rows = 0
-        for text in texts[:count]:
-            ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"][: n - 8], np.int32)
-            i, t = data_lib.span_corruption(ids, rng, data_lib.NOISE_DENSITY, data_lib.MEAN_NOISE_SPAN_LENGTH,
-                                            data_lib.sentinel_ids(tok, 64), tok.eos_token_id)
-            inputs[rows, :min(i.size, n)], targets[rows, :min(t.size, m)] = i[:n], t[:m]
-            rows += 1
-        inputs, targets = inputs[:rows], targets[:rows]
+        inputs, targets = np.zeros((len(texts), n), np.int32), np.zeros((len(texts), m), np.int32)
+        for row, text in enumerate(texts):
+            i, t = self._corrupted(tok, text, rng)
+            inputs[row, :min(i.size, n)], targets[row, :min(t.size, m)] = i[:n], t[:m]
 
         def ce(enc_ids):
             logits = vj.forward(cfg, backbone, jnp.asarray(enc_ids), jnp.asarray(enc_ids > 0, jnp.int32),
                                 vj.shift_right(jnp.asarray(targets)))["logits"]
-            logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-            nll = -jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], -1)[..., 0]
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
             return float((nll * (targets > 0)).sum() / (targets > 0).sum())
 
         real, swapped = ce(inputs), ce(np.roll(inputs, 1, axis=0))
         return dict(ce=round(real, 4), ce_swapped_encoder=round(swapped, 4), gap=round(swapped - real, 4))
-
 
     def examples_report(self, ft_dir, plugin_dir, k, count=6):
         """A few test examples with the teacher's and the k plugin's answers (classification)."""
