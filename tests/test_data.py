@@ -168,14 +168,17 @@ def _restore(b, row):
     return list(_uncorrupt(inputs, targets)[0]), inputs, targets
 
 
-def test_pretrain_rows_are_corrupted_t5_chunks_of_their_documents(tmp_path, tok):
+@pytest.mark.parametrize("noise,max_target_length", [((0.15, 3.0), 16), ((0.5, 8.0), 64)])
+def test_pretrain_rows_are_corrupted_t5_chunks_of_their_documents(tmp_path, tok, noise,
+                                                                   max_target_length):
     # Unique words, so that no two chunks are equal.
     docs = [f"Document {i}: " + " ".join(f"w{i}.{j}" for j in range(20 + 9 * i)) for i in range(12)]
     path = _write(tmp_path / "c.txt", "\n\n".join(docs) + "\n")
+    kw = {} if noise == (0.15, 3.0) else {"noise": noise}  # T5's by default.
     it = data.train_batches(f"text:{path}", "pretrain", tok, global_batch_size=4,
-                            max_input_length=64, max_target_length=16, seed=3,
-                            index_dir=str(tmp_path))
-    n = data.random_spans_tokens_length(64, 16)
+                            max_input_length=64, max_target_length=max_target_length, seed=3,
+                            index_dir=str(tmp_path), **kw)
+    n = data.random_spans_tokens_length(64, max_target_length, *noise)
     want = _row_chunks([_byte_ids(d) for d in docs], 4, 3, n, 12)
     for k in range(12):  # Several epochs of documents.
         batch = next(it)
@@ -185,7 +188,7 @@ def test_pretrain_rows_are_corrupted_t5_chunks_of_their_documents(tmp_path, tok)
             # Chunk k of row r is corrupted by its own generator: the same for any workers,
             # process count or resume point.
             rng = np.random.default_rng([3, 1, r, k])
-            w_in, w_tgt = data.span_corruption(np.asarray(want[r][k]), rng, 0.15, 3.0,
+            w_in, w_tgt = data.span_corruption(np.asarray(want[r][k]), rng, *noise,
                                                SENTINELS, EOS)
             np.testing.assert_array_equal(inputs, w_in)
             np.testing.assert_array_equal(targets, w_tgt)
@@ -468,6 +471,10 @@ def test_resume_from_state_gives_the_same_batches(tmp_path, tok):
         _assert_batches_equal(_concat([next(h) for h in halves]), batches[3])
     with pytest.raises(ValueError, match="data state mismatch: seed"):
         data.train_batches(spec, task, tok, state={**state, "seed": 12}, **kw)
+    with pytest.raises(ValueError, match=r"data state mismatch: noise is \[0.5, 8.0\]"):
+        data.train_batches(spec, task, tok, state=state, noise=(0.5, 8.0), **kw)
+    with pytest.raises(ValueError, match="0 < noise_density < 1"):
+        data.train_batches(spec, task, tok, noise=(1.0, 3.0), **kw)
 
 
 def test_eval_pads_last_batch_with_zero_weight(tmp_path, tok):

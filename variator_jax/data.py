@@ -36,6 +36,7 @@ from variator_jax import stdlib_docs
 # plugins with the same objective (docs/DESIGN.md §2).
 NOISE_DENSITY = 0.15
 MEAN_NOISE_SPAN_LENGTH = 3.0
+NOISE = (NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)  # The `noise=` default of the batch builders.
 # T5 convention: pad id 0, and the decoder starts from the pad id.
 PAD_ID = 0
 DECODER_START_ID = 0
@@ -550,29 +551,38 @@ def _pretrain_chunks(texts: Sequence[str], tokenizer, tokens_length: int) -> lis
 # ================================= batching ===================================
 
 
+def check_noise(noise) -> tuple[float, float]:
+    """(noise density, mean noise span length), validated. -> floats."""
+    density, span = (float(x) for x in noise)
+    if not 0.0 < density < 1.0 or span < 1.0:
+        raise ValueError(f"span corruption needs 0 < noise_density < 1 and "
+                         f"mean_noise_span_length >= 1, got {density} and {span}")
+    return density, span
+
+
 def _row_maker(task: Task, tokenizer, examples: list[dict], *, max_input_length: int,
-               max_target_length: int, seed: int):
+               max_target_length: int, seed: int, noise=NOISE):
     """-> (make_row(index, epoch) -> Row, number of examples, references or None).
 
     Rows are built lazily, so a process only tokenizes (and corrupts) its own.
+    `noise`: (density, mean span length) of `pretrain`'s span corruption.
     """
     eos_id = _check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
         raise ValueError(f"max_input_length and max_target_length must be >= 2, got "
                          f"{max_input_length}, {max_target_length}")
     if task.kind == "pretrain":
-        tokens_length = random_spans_tokens_length(max_input_length, max_target_length)
+        noise = check_noise(noise)
+        tokens_length = random_spans_tokens_length(max_input_length, max_target_length, *noise)
         chunks = _pretrain_chunks([task.format(ex)[0] for ex in examples], tokenizer, tokens_length)
         # The longest chunk has the most spans (counts never shrink with length).
-        sentinels = sentinel_ids(tokenizer, _noise_counts(tokens_length, NOISE_DENSITY,
-                                                          MEAN_NOISE_SPAN_LENGTH)[1])
+        sentinels = sentinel_ids(tokenizer, _noise_counts(tokens_length, *noise)[1])
 
         def make_pretrain_row(index, epoch):
             # Seeded per (example, epoch): independent of batch size, order
             # and process count, so a resumed or re-sharded run sees the same.
             rng = np.random.default_rng([seed, _NOISE_STREAM, epoch, index])
-            inputs, targets = span_corruption(chunks[index], rng, NOISE_DENSITY,
-                                              MEAN_NOISE_SPAN_LENGTH, sentinels, eos_id)
+            inputs, targets = span_corruption(chunks[index], rng, *noise, sentinels, eos_id)
             return inputs, targets, None
 
         return make_pretrain_row, len(chunks), None
@@ -687,11 +697,11 @@ def train_batches(spec: str, task: str | Task, tokenizer, **kwargs):
 def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
                  max_input_length: int, max_target_length: int, seed: int = 0,
                  data_dir: str | None = None, split: str | None = None,
-                 process_index: int = 0, process_count: int = 1) -> EvalBatches:
+                 process_index: int = 0, process_count: int = 1, noise=NOISE) -> EvalBatches:
     """One pass over the eval split (default: the spec's split, else the task's,
     "validation" / mnli "validation_matched"), per-process sliced like
     `train_batches`, plus `weight` (float32, 0 = padding) and `index` (int32).
-    `seed` only seeds span corruption for `pretrain`.
+    `seed` and `noise` (density, mean span length) only shape `pretrain`'s span corruption.
     """
     task = get_task(task)
     if split is None and parse_source(spec)[2] is None:
@@ -699,7 +709,8 @@ def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: i
     examples = read_source(spec, split=split, data_dir=data_dir)
     make_row, n, references = _row_maker(task, tokenizer, examples,
                                          max_input_length=max_input_length,
-                                         max_target_length=max_target_length, seed=seed)
+                                         max_target_length=max_target_length, seed=seed,
+                                         noise=noise)
     return EvalBatches(make_row, n, references, global_batch_size=global_batch_size,
                        process_index=process_index, process_count=process_count,
                        max_input_length=max_input_length, max_target_length=max_target_length,

@@ -77,7 +77,7 @@ class Experiment:
                 data_dir=config.data.get("data_dir") or None,
                 split=config.data.get("eval_split") or None, process_index=index,
                 process_count=count, max_input_length=config.max_input_length,
-                max_target_length=config.max_target_length)
+                max_target_length=config.max_target_length, noise=noise(config))
 
     def train_batches(self):
         """The endless, resumable training stream of `data.train`, sliced for this process."""
@@ -91,11 +91,18 @@ class Experiment:
                 split=config.data.get("train_split") or None, process_index=index,
                 process_count=count, workers=config.data.get("workers") or 0,
                 max_input_length=config.max_input_length,
-                max_target_length=config.max_target_length)
+                max_target_length=config.max_target_length, noise=noise(config))
 
 
 def eval_batch_size(config) -> int:
     return config.get("eval_batch_size") or config.batch_size
+
+
+def noise(config) -> tuple[float, float]:
+    """Span corruption's (noise density, mean span length): `data.noise_density` and
+    `data.mean_noise_span_length`, T5's 0.15 and 3 where a config predates them."""
+    return (config.data.get("noise_density", data_lib.NOISE_DENSITY),
+            config.data.get("mean_noise_span_length", data_lib.MEAN_NOISE_SPAN_LENGTH))
 
 
 # -- The pieces -----------------------------------------------------------------------------------

@@ -312,14 +312,16 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
                   data_dir: str | None = None, split: str | None = None,
                   process_index: int = 0, process_count: int = 1,
                   state: dict | None = None, index_dir: str | None = None,
-                  prefetch: int = 2, workers: int = 0) -> TrainBatches:
+                  prefetch: int = 2, workers: int = 0,
+                  noise=data_lib.NOISE) -> TrainBatches:
     """Infinite training batches of `task` on `spec` for this process; see the module
     docstring for what each row holds. Nothing is read or tokenized ahead of the batches
     but `prefetch` batches built in a background thread (classification checks labels
     once, to leave out unlabelled rows). `index_dir`: where file indices are cached
     (default: the user's cache, `corpus.py`). `workers` > 0 (pretrain): grain worker
     processes (`mp_prefetch`) build the rows, worker w every W-th row of this process;
-    the batches are the same for any number of workers."""
+    the batches are the same for any number of workers. `noise`: (density, mean span
+    length) of `pretrain`'s span corruption (T5's 0.15 and 3 by default)."""
     task = data_lib.get_task(task)
     eos_id = data_lib._check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
@@ -341,8 +343,9 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
     block = None
     if task.kind == "pretrain":
         workers = min(int(workers), len(rows))
+        noise = data_lib.check_noise(noise)
         dataset = _pretrain_rows(stream, len(source), task, tokenizer, eos_id, rows,
-                                 global_batch_size, seed, lengths,
+                                 global_batch_size, seed, lengths, noise,
                                  None if workers > 1 else collate)
         if workers > 1:
             def merge(parts):  # One {row: example} from each worker -> the local batch.
@@ -363,17 +366,18 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
         dataset = _BatchIndex(stream.map(make_row), rows, global_batch_size, collate)
     checks = {"seed": int(seed), "num_examples": len(source),
               "global_batch_size": global_batch_size}
+    if task.kind == "pretrain":  # Resuming with other noise would change the rows seen.
+        checks["noise"] = list(noise)
     if block is not None:
         checks["workers"] = workers
     return TrainBatches(dataset, checks, state, prefetch, block)
 
 
 def _pretrain_rows(stream, num_docs, task, tokenizer, eos_id, rows, global_batch_size, seed,
-                   lengths, collate):
-    tokens_length = data_lib.random_spans_tokens_length(*lengths)
+                   lengths, noise, collate):
+    tokens_length = data_lib.random_spans_tokens_length(*lengths, *noise)
     # The longest chunk has the most spans (counts never shrink with length).
-    sentinels = data_lib.sentinel_ids(tokenizer, data_lib._noise_counts(
-        tokens_length, data_lib.NOISE_DENSITY, data_lib.MEAN_NOISE_SPAN_LENGTH)[1])
+    sentinels = data_lib.sentinel_ids(tokenizer, data_lib._noise_counts(tokens_length, *noise)[1])
 
     def tokenize(example) -> np.ndarray:
         ids = tokenizer.encode(task.format(example)[0], add_special_tokens=False, verbose=False)
@@ -382,9 +386,7 @@ def _pretrain_rows(stream, num_docs, task, tokenizer, eos_id, rows, global_batch
     def corrupter(row: int):
         def corrupt(chunk, k):
             rng = np.random.default_rng([int(seed), _NOISE_STREAM, row, k])
-            inputs, targets = data_lib.span_corruption(
-                chunk, rng, data_lib.NOISE_DENSITY, data_lib.MEAN_NOISE_SPAN_LENGTH,
-                sentinels, eos_id)
+            inputs, targets = data_lib.span_corruption(chunk, rng, *noise, sentinels, eos_id)
             return inputs, targets, None
         return corrupt
 

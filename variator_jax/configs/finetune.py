@@ -50,6 +50,8 @@ def get_config(arg=None):
     c.data.train_split = placeholder(str)  # Slice of a file source, e.g. "train[:95%]".
     c.data.eval_split = placeholder(str)  # Eval split or slice; None: the task's eval split.
     c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
+    c.data.noise_density = 0.15  # Span corruption: fraction of tokens masked (T5's 0.15).
+    c.data.mean_noise_span_length = 3.0  # Span corruption: mean masked span (T5's 3).
     c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
     c.max_target_length = 32  # Decoder tokens.
 
