@@ -192,6 +192,7 @@ class Pipeline:
         c.data.train_split, c.data.eval_split = "train[:97%]", "train[97%:]"
         c.max_target_length = self.mini["target"]
         c.weight_decay = self.mini["lm_weight_decay"]
+        c.dropout = False  # As T5 v1.1 pre-trained (HF's t5-v1_1 model card); (b) turns it on.
         c.data.noise_density, c.data.mean_noise_span_length = self.mini["noise"]
         return c
 
