@@ -63,6 +63,27 @@ def test_1_divergence_keeps_only_good_checkpoints_and_says_what_to_change(hf_dir
     assert changes[-1] == (saved[-1], "lr", 1e-2), changes
 
 
+def test_1_one_hard_batch_after_the_data_is_fitted_is_not_a_divergence():
+    """The quality miniature's fine-tuning stopped as "diverged" at step 1075: its per-step
+    loss had reached 3.4e-4 and one batch scored 0.345. Spikes are judged on window means."""
+    from variator_jax import trainer
+
+    class NoCheckpoints:
+        def wait(self):
+            pass
+    best = [None]
+
+    def check(step, *losses):
+        window = [{"loss": x, "grad_norm": 1.0} for x in losses]
+        trainer._check_finite(window, step, None, NoCheckpoints(), best, factor=1e3)
+    check(4, 0.02, 0.01, 0.0003, 0.005)
+    check(8, 0.0004, 0.345, 0.001, 0.002)  # 1,000x the lowest step, 10x the lowest mean.
+    assert best[0] == pytest.approx(0.0353 / 4)
+    with pytest.raises(train_lib.NonFiniteLoss, match=r"jumped to 1e\+04 \(mean of steps 9..12\)"
+                       r", 1.13e\+06 times the lowest mean"):
+        check(12, 1e4, 1e4, 1e4, 1e4)
+
+
 def test_1_non_finite_hyper_parameters_are_refused_before_anything_is_written(hf_dir, tmp_path):
     for field, value in (("lr", 1e39), ("lr", float("inf")), ("weight_decay", float("nan"))):
         with pytest.raises(train_lib.UserError, match=f"config.{field} must be a finite number"):

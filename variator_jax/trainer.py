@@ -275,7 +275,8 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
     last_good = start or None
     pending, logged = [], {}
     compiled, t0 = None, time.time()
-    # The lowest loss so far: a loss `divergence_factor` times above it is a divergence.
+    # The lowest logged (window-mean) loss so far: a window mean `divergence_factor` times
+    # above it is a divergence.
     # (Not across a change of config: another loss or data has another scale.)
     best = [writer.lowest_loss() if jax.process_index() == 0 and start and not exp.changes
             else None]
@@ -312,7 +313,7 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
                 pending, t0, since = [], time.time(), done
             signum = stop.requested(done % config.log_every == 0)
             if done % config.checkpoint_every == 0 or done == total or signum:
-                check(jax.device_get([metrics]), done, last_good, checkpointer)
+                check(jax.device_get([metrics]), done, last_good, checkpointer, update=False)
                 _check_state(state, done, last_good, checkpointer)
                 checkpointer.save(done, state, pipeline.gather_state(exp.train_data.get_state()))
                 last_good = done
@@ -382,23 +383,35 @@ def _diverged(what: str, step: int, last_good: int | None, checkpointer,
 
 
 def _check_finite(window: list[dict], step: int, last_good: int | None, checkpointer,
-                  best: list, factor: float) -> None:
+                  best: list, factor: float, update: bool = True) -> None:
     """`window`: the metrics of steps step-len(window)+1 .. step (loss and grad_norm are
     computed from the state before each step's update). Diverged: a non-finite loss or
-    gradient norm, or a loss `factor` times the lowest so far (`best[0]`, updated here): a
-    state blown up to 1e9 is finite, and training on from it only looks like training."""
+    gradient norm, or a window whose mean loss is `factor` times the lowest window mean so
+    far (`best[0]`, at first the window's first loss; updated here unless `update` is
+    False): a state blown up to 1e9 is
+    finite, and training on from it only looks like training. Means, not single steps: a
+    run that fits its training data reaches per-step losses near 0 (3e-4 in the quality
+    miniature's fine-tuning), and one hard batch after that is not a divergence."""
     for i, scalars in enumerate(window):
         first_bad = step - len(window) + 1 + i
         bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(scalars[k]))]
         if bad:
             raise _diverged(f"{bad[0]} is {float(scalars[bad[0]])} at step {first_bad}",
                             step, last_good, checkpointer, first_bad)
-        loss = float(scalars["loss"])
-        if factor > 0 and best[0] is not None and loss > factor * max(best[0], 1e-8):
-            raise _diverged(f"the loss jumped to {loss:.3g} at step {first_bad}, "
-                            f"{loss / max(best[0], 1e-8):.3g} times the lowest so far "
-                            f"({best[0]:.3g})", step, last_good, checkpointer, first_bad)
-        best[0] = loss if best[0] is None else min(best[0], loss)
+    losses = [float(scalars["loss"]) for scalars in window]
+    mean = sum(losses) / len(losses)
+    if best[0] is None and update:  # The first window's yardstick: the state it started from.
+        best[0] = losses[0]
+    if factor > 0 and best[0] is not None and mean > factor * max(best[0], 1e-8):
+        limit = factor * max(best[0], 1e-8)
+        i = next((i for i, x in enumerate(losses) if x > limit), int(np.argmax(losses)))
+        first = step - len(window) + 1
+        span = f"step {step}" if len(window) == 1 else f"steps {first}..{step}"
+        raise _diverged(f"the loss jumped to {mean:.3g} (mean of {span}), "
+                        f"{mean / max(best[0], 1e-8):.3g} times the lowest mean so far "
+                        f"({best[0]:.3g})", step, last_good, checkpointer, first + i)
+    if update:
+        best[0] = mean if best[0] is None else min(best[0], mean)
 
 
 def _check_state(state, step: int, last_good: int | None, checkpointer) -> None:

@@ -62,7 +62,7 @@ def get_config(arg=None):
     c.warmup_steps = 500  # Linear warm-up, then linear decay to 0 at total_steps.
     c.weight_decay = 0.0  # Decoupled (AdamW) weight decay.
     c.clip_grad = 1.0  # Global gradient-norm clipping; 0 = none.
-    c.divergence_factor = 1000.0  # Stop if a loss is this many times the lowest; 0 = off.
+    c.divergence_factor = 1000.0  # Stop if a mean loss per log window is this x the lowest; 0: off.
     c.seed = 0  # Random init (if any), data order, span corruption and dropout.
 
     # -- Bookkeeping ------------------------------------------------------------------------------

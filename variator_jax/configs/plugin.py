@@ -81,7 +81,7 @@ def get_config(arg=None):
     c.warmup_steps = 50  # Linear warm-up, then linear decay to 0 at total_steps.
     c.weight_decay = 1e-5  # Decoupled (AdamW) weight decay.
     c.clip_grad = 10.0  # Global gradient-norm clipping; 0 = none.
-    c.divergence_factor = 1000.0  # Stop if a loss is this many times the lowest; 0 = off.
+    c.divergence_factor = 1000.0  # Stop if a mean loss per log window is this x the lowest; 0: off.
     c.seed = 0  # Plugin init, data order, span corruption and dropout.
 
     # -- Bookkeeping ------------------------------------------------------------------------------
