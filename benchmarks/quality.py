@@ -190,11 +190,15 @@ class Pipeline:
         c.model_overrides.update(TINY_MODEL if self.tiny else MODEL)
         c.data.train = c.data.eval = self.corpus()
         c.data.train_split, c.data.eval_split = "train[:97%]", "train[97%:]"
-        c.max_target_length = self.mini["target"]
+        self._span_corruption(c)
         c.weight_decay = self.mini["lm_weight_decay"]
         c.dropout = False  # As T5 v1.1 pre-trained (HF's t5-v1_1 model card); (b) turns it on.
-        c.data.noise_density, c.data.mean_noise_span_length = self.mini["noise"]
         return c
+
+    def _span_corruption(self, c):
+        """(a)'s and (c)'s span corruption: the miniature's target length and noise."""
+        c.max_target_length = self.mini["target"]
+        c.data.noise_density, c.data.mean_noise_span_length = self.mini["noise"]
 
     def finetune_config(self, backbone):
         c = load_config("finetune", f"task={self.args.task}")
@@ -220,8 +224,7 @@ class Pipeline:
             c.data.train, c.data.eval = self.corpus(), ""
             c.data.train_split = "train[:97%]"
             if self.mini is not None:
-                c.max_target_length = self.mini["target"]
-                c.data.noise_density, c.data.mean_noise_span_length = self.mini["noise"]
+                self._span_corruption(c)
         else:
             self._task_data(c)
         if self.tiny:

@@ -388,10 +388,10 @@ def _check_finite(window: list[dict], step: int, last_good: int | None, checkpoi
     computed from the state before each step's update). Diverged: a non-finite loss or
     gradient norm, or a window whose mean loss is `factor` times the lowest window mean so
     far (`best[0]`, at first the window's first loss; updated here unless `update` is
-    False): a state blown up to 1e9 is
-    finite, and training on from it only looks like training. Means, not single steps: a
-    run that fits its training data reaches per-step losses near 0 (3e-4 in the quality
-    miniature's fine-tuning), and one hard batch after that is not a divergence."""
+    False): a state blown up to 1e9 is finite, and training on from it only looks like
+    training. Means, not single steps: a run that fits its training data reaches per-step
+    losses near 0 (3e-4 in the quality miniature's fine-tuning), and one hard batch after
+    that is not a divergence."""
     for i, scalars in enumerate(window):
         first_bad = step - len(window) + 1 + i
         bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(scalars[k]))]
@@ -402,16 +402,16 @@ def _check_finite(window: list[dict], step: int, last_good: int | None, checkpoi
     mean = sum(losses) / len(losses)
     if best[0] is None and update:  # The first window's yardstick: the state it started from.
         best[0] = losses[0]
-    if factor > 0 and best[0] is not None and mean > factor * max(best[0], 1e-8):
-        limit = factor * max(best[0], 1e-8)
+    limit = None if best[0] is None else factor * max(best[0], 1e-8)
+    if factor > 0 and limit is not None and mean > limit:
         i = next((i for i, x in enumerate(losses) if x > limit), int(np.argmax(losses)))
         first = step - len(window) + 1
         span = f"step {step}" if len(window) == 1 else f"steps {first}..{step}"
         raise _diverged(f"the loss jumped to {mean:.3g} (mean of {span}), "
                         f"{mean / max(best[0], 1e-8):.3g} times the lowest mean so far "
                         f"({best[0]:.3g})", step, last_good, checkpointer, first + i)
-    if update:
-        best[0] = mean if best[0] is None else min(best[0], mean)
+    if update:  # best[0] is set: the first window's first loss at the latest.
+        best[0] = min(best[0], mean)
 
 
 def _check_state(state, step: int, last_good: int | None, checkpointer) -> None:
