@@ -409,6 +409,26 @@ def test_unlabelled_examples_are_dropped(tmp_path, tok):
                            max_input_length=16, max_target_length=4, seed=0)
 
 
+def test_unlabelled_examples_train_a_loss_that_needs_no_label(tmp_path, tok):
+    rows = [{"sentence": "a", "label": -1}, {"sentence": "b", "label": 1},
+            {"sentence": "c", "label": -1}]
+    path = _write_jsonl(tmp_path / "m.jsonl", rows)
+    kw = dict(global_batch_size=3, max_input_length=32, max_target_length=4, seed=0, prefetch=0)
+    it = data.train_batches(f"jsonl:{path}", "sst2", tok, unlabelled=True, **kw)
+    assert it.checks["num_examples"] == 3 and it.checks["unlabelled"] == 2
+    b = next(it)  # One epoch, shuffled: the rows by their input's first byte.
+    first = {chr(ids[len("sst2 sentence: ")] - 3): r for r, ids in enumerate(b["input_ids"])}
+    for name, label in (("a", -1), ("b", 1), ("c", -1)):
+        r = first[name]
+        assert b["label"][r] == label
+        # Unlabelled: the target is EOS alone, so the decoder reads the start token only.
+        want = [EOS, 0, 0, 0] if label == -1 else _byte_ids("positive")[:3] + [EOS]
+        assert b["labels"][r].tolist() == want
+        assert b["decoder_attention_mask"][r].tolist() == [int(t != 0) for t in want]
+    dropped = data.train_batches(f"jsonl:{path}", "sst2", tok, **kw)
+    assert dropped.checks["num_examples"] == 1 and "unlabelled" not in dropped.checks
+
+
 def test_epochs_cover_every_example_once(tmp_path, tok):
     path = _write_jsonl(tmp_path / "s.jsonl", _sst2_rows(12))
 

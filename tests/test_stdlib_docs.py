@@ -49,8 +49,29 @@ def test_task_is_text_to_text_with_distinct_byte_verbalizers():
     ids = task.verbalizer_ids(transformers.ByT5Tokenizer())
     assert len(set(ids.tolist())) == 8  # First bytes a e i l m t u x, each + 3 (ByT5 offset).
     assert ids.tolist() == [ord(label[0]) + 3 for label in stdlib_docs.LABELS]
-    with pytest.raises(ValueError, match="splits train, validation, test, not 'dev'"):
+    with pytest.raises(ValueError, match="splits train, validation, test, unlabeled .* not 'dev'"):
         data.read_source("builtin:stdlib_docs", "dev")
+    with pytest.raises(ValueError, match="not 'train\\+dev'"):
+        data.read_source("builtin:stdlib_docs", "train+dev")
+
+
+def test_unlabeled_split_is_other_training_bucket_text_and_joins_with_train():
+    labelled, unlabeled = stdlib_docs.build(), stdlib_docs.read("unlabeled")
+    texts = {e["text"] for e in unlabeled}
+    assert len(texts) == len(unlabeled) > 2000 and {e["label"] for e in unlabeled} == {-1}
+    for split in stdlib_docs.SPLITS:  # No text of a labelled split, train's included.
+        assert not texts & {e["text"] for e in labelled[split]}
+    assert {stdlib_docs.split_of(t) for t in texts} == {"train"}  # Never a test-bucket text.
+    # Re-derived from the sources: json/decoder.py's docstrings (outside the eight packages)
+    # are in it exactly when long enough and in the train bucket.
+    with open(os.path.join(stdlib_docs.stdlib_root(), "json", "decoder.py"), encoding="utf-8") as f:
+        docs = {" ".join(ast.get_docstring(n).split()) for n in ast.walk(ast.parse(f.read()))
+                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module)) and ast.get_docstring(n)}
+    wanted = {d for d in docs if len(d) >= 40 and stdlib_docs.split_of(d) == "train"}
+    assert wanted and docs & texts == wanted
+    assert data.read_source("builtin:stdlib_docs", "train+unlabeled") == labelled["train"] + unlabeled
+    task = data.get_task("stdlib_docs")
+    assert task.format(unlabeled[0]) == ("stdlib_docs text: " + unlabeled[0]["text"], "")
 
 
 def test_quality_command_writes_every_row(tmp_path):

@@ -45,6 +45,37 @@ def test_task_ce_reads_verbalizer_logits_at_the_first_position():
     assert float(n) == 2 and float(ce) == pytest.approx(2 * np.log1p(np.exp(-5.0)), rel=1e-5)
 
 
+def test_unlabelled_rows_count_for_the_hidden_loss_only():
+    """A row with label -1 (target EOS alone) adds to the hidden-state MSE over its real
+    positions and nothing to the task cross-entropy: restated with numpy from the outputs."""
+    from variator_jax.model import forward
+    cfg = tu.tiny_t5()
+    backbone = init_t5(jax.random.key(0), cfg)
+    pcfg = PluginConfig(2, bottleneck=8)
+    plugin = init_plugin(jax.random.key(1), cfg, pcfg)
+    plugin = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), plugin)
+    setup = train_lib.Setup(cfg, pcfg, "task+hidden", "classification", verbalizer=(7, 3),
+                            dropout=False)
+    batch = {k: jnp.asarray(v) for k, v in tu.fake_batch(3, 16, 4).items()}
+    batch["labels"] = batch["labels"].at[1].set(jnp.array([1, 0, 0, 0]))  # Unlabelled: EOS.
+    batch["decoder_attention_mask"] = (batch["labels"] != 0).astype(jnp.int32)
+    batch["decoder_input_ids"] = jnp.pad(batch["labels"][:, :-1], ((0, 0), (1, 0)))
+    batch["label"] = jnp.array([0, -1, 1])
+    terms, _ = train_lib.loss_terms(setup, plugin, backbone, batch, None, True)
+    student = forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
+                      batch["decoder_input_ids"], batch["decoder_attention_mask"],
+                      plugin=(pcfg, plugin))
+    teacher = forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
+                      batch["decoder_input_ids"], batch["decoder_attention_mask"])
+    logits = np.asarray(student["logits"][:, 0][:, [7, 3]], np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(float(terms["task_ce"]), -(logp[0, 0] + logp[2, 1]) / 2, rtol=1e-5)
+    mask = np.asarray(batch["decoder_attention_mask"], bool)
+    assert mask[1].tolist() == [True, False, False, False]
+    diff = np.asarray(student["decoder_hidden"] - teacher["decoder_hidden"], np.float64)[mask]
+    np.testing.assert_allclose(float(terms["dec_mse"]), np.mean(diff ** 2), rtol=1e-5)
+
+
 def test_train_step_fits_the_teacher_and_leaves_the_backbone_alone():
     cfg = tu.tiny_t5()
     backbone = init_t5(jax.random.key(0), cfg)

@@ -291,7 +291,8 @@ class Task:
 
         A generic `{"inputs", "targets"}` example passes through for any task
         but pretrain. GLUE follows t5's `preprocessors.glue`: the task name,
-        then "key: value" for each feature (sorted keys), labels as words.
+        then "key: value" for each feature (sorted keys), labels as words; an
+        unlabelled example (label -1) has the empty target (EOS alone once encoded).
         """
         if self.kind == "pretrain":
             return _field(self, example, "text"), ""
@@ -301,7 +302,8 @@ class Task:
             parts = [self.name]
             for key in self.features:
                 parts += [f"{key}:", _field(self, example, key)]
-            return " ".join(parts), self.labels[self.label_index(example)]
+            label = self.label_index(example)
+            return " ".join(parts), self.labels[label] if label >= 0 else ""
         # SQuAD as t5's `preprocessors.squad` (include_context=True), minus its
         # punctuation padding: references stay the original answer strings.
         question, context = _field(self, example, "question"), _field(self, example, "context")

@@ -27,6 +27,7 @@ from variator_jax.errors import UserError, user_errors
 from variator_jax.objectives import LOSSES, Objective
 from variator_jax.objectives import make as make_objective
 from variator_jax.plugins import PluginConfig, backbone_identity, fingerprint_of
+from variator_jax.reporting import say
 from variator_jax.t5 import T5Config, init_t5, logical_axes
 
 STAGES = ("finetune", "pretrain", "adapt")
@@ -84,14 +85,20 @@ class Experiment:
         config = self.config
         index, count = sharding.data_shard(self.mesh, self.rules)
         with user_errors(f"data.train {config.data.train}"):
-            return data_lib.train_batches(
+            batches = data_lib.train_batches(
                 config.data.train, config.task, self.tokenizer,
                 global_batch_size=config.batch_size, seed=config.seed,
                 data_dir=config.data.get("data_dir") or None,
                 split=config.data.get("train_split") or None, process_index=index,
                 process_count=count, workers=config.data.get("workers") or 0,
                 max_input_length=config.max_input_length,
-                max_target_length=config.max_target_length, noise=noise(config))
+                max_target_length=config.max_target_length, noise=noise(config),
+                unlabelled=self.objective is not None and self.objective.learns_from_unlabelled)
+        if batches.checks.get("unlabelled"):
+            say(f"data.train: {batches.checks['unlabelled']:,} of "
+                     f"{batches.checks['num_examples']:,} examples are unlabelled (label -1): "
+                     f"they train the hidden-state loss only")
+        return batches
 
 
 def eval_batch_size(config) -> int:

@@ -51,11 +51,13 @@ def class_logits(objective, logits):
 
 def task_ce(objective, logits, batch, weight=None):
     """Cross-entropy: over the label words for classification, else over every real target
-    token (span corruption targets, answers). -> (sum, count) for exact weighted means."""
+    token (span corruption targets, answers). -> (sum, count) for exact weighted means.
+    Unlabelled classification rows (label -1, kept for the hidden-state loss) count for nothing."""
     if objective.kind == "classification":
+        label = batch["label"]
         ce = optax.softmax_cross_entropy_with_integer_labels(class_logits(objective, logits),
-                                                             batch["label"])
-        w = jnp.ones_like(ce) if weight is None else weight
+                                                             jnp.maximum(label, 0))
+        w = (label >= 0).astype(jnp.float32) * (1.0 if weight is None else weight)
         return jnp.sum(ce * w), jnp.sum(w)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     w = batch["decoder_attention_mask"].astype(jnp.float32)
@@ -90,6 +92,7 @@ class Objective(abc.ABC):
     verbalizer: tuple[int, ...] | None
     dropout: bool
     output: str  # The exported result's name in the workdir (and "{output}_dir" in result.json).
+    learns_from_unlabelled = False  # Classification rows with label -1 carry a training signal.
 
     @abc.abstractmethod
     def init(self, rng):
@@ -196,6 +199,11 @@ class Distill(Objective):
     dropout: bool = True
     init_plugin: str = ""
     output = "plugin"
+
+    @property
+    def learns_from_unlabelled(self):
+        """The hidden-state loss needs no label: it distils the teacher on any input."""
+        return "hidden" in self.loss
 
     def init(self, rng):
         return init_plugin(rng, self.cfg, self.pcfg)

@@ -252,6 +252,11 @@ class TrainBatches:
         self._batch_index += 1
         return batch
 
+    @property
+    def checks(self) -> dict:
+        """The settings the stream's state is only valid for (`num_examples`, `seed`, ...)."""
+        return dict(self._checks)
+
     def get_state(self) -> dict:
         grain_state = self._iter.get_state()
         if self._block is not None:
@@ -313,7 +318,7 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
                   process_index: int = 0, process_count: int = 1,
                   state: dict | None = None, index_dir: str | None = None,
                   prefetch: int = 2, workers: int = 0,
-                  noise=data_lib.NOISE) -> TrainBatches:
+                  noise=data_lib.NOISE, unlabelled: bool = False) -> TrainBatches:
     """Infinite training batches of `task` on `spec` for this process; see the module
     docstring for what each row holds. Nothing is read or tokenized ahead of the batches
     but `prefetch` batches built in a background thread (classification checks labels
@@ -321,7 +326,9 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
     (default: the user's cache, `corpus.py`). `workers` > 0 (pretrain): grain worker
     processes (`mp_prefetch`) build the rows, worker w every W-th row of this process;
     the batches are the same for any number of workers. `noise`: (density, mean span
-    length) of `pretrain`'s span corruption (T5's 0.15 and 3 by default)."""
+    length) of `pretrain`'s span corruption (T5's 0.15 and 3 by default). `unlabelled`
+    (classification): keep the rows with label -1, for a loss that needs no label (hidden-state
+    distillation); their target is EOS alone and their `label` -1."""
     task = data_lib.get_task(task)
     eos_id = data_lib._check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
@@ -329,14 +336,17 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
                          f"{max_input_length}, {max_target_length}")
     rows = data_lib._local_rows(global_batch_size, process_index, process_count)
     source = open_source(spec, split=split, data_dir=data_dir, index_dir=index_dir)
+    unlabelled_rows = 0
     if task.kind == "classification":
-        # GLUE test splits have label -1: nothing to learn; one pass keeps the rest.
-        labelled = np.flatnonzero([task.label_index(source[i]) != -1
-                                   for i in range(len(source))])
-        if not labelled.size:
+        # GLUE test splits have label -1: nothing to learn unless the loss needs no label.
+        has_label = np.asarray([task.label_index(source[i]) != -1 for i in range(len(source))])
+        if unlabelled:
+            unlabelled_rows = int(np.sum(~has_label))
+        elif not has_label.any():
             raise ValueError(f"{task.name}: no labelled examples (GLUE test splits have "
                              f"label -1)")
-        source = _Subset(source, labelled)
+        else:
+            source = _Subset(source, np.flatnonzero(has_label))
     stream = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed)).repeat()
     lengths = (max_input_length, max_target_length)
     collate = lambda rows_: data_lib.collate(rows_, *lengths, task.kind == "classification")
@@ -368,6 +378,8 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
               "global_batch_size": global_batch_size}
     if task.kind == "pretrain":  # Resuming with other noise would change the rows seen.
         checks["noise"] = list(noise)
+    if unlabelled_rows:
+        checks["unlabelled"] = int(unlabelled_rows)
     if block is not None:
         checks["workers"] = workers
     return TrainBatches(dataset, checks, state, prefetch, block)

@@ -16,6 +16,12 @@ Construction, deterministic for one CPython version:
     package, tkinter, would otherwise be 26 % of the data);
   - the split is a function of the text's hash: 1/5 test, 1/10 validation, the rest train.
 
+A fourth split, `unlabeled`, holds every other docstring of the standard library (all of
+`Lib`, same rules, `site-packages` skipped) whose hash puts it in train, with label -1: text
+of the same kind for losses that need no label (the plugin's hidden-state distillation),
+as tfds's `imdb_reviews` has its `unsupervised` split. No text of it is in another split.
+Splits combine as in tfds: `train+unlabeled`.
+
 Sizes on CPython 3.11 (`python -m variator_jax.stdlib_docs` prints them): see
 `describe()`; the task's majority class is the chance level reported by the quality
 benchmark.
@@ -33,9 +39,10 @@ import sysconfig
 LABELS = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter",
           "unittest", "xml")
 SPLITS = ("train", "validation", "test")
+UNLABELED = "unlabeled"  # Label -1: see the module docstring.
 MIN_CHARS = 40
 MAX_PER_LABEL = 250
-_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__"}
+_SKIP_DIRS = {"test", "tests", "idle_test", "__pycache__", "site-packages"}
 
 
 def _digest(text: str) -> int:
@@ -66,6 +73,19 @@ def stdlib_root() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
+def _package_docstrings(top: str):
+    """Every docstring of at least MIN_CHARS characters under `top` (a directory or a .py)."""
+    if top.endswith(".py"):
+        yield from (doc for doc in _docstrings(top) if len(doc) >= MIN_CHARS)
+        return
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield from (doc for doc in _docstrings(os.path.join(dirpath, name))
+                            if len(doc) >= MIN_CHARS)
+
+
 @functools.lru_cache(maxsize=2)
 def build(root: str | None = None) -> dict[str, list[dict]]:
     """-> {split: [{"text": docstring, "label": label index}, ...]} in a fixed order."""
@@ -75,13 +95,8 @@ def build(root: str | None = None) -> dict[str, list[dict]]:
         top = os.path.join(root, label)
         if not os.path.isdir(top):
             raise FileNotFoundError(f"builtin:stdlib_docs: package {label} not found under {root}")
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-            for name in sorted(filenames):
-                if name.endswith(".py"):
-                    for doc in _docstrings(os.path.join(dirpath, name)):
-                        if len(doc) >= MIN_CHARS:
-                            labels_of[doc].add(label)
+        for doc in _package_docstrings(top):
+            labels_of[doc].add(label)
     by_label = collections.defaultdict(list)
     for text, labels in labels_of.items():
         if len(labels) == 1:  # A text shared by two packages has no single true label.
@@ -96,12 +111,31 @@ def build(root: str | None = None) -> dict[str, list[dict]]:
     return splits
 
 
+@functools.lru_cache(maxsize=2)
+def build_unlabeled(root: str | None = None) -> list[dict]:
+    """-> the `unlabeled` split (see the module docstring): [{"text", "label": -1}, ...].
+    It parses all of `Lib`, so only what asks for it pays for it."""
+    root = root or stdlib_root()
+    labelled = {e["text"] for examples in build(root).values() for e in examples}
+    others = set()
+    for name in sorted(os.listdir(root)):
+        if name not in _SKIP_DIRS and (name.endswith(".py") or os.path.isdir(os.path.join(root, name))):
+            others.update(_package_docstrings(os.path.join(root, name)))
+    return sorted(({"text": text, "label": -1} for text in others
+                   if split_of(text) == "train" and text not in labelled),
+                  key=lambda e: _digest("order:" + e["text"]))
+
+
 def read(split: str | None = None) -> list[dict]:
-    """The examples of one split ("train", "validation" or "test"; default "train")."""
-    split = split or "train"
-    if split not in SPLITS:
-        raise ValueError(f"builtin:stdlib_docs has splits {', '.join(SPLITS)}, not {split!r}")
-    return list(build()[split])
+    """The examples of one split ("train", "validation", "test" or "unlabeled"; default
+    "train"), or of several joined by "+" as in tfds ("train+unlabeled")."""
+    names = (split or "train").split("+")
+    for name in names:
+        if name not in SPLITS + (UNLABELED,):
+            raise ValueError(f"builtin:stdlib_docs has splits {', '.join(SPLITS + (UNLABELED,))}"
+                             f" (joined by '+'), not {split!r}")
+    return [e for name in names
+            for e in (build_unlabeled() if name == UNLABELED else build()[name])]
 
 
 def describe() -> dict:
@@ -110,6 +144,7 @@ def describe() -> dict:
     for split, examples in build().items():
         counts = collections.Counter(LABELS[e["label"]] for e in examples)
         out[split] = {"examples": len(examples), "per_label": {l: counts[l] for l in LABELS}}
+    out[UNLABELED] = {"examples": len(build_unlabeled())}
     test_counts = out["test"]["per_label"].values()
     out["chance"] = max(test_counts) / sum(test_counts)
     return out
