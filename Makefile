@@ -39,7 +39,7 @@ demo: install
 serve: install
 	$(PY) -m benchmarks.serve
 
-# The paper's experiment in miniature (benchmarks/quality.py): ~20 min, cached and resumable.
+# The paper's experiment in miniature (benchmarks/quality.py): ~35 min, cached and resumable.
 reproduce: install
 	$(PY) -m benchmarks.quality
 
