@@ -14,7 +14,8 @@ import safetensors.numpy
 
 import test_utils as tu
 import variator_jax as vj
-from variator_jax import checkpoint, integrity, sharding, train_lib, workdir as workdir_lib
+from variator_jax import checkpoint, integrity, sharding, train_lib, trainer
+from variator_jax import workdir as workdir_lib
 from variator_jax.plugins import _legacy_fingerprint
 
 
@@ -180,6 +181,44 @@ def test_3_a_busy_workdir_is_refused_at_once_naming_the_holder(hf_dir, tmp_path)
     holder.wait()
     with workdir_lib.lock(workdir):
         pass
+
+
+def test_3_a_workdir_replaced_under_a_run_gets_nothing_more_from_it(hf_dir, tmp_path, monkeypatch):
+    """The run's workdir is deleted and recreated (a new run's) between two checkpoints: the
+    old run stops with one line at its next save and writes nothing into the new directory."""
+    import shutil
+    workdir = str(tmp_path / "replaced")
+    with workdir_lib.lock(workdir) as still_ours:
+        still_ours()  # The same lock file: fine.
+    with workdir_lib.lock(workdir) as still_ours:
+        shutil.rmtree(workdir)
+        with pytest.raises(workdir_lib.WorkdirReplaced, match="removed or replaced"):
+            still_ours()
+        os.makedirs(workdir)
+        with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "w"):
+            pass  # A new run's lock file: another file at the same path.
+        with pytest.raises(workdir_lib.WorkdirReplaced):
+            still_ours()
+    shutil.rmtree(workdir)
+
+    check_state = trainer._check_state
+    calls = []
+
+    def replace_after_first_save(state, done, last_good, checkpointer):
+        calls.append(done)
+        if len(calls) == 2:  # After step 4's checkpoint is written, before step 8's.
+            checkpointer.wait()
+            shutil.rmtree(workdir)
+            os.makedirs(workdir)
+            with open(os.path.join(workdir, "theirs.txt"), "w") as f:
+                f.write("another run")
+        return check_state(state, done, last_good, checkpointer)
+
+    monkeypatch.setattr(trainer, "_check_state", replace_after_first_save)
+    with pytest.raises(train_lib.UserError, match=f"workdir {workdir} was removed or replaced"):
+        _run(hf_dir, workdir, total_steps=12)
+    assert calls == [4, 8]
+    assert sorted(os.listdir(workdir)) == ["theirs.txt"]  # Nothing of the old run's.
 
 
 def test_3_two_train_py_started_together_one_trains_one_stops(hf_dir, tmp_path):

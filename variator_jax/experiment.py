@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -54,6 +54,8 @@ class Experiment:
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.
+    # Raises if the workdir was removed or replaced since the run locked it (workdir.lock).
+    still_ours: Callable[[], None] = lambda: None
 
     def backbone_shardings(self):
         """-> (the backbone's shardings on the mesh, its ShapeDtypeStructs)."""

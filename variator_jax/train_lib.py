@@ -90,7 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         say(f"{workdir}: already trained to step {done['step']}; nothing to do")
         return done
     exp.train_data, exp.eval_data = exp.train_batches(), exp.eval_batches()
-    with _os_errors(), _locked(workdir):
+    with _os_errors(), _locked(workdir) as still_ours:
         with user_errors(""):
             ckpt_lib.check_workdir(workdir, exp.identity)  # Again, now that no one else writes.
             done = _finished_result(exp)
@@ -103,6 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 workdir, exp.record, max(ckpt_lib.finished_steps(workdir), default=0),
                 override)
             ckpt_lib.claim_workdir(workdir, exp.identity)
+        exp.still_ours = still_ours
         checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
         try:
             return trainer.train(exp, checkpointer)
@@ -116,12 +117,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 @contextlib.contextmanager
 def _locked(workdir: str):
-    """The workdir's lock, held by process 0 (one run per workdir, workdir.py)."""
+    """The workdir's lock, held by process 0 (one run per workdir, workdir.py); yields the
+    check that the workdir is still the one locked (a no-op where this process holds no lock,
+    and in a multi-process run, whose processes must all save together)."""
     with contextlib.ExitStack() as stack:
+        still_ours = lambda: None
         if jax.process_index() == 0:
             with user_errors(""):  # WorkdirBusy: one line naming the holder.
-                stack.enter_context(workdir_lib.lock(workdir))
-        yield
+                check = stack.enter_context(workdir_lib.lock(workdir))
+            if jax.process_count() == 1:
+                still_ours = check
+        yield still_ours
 
 
 @contextlib.contextmanager

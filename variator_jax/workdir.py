@@ -5,6 +5,9 @@
   clean up; a second run on a busy workdir stops at once with one line naming the holder.
   (flock is per host: on a network filesystem shared by several hosts, only process 0 of a
   multi-host job takes it, and two jobs on two hosts are not excluded by it.)
+  The lock yields a check, `still_ours()`: a workdir deleted (and perhaps recreated by a new
+  run) while a run held it no longer has the lock file the run opened, and the run must not
+  write its checkpoints or results into a directory that is now another run's.
 - The run record: `WORKDIR/config.json` is the config the run is trained with, written only
   once a start is accepted. On resume, the fields that change the result (everything but
   logging, checkpointing, evaluation, the mesh and paths) are compared with it: a changed
@@ -49,6 +52,10 @@ class WorkdirBusy(ValueError):
     """Another live process holds the workdir's lock."""
 
 
+class WorkdirReplaced(ValueError):
+    """The workdir a run holds was removed or replaced while it ran."""
+
+
 class RecordMismatch(ValueError):
     """A resume with result-changing fields that differ from the run's config.json."""
 
@@ -56,8 +63,10 @@ class RecordMismatch(ValueError):
 # -- The lock -----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def lock(workdir: str):
-    """Holds `WORKDIR/.lock` (creating the workdir) for the body; raises `WorkdirBusy` naming
-    the holder's PID if another process holds it."""
+    """Holds `WORKDIR/.lock` (creating the workdir) for the body, which gets `still_ours`:
+    it raises `WorkdirReplaced` once the lock file is no longer the one held (the workdir was
+    removed or recreated). Raises `WorkdirBusy` naming the holder's PID if another process
+    holds it."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -72,7 +81,20 @@ def lock(workdir: str):
                               "for it to end, or use another --workdir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        yield
+        held = os.fstat(fd)
+
+        def still_ours() -> None:
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                raise WorkdirReplaced(
+                    f"workdir {workdir} was removed or replaced while this run (PID "
+                    f"{os.getpid()}) held it; nothing more is written there: run the command "
+                    "again to start or resume in it")
+
+        yield still_ours
     finally:
         os.close(fd)  # Closing drops the lock (and so does dying).
 
