@@ -61,12 +61,11 @@ def test_unlabelled_rows_count_for_the_hidden_loss_only():
     batch["decoder_attention_mask"] = (batch["labels"] != 0).astype(jnp.int32)
     batch["decoder_input_ids"] = jnp.pad(batch["labels"][:, :-1], ((0, 0), (1, 0)))
     batch["label"] = jnp.array([0, -1, 1])
-    terms, _ = train_lib.loss_terms(setup, plugin, backbone, batch, None, True)
-    student = forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
-                      batch["decoder_input_ids"], batch["decoder_attention_mask"],
-                      plugin=(pcfg, plugin))
-    teacher = forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
-                      batch["decoder_input_ids"], batch["decoder_attention_mask"])
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
+              batch["decoder_attention_mask"])
+    terms, student, teacher = jax.jit(lambda p, b: (
+        train_lib.loss_terms(setup, p, b, batch, None, True)[0],
+        forward(cfg, b, *inputs, plugin=(pcfg, p)), forward(cfg, b, *inputs)))(plugin, backbone)
     logits = np.asarray(student["logits"][:, 0][:, [7, 3]], np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     np.testing.assert_allclose(float(terms["task_ce"]), -(logp[0, 0] + logp[2, 1]) / 2, rtol=1e-5)
