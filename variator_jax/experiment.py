@@ -98,8 +98,8 @@ class Experiment:
                 unlabelled=self.objective is not None and self.objective.learns_from_unlabelled)
         if batches.checks.get("unlabelled"):
             say(f"data.train: {batches.checks['unlabelled']:,} of "
-                     f"{batches.checks['num_examples']:,} examples are unlabelled (label -1): "
-                     f"they train the hidden-state loss only")
+                f"{batches.checks['num_examples']:,} examples are unlabelled (label -1): "
+                "they train the hidden-state loss only")
         return batches
 
 
