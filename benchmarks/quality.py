@@ -366,8 +366,8 @@ class Pipeline:
             return float((nll * (targets > 0)).sum() / (targets > 0).sum())
 
         real, swapped = ce(inputs), ce(np.roll(inputs, 1, axis=0))
-        return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)  # Unrounded: a
-        # barely trained model's gap is a few 1e-5 nats, and not zero.
+        # Unrounded: a barely trained model's gap is a few 1e-5 nats, and not zero.
+        return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)
 
     def examples_report(self, ft_dir, plugin_dir, k, count=6):
         """A few test examples with the teacher's and the k plugin's answers (classification)."""

@@ -54,7 +54,7 @@ class Experiment:
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.
-    # Raises if the workdir was removed or replaced since the run locked it (workdir.lock).
+    # Raises UserError if the workdir was removed or replaced since the run locked it.
     still_ours: Callable[[], None] = lambda: None
 
     def backbone_shardings(self):

@@ -126,7 +126,9 @@ def _locked(workdir: str):
             with user_errors(""):  # WorkdirBusy: one line naming the holder.
                 check = stack.enter_context(workdir_lib.lock(workdir))
             if jax.process_count() == 1:
-                still_ours = check
+                def still_ours():
+                    with user_errors(""):  # WorkdirReplaced: one line too.
+                        check()
         yield still_ours
 
 

@@ -315,8 +315,7 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
             if done % config.checkpoint_every == 0 or done == total or signum:
                 check(jax.device_get([metrics]), done, last_good, checkpointer, update=False)
                 _check_state(state, done, last_good, checkpointer)
-                with user_errors(""):
-                    exp.still_ours()  # Never into a workdir that is now another run's.
+                exp.still_ours()  # Never into a workdir that is now another run's.
                 checkpointer.save(done, state, pipeline.gather_state(exp.train_data.get_state()))
                 last_good = done
             if signum and done < total:
@@ -450,8 +449,7 @@ def _finish(exp: Experiment, state, frozen, last: dict, writer) -> dict:
               "train": last, "eval": evaluated}
     result[f"{objective.output}_dir"] = os.path.join(workdir, objective.output)
     if jax.process_index() == 0:
-        with user_errors(""):
-            exp.still_ours()
+        exp.still_ours()
         say(objective.export(result[f"{objective.output}_dir"], params,
                              tokenizer=exp.tokenizer, backbone_id=exp.backbone_id))
         # Last: its presence means "this stage is done".
