@@ -283,6 +283,7 @@ class Pipeline:
         results["lm"] = self.lm_report(lm, lm_dir) if lm else {"backbone": lm_dir}
         k = 4 if 4 in self.ratios else self.ratios[0]
         results["examples"] = self.examples_report(ft_dir, plugins[("variator", k)], k)
+        results["by_length"] = self.length_report(ft_dir, plugins)
         results["finetune_validation"] = ft.get("eval", {})
         results["pipeline_seconds"] = {"train": round(train_seconds), "eval": results.pop("_eval_seconds")}
         return results
@@ -369,33 +370,77 @@ class Pipeline:
         # Unrounded: a barely trained model's gap is a few 1e-5 nats, and not zero.
         return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)
 
-    def examples_report(self, ft_dir, plugin_dir, k, count=6):
-        """A few test examples with the teacher's and the k plugin's answers (classification)."""
+    def _classified(self, ft_dir, entries, examples):
+        """Each entry's predicted label index for `examples` (classification): the teacher (None),
+        a plugin directory or a training-free compressor ('tome:4'), fed as evaluation feeds
+        them. -> (input lengths in tokens, EOS included, after truncation; [predictions])."""
         import jax.numpy as jnp
         import numpy as np
         import variator_jax as vj
         from variator_jax import data as data_lib
+        from variator_jax import evaluate as eval_lib
+        from variator_jax.plugins import init_plugin
         task = data_lib.get_task(self.args.task)
-        if task.kind != "classification":
-            return []
         cfg, backbone = vj.load_hf_t5(ft_dir)
-        plugin = vj.load_plugin(plugin_dir, cfg=cfg, backbone=backbone)
         tok = data_lib.load_tokenizer(self.tokenizer, ft_dir)
         verbalizer = task.verbalizer_ids(tok)
-        examples = data_lib.read_source(self.args.data, self.args.test_split)[:count]
         n = self.mini["n"] if self.mini else 256
         ids = np.zeros((len(examples), n), np.int32)
         for row, e in enumerate(examples):
             x = data_lib._encode(tok, task.format(e)[0], n, tok.eos_token_id)  # As the eval batches.
             ids[row, : len(x)] = x
-        mask, start = jnp.asarray(ids > 0, jnp.int32), jnp.zeros((len(examples), 1), jnp.int32)
-        answer = lambda p: np.asarray(vj.forward(cfg, backbone, jnp.asarray(ids), mask, start, plugin=p)
-                                      ["logits"][:, 0][:, verbalizer]).argmax(-1)
-        teacher, student = answer(None), answer(plugin)
+        mask = np.asarray(ids > 0, np.int32)
+
+        def load(entry):
+            spec = entry and eval_lib.compressor_spec(entry)
+            if spec:
+                return spec, init_plugin(None, cfg, spec)
+            return entry and vj.load_plugin(entry, cfg=cfg, backbone=backbone)
+
+        def answer(plugin):
+            out, b = [], self.args.eval_batch
+            for i in range(0, len(examples), b):
+                logits = vj.forward(cfg, backbone, jnp.asarray(ids[i:i + b]), jnp.asarray(mask[i:i + b]),
+                                    jnp.zeros((len(ids[i:i + b]), 1), jnp.int32), plugin=plugin)["logits"]
+                out.append(np.asarray(logits[:, 0][:, verbalizer]).argmax(-1))
+            return np.concatenate(out)
+
+        return mask.sum(1), [answer(load(entry)) for entry in entries]
+
+    def examples_report(self, ft_dir, plugin_dir, k, count=6):
+        """A few test examples with the teacher's and the k plugin's answers (classification)."""
+        from variator_jax import data as data_lib
+        task = data_lib.get_task(self.args.task)
+        if task.kind != "classification":
+            return []
+        examples = data_lib.read_source(self.args.data, self.args.test_split)[:count]
+        _, (teacher, student) = self._classified(ft_dir, [None, plugin_dir], examples)
         text = lambda e: next(v for key, v in e.items() if key != "label" and isinstance(v, str))
         return [dict(text=text(e)[:100], label=task.labels[task.label_index(e)],
                      teacher=task.labels[t], **{f"k{k}": task.labels[p]})
                 for e, t, p in zip(examples, teacher, student)]
+
+    def length_report(self, ft_dir, plugins):
+        """Test accuracy of every row by input length (classification): a few long inputs
+        and many short ones behave differently under merging, the paper's inputs being long
+        (96-512 tokens). Bins of the input length n: up to n/4, n/2 and n tokens."""
+        import numpy as np
+        from variator_jax import data as data_lib
+        task = data_lib.get_task(self.args.task)
+        if task.kind != "classification":
+            return {}
+        examples = data_lib.read_source(self.args.data, self.args.test_split)
+        keys = [("teacher", 1)] + list(plugins)
+        lengths, answers = self._classified(ft_dir, [None] + [plugins[key] for key in keys[1:]], examples)
+        gold = np.asarray([task.label_index(e) for e in examples])
+        n = self.mini["n"] if self.mini else 256
+        edges = [0, n // 4, n // 2, n]
+        bins = [(lengths > lo) & (lengths <= hi) for lo, hi in zip(edges, edges[1:])]
+        accuracy = lambda right, b: float(right[b].mean()) if b.any() else None
+        return dict(split=self.args.test_split, bins=[f"{lo + 1}-{hi}" for lo, hi in zip(edges, edges[1:])],
+                    examples=[int(b.sum()) for b in bins],
+                    rows=[dict(method=m, k=k, accuracy=[accuracy(a == gold, b) for b in bins])
+                          for (m, k), a in zip(keys, answers)])
 
 
 # == Outputs =======================================================================================
@@ -442,6 +487,16 @@ def format_table(results: dict) -> str:
              f"{r['params']:,} ({r['params_pct']:.2f} %)"] for r in results["rows"]]
     lines.append(markdown_table(["method", "k", "accuracy", "vs teacher", "encoder FLOPs saved",
                                  "speedup (IQR)", "params (% of backbone)"], rows, align="lrrrrrr"))
+    by = results.get("by_length")
+    if by:
+        cell = lambda a, t: "" if a is None else f"{100 * a:.1f} %" + ("" if t is None else f" ({100 * (a - t):+.1f})")
+        teacher = by["rows"][0]["accuracy"]
+        rows = [[r["method"], r["k"]] + [cell(a, None if i == 0 else t) for a, t in zip(r["accuracy"], teacher)]
+                for i, r in enumerate(by["rows"])]
+        lines += ["", f"{by['split'].capitalize()} accuracy by input length (tokens, EOS included; "
+                  "in brackets: vs the teacher):", "",
+                  markdown_table(["method", "k"] + [f"{b} tokens: {c} examples" for b, c in zip(by["bins"], by["examples"])],
+                                 rows, align="lr" + "r" * len(by["bins"]))]
     return "\n".join(lines)
 
 

@@ -102,5 +102,16 @@ def test_quality_command_writes_every_row(tmp_path):
     use = results["lm"]["encoder_use"]  # Two different encoder inputs give two different CEs.
     assert use["ce"] > 0 and use["ce_swapped_encoder"] > 0 and use["gap"] != 0
     assert use["gap"] == pytest.approx(use["ce_swapped_encoder"] - use["ce"], abs=2e-4)
+    # Accuracy by input length: every test example in one bin, and each row's bins, weighted
+    # by their sizes, give the row's accuracy that evaluate.py measured on its own batches
+    # (one example may flip on a near-tie between two batchings' float rounding).
+    by = results["by_length"]
+    assert by["bins"] == ["1-8", "9-16", "17-32"] and sum(by["examples"]) == len(test)
+    assert [(r["method"], r["k"]) for r in by["rows"]] == [(r["method"], r["k"]) for r in results["rows"]]
+    for row, overall in zip(by["rows"], results["rows"]):
+        pooled = sum(a * c for a, c in zip(row["accuracy"], by["examples"]) if c) / len(test)
+        assert pooled == pytest.approx(overall["accuracy"], abs=1.01 / len(test)), row
+    with open(tmp_path / "out" / path.replace(".json", ".md")) as f:
+        assert "17-32 tokens: %d examples" % by["examples"][2] in f.read()
     for suffix in (".md", ".png"):
         assert os.path.isfile(tmp_path / "out" / path.replace(".json", suffix))
