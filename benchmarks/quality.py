@@ -370,6 +370,10 @@ class Pipeline:
         # Unrounded: a barely trained model's gap is a few 1e-5 nats, and not zero.
         return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)
 
+    def _input_length(self, ft_dir) -> int:
+        """n as (e) evaluates: the miniature's, or the task's released length (configs)."""
+        return self.plugin_config("adapt", ft_dir, self.ratios[0]).max_input_length
+
     def _classified(self, ft_dir, entries, examples):
         """Each entry's predicted label index for `examples` (classification): the teacher (None),
         a plugin directory or a training-free compressor ('tome:4'), fed as evaluation feeds
@@ -384,7 +388,7 @@ class Pipeline:
         cfg, backbone = vj.load_hf_t5(ft_dir)
         tok = data_lib.load_tokenizer(self.tokenizer, ft_dir)
         verbalizer = task.verbalizer_ids(tok)
-        n = self.mini["n"] if self.mini else 256
+        n = self._input_length(ft_dir)
         ids = np.zeros((len(examples), n), np.int32)
         for row, e in enumerate(examples):
             x = data_lib._encode(tok, task.format(e)[0], n, tok.eos_token_id)  # As the eval batches.
@@ -433,7 +437,7 @@ class Pipeline:
         keys = [("teacher", 1)] + list(plugins)
         lengths, answers = self._classified(ft_dir, [None] + [plugins[key] for key in keys[1:]], examples)
         gold = np.asarray([task.label_index(e) for e in examples])
-        n = self.mini["n"] if self.mini else 256
+        n = self._input_length(ft_dir)
         edges = [0, n // 4, n // 2, n]
         bins = [(lengths > lo) & (lengths <= hi) for lo, hi in zip(edges, edges[1:])]
         accuracy = lambda right, b: float(right[b].mean()) if b.any() else None
