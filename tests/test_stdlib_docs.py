@@ -115,3 +115,14 @@ def test_quality_command_writes_every_row(tmp_path):
         assert "17-32 tokens: %d examples" % by["examples"][2] in f.read()
     for suffix in (".md", ".png"):
         assert os.path.isfile(tmp_path / "out" / path.replace(".json", suffix))
+
+
+def test_quality_stage_two_learning_rate_is_chosen_per_ratio(tmp_path):
+    from benchmarks import quality
+    pipeline = quality.Pipeline(quality._parse([f"--workdir={tmp_path}"]))
+    lrs = {k: pipeline.plugin_config("adapt", str(tmp_path), k).lr for k in (2, 3, 4, 8)}
+    assert lrs == {2: 1e-3, 3: 1e-3, 4: 1e-2, 8: 1e-3}
+    # Stage 1 has no per-k rate; the paper preset keeps the configs' released ones.
+    assert pipeline.plugin_config("pretrain", str(tmp_path), 4).lr == 1e-3
+    paper = quality.Pipeline(quality._parse(["--preset=paper", f"--workdir={tmp_path}"]))
+    assert paper.plugin_config("adapt", str(tmp_path), 4).lr == 1e-5
