@@ -10,18 +10,29 @@ Both steps are `train_lib.make_train_step` on the same random backbone and the s
   - full fine-tuning: token cross-entropy, gradients and AdamW state for every weight.
 It prints each step's median time and the peak memory XLA plans for it
 (`compiled.memory_analysis()`: arguments + outputs - donated aliases + temporaries), and
-the two ratios, with the issue's targets (time <= 0.75x, memory <= 0.6x).
+the two ratios, with the issue's targets (time <= 0.75x, memory <= 0.6x). On an accelerator
+it also gives the model FLOPs utilisation (`fit.step_flops` per second over the chip's dense
+peak, `benchmarks/speed.py`'s table) and the device's measured peak memory, e.g. on a GPU:
+
+    python -m benchmarks.train_step --variant t5-large --batch 64 --input-length 224 \
+        --dtype bfloat16 --remat full
+
+With --out it writes train_step-<machine>.json and .md there.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 
+from benchmarks.speed import machine_info, machine_slug, peak_flops
 from variator_jax import cli, host, sharding, train_lib
+from variator_jax.fit import step_flops
 from variator_jax.plugins import PluginConfig, init_plugin, plugin_param_count
 from variator_jax.t5 import T5Config, init_t5
 
@@ -44,7 +55,9 @@ def _peak_bytes(compiled) -> int:
 
 
 def _measure(name, setup, params, frozen, batch, mesh, repeats):
-    """Compile `train_step` for `setup` -> (median seconds per step, peak bytes)."""
+    """Compile `train_step` for `setup` -> (median seconds per step, planned peak bytes,
+    measured peak bytes: the device's high-water mark after the steps, None where the backend
+    does not say; it includes what was allocated before, e.g. the backbone)."""
     opt = SimpleNamespace(lr=1e-4, warmup_steps=0, total_steps=1000, clip_grad=1.0,
                           weight_decay=0.0)
     tx, schedule = train_lib.make_optimizer(opt)
@@ -65,7 +78,8 @@ def _measure(name, setup, params, frozen, batch, mesh, repeats):
         state, metrics = compiled(state, batch, frozen)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - tic)
-    return float(np.median(times)), _peak_bytes(compiled)
+    measured = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    return float(np.median(times)), _peak_bytes(compiled), measured
 
 
 def main(argv=None):
@@ -76,9 +90,19 @@ def main(argv=None):
     parser.add_argument("--target-length", type=int, default=32)
     parser.add_argument("--ratio", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    parser.add_argument("--remat", default="none", help="none, full or a jax.checkpoint_policies name")
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                        help="nn.scan over the layers (--no-scan-layers: unrolled)")
+    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the full fine-tuning step (--no-full: the plugin's alone)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="peak TFLOP/s for MFU (default: benchmarks/speed.py's table; none on CPU)")
+    parser.add_argument("--out", default=None, help="write train_step-<machine>.json/.md here")
     args = parser.parse_args(argv)
 
-    cfg = T5Config.variant(args.variant, dropout_rate=0.0)
+    cfg = T5Config.variant(args.variant, dropout_rate=0.0, dtype=args.dtype, remat=args.remat,
+                           scan_layers=args.scan_layers)
     pcfg = PluginConfig(args.ratio)
     mesh = sharding.make_mesh(1, 1)
     backbone = jax.jit(lambda k: init_t5(k, cfg), out_shardings=sharding.replicated(mesh))(
@@ -92,24 +116,63 @@ def main(argv=None):
           f"{args.target_length}; {jax.devices()[0].platform}, 1 device", flush=True)
 
     plugin_setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
-    full_setup = train_lib.Setup(cfg, None, "task", "pretrain", dropout=False)
-    t_plugin, m_plugin = _measure("plugin step", plugin_setup, plugin, backbone, batch, mesh,
-                                  args.repeats)
-    # Full fine-tuning trains (and donates) its own copy of the backbone.
-    t_full, m_full = _measure("full fine-tuning step", full_setup,
-                              jax.tree.map(lambda x: x.copy(), backbone), None, batch, mesh,
-                              args.repeats)
+    steps = {"plugin": _measure("plugin step", plugin_setup, plugin, backbone, batch, mesh,
+                                args.repeats)}
+    if args.full:
+        # Full fine-tuning trains (and donates) its own copy of the backbone.
+        full_setup = train_lib.Setup(cfg, None, "task", "pretrain", dropout=False)
+        steps["full"] = _measure("full fine-tuning step", full_setup,
+                                 jax.tree.map(lambda x: x.copy(), backbone), None, batch, mesh,
+                                 args.repeats)
+    info = machine_info(None)
+    peak = peak_flops(info, args.dtype, args.peak_tflops)
+    n, m = args.input_length, args.target_length
+    rows = []
+    for name, (seconds, planned, measured) in steps.items():
+        flops = step_flops(cfg, pcfg if name == "plugin" else None, args.batch, n, m)
+        rows.append(dict(step=name, seconds=seconds, planned_peak_bytes=planned,
+                         measured_peak_bytes=measured, flops=flops,
+                         tokens_per_sec=args.batch * (n + m) / seconds,
+                         mfu=flops / seconds / peak if peak else None))
+    text = _table(rows, args, info)
+    print("\n" + text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"train_step-{machine_slug(info)}")
+        with open(base + ".md", "w") as f:
+            f.write(text + "\n")
+        with open(base + ".json", "w") as f:
+            json.dump(dict(machine=info, args=vars(args), peak_flops=peak, steps=rows,
+                           backbone_params=count, plugin_params=plugin_param_count(cfg, pcfg)),
+                      f, indent=2)
+        print(f"wrote {base}.md and {base}.json")
+    return rows
 
+
+def _table(rows, args, info) -> str:
     mib = 2.0 ** 20
-    print(f"\n{'':24}{'step time (median)':>20}{'peak memory':>16}")
-    print(f"{'full fine-tuning':24}{t_full * 1e3:>17.0f} ms{m_full / mib:>12.0f} MiB")
-    print(f"{'plugin k=' + str(args.ratio):24}{t_plugin * 1e3:>17.0f} ms"
-          f"{m_plugin / mib:>12.0f} MiB")
-    time_ratio, mem_ratio = t_plugin / t_full, m_plugin / m_full
-    print(f"{'plugin / full':24}{time_ratio:>18.2f}x{mem_ratio:>15.2f}x")
-    verdict = lambda ok: "ok" if ok else "MISSED"
-    print(f"time ratio {time_ratio:.2f} (target <= 0.75: {verdict(time_ratio <= 0.75)}), "
-          f"memory ratio {mem_ratio:.2f} (target <= 0.6: {verdict(mem_ratio <= 0.6)})")
+    lines = [f"{args.variant}, batch {args.batch} x {args.input_length} -> {args.target_length}, "
+             f"dtype {args.dtype}, remat {args.remat}, scan_layers {args.scan_layers}, k = {args.ratio}; {info['device']} "
+             f"({info['backend']}), jax {info['jax']}",
+             "",
+             "| step | time (median) | tokens/s | model TFLOP/step | MFU | peak memory (XLA plan) "
+             "| peak memory (measured) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+        measured = "" if r["measured_peak_bytes"] is None else f"{r['measured_peak_bytes'] / mib:,.0f} MiB"
+        lines.append(f"| {r['step']} | {r['seconds'] * 1e3:,.1f} ms | {r['tokens_per_sec']:,.0f} | "
+                     f"{r['flops'] / 1e12:.2f} | {mfu} | {r['planned_peak_bytes'] / mib:,.0f} MiB | "
+                     f"{measured} |")
+    if len(rows) == 2:
+        plugin, full = rows
+        time_ratio = plugin["seconds"] / full["seconds"]
+        mem_ratio = plugin["planned_peak_bytes"] / full["planned_peak_bytes"]
+        verdict = lambda ok: "ok" if ok else "MISSED"
+        lines += ["", f"plugin / full: time {time_ratio:.2f}x (target <= 0.75: "
+                      f"{verdict(time_ratio <= 0.75)}), memory {mem_ratio:.2f}x (target <= 0.6: "
+                      f"{verdict(mem_ratio <= 0.6)})"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+#!/bin/bash
+# Device check for issue 10: fit report + real plugin-training steps of t5-large in bf16.
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [VARIANT]  (default t5-large; t5-small for a quick try)
+
+OUT=$1; V=${2:-t5-large}; SIZE=${V#t5-}
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+python3 -c "import jax, flax, optax, orbax.checkpoint, transformers; print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__)"
+# 1. The fit report (--dry_run: no weights) on this device, released pre-training batch.
+python3 train.py --config=configs/plugin.py:stage=pretrain,size=$SIZE,ratio=4 --config.dtype=bfloat16 \
+    --config.remat=full --workdir=$OUT/fit --dry_run 2>&1 | tail -20
+cp $OUT/fit/fit.json $OUT/fit-$V.json
+# 2. Step time, MFU, peak memory: plugin step vs full fine-tuning step, bf16, released batch.
+timeout 240 python3 -m benchmarks.train_step --variant $V --batch 64 --input-length 224 \
+    --target-length 32 --dtype bfloat16 --remat none --repeats 10 --out $OUT 2>&1 | tail -12
+# 3. A few real steps of train.py on a random HF backbone of these sizes (data, loop, checkpoint).
+python3 - <<PY
+import transformers, torch
+from variator_jax.t5 import T5Config
+c = T5Config.variant("$V")
+hf = transformers.T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
+    num_layers=c.num_layers, num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
+    feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=c.tie_word_embeddings)
+torch.manual_seed(0)
+transformers.T5ForConditionalGeneration(hf).save_pretrained("/tmp/backbone")
+print("saved random", "$V")
+PY
+timeout 180 python3 train.py --config=configs/plugin.py:stage=pretrain,size=$SIZE,ratio=4 \
+    --config.backbone=/tmp/backbone --config.tokenizer=byte --config.dtype=bfloat16 \
+    --config.total_steps=100 --config.log_every=25 --config.checkpoint_every=100 \
+    --workdir=/tmp/run 2>&1 | tail -15
+cp /tmp/run/metrics.jsonl $OUT/train-$V-metrics.jsonl 2>/dev/null
+ls $OUT
