@@ -71,13 +71,14 @@ def compile_variant(variant: str, args) -> dict:
 
 
 def speed_ratio(args) -> dict:
-    """t5-small widths, 1 device: the plugin train step with layers scanned vs unrolled, in
+    """`args.speed_variant`'s widths (t5-small unless told), 1 device: the plugin train step with layers scanned vs unrolled, in
     interleaved rounds (`timing.interleaved_times`). Per round, the scan / unrolled ratio of
     wall time and of CPU time (the process's user + system seconds: the work a step costs,
     which other processes on a shared machine do not inflate); median and quartiles."""
     import resource
     mesh = sharding.make_mesh(1, 1)
-    base = T5Config.variant("t5-small", dropout_rate=0.0,
+    variant = getattr(args, "speed_variant", "t5-small")
+    base = T5Config.variant(variant, dropout_rate=0.0,
                             attention_block_bytes=host.attention_block_bytes())
     pcfg = PluginConfig(4)
     opt = argparse.Namespace(lr=1e-4, warmup_steps=0, total_steps=1000, clip_grad=1.0,
@@ -104,7 +105,7 @@ def speed_ratio(args) -> dict:
                                          jax.tree.map(lambda _: repl, backbone))
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
-        print(f"  t5-small step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
+        print(f"  {variant} step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
         cpu[name], box = [], [state]
 
         def run(compiled=compiled, box=box, backbone=backbone, spent=cpu[name]):
@@ -116,13 +117,13 @@ def speed_ratio(args) -> dict:
         fns.append(run)
     wall = timing.interleaved_times(fns, rounds=args.speed_repeats)
     cpu_s = np.array([cpu[n][1:] for n in names])  # The first call is the warm-up.
-    out = {"batch": args.speed_batch, "input_length": args.speed_length, "target_length": 32,
+    out = {"variant": variant, "batch": args.speed_batch, "input_length": args.speed_length, "target_length": 32,
            "rounds": args.speed_repeats, "load_average": list(os.getloadavg())}
     for what, t in (("wall", wall), ("cpu", cpu_s)):
         q25, med, q75 = np.percentile(t[0] / t[1], [25, 50, 75])
         out[what] = {"median_seconds": {n: float(np.median(row)) for n, row in zip(names, t)},
                      "scan_over_unrolled": float(med), "q25": float(q25), "q75": float(q75)}
-        print(f"  t5-small step ({what} time): scan {out[what]['median_seconds']['scan']:.3f} s, "
+        print(f"  {variant} step ({what} time): scan {out[what]['median_seconds']['scan']:.3f} s, "
               f"unrolled {out[what]['median_seconds']['unrolled']:.3f} s; scan / unrolled "
               f"{med:.3f} (IQR {q25:.3f}-{q75:.3f}, {args.speed_repeats} rounds)", flush=True)
     return out
@@ -132,11 +133,12 @@ def markdown(results: dict) -> str:
     rows = results["variants"]
     small = next((r for r in rows if r["variant"] == "t5-small"), None)
     lines = [f"# Plugin train step: compile time and fit ({results['machine']['cpu']}, "
-             f"{results['machine']['cores']} cores, jax {results['machine']['jax']})", "",
-             f"8 fake CPU devices, batch {results['batch']}, n = {results['input_length']}, "
-             f"m = {results['target_length']}, mesh.fsdp, remat={results['remat']}, "
-             f"scan_layers={not results['unrolled']}, dense attention; "
-             f"load average at start {results['machine']['load_average_start']}.", ""]
+             f"{results['machine']['cores']} cores, jax {results['machine']['jax']})", ""]
+    if rows:
+        lines += [f"8 fake CPU devices, batch {results['batch']}, n = {results['input_length']}, "
+                  f"m = {results['target_length']}, mesh.fsdp, remat={results['remat']}, "
+                  f"scan_layers={not results['unrolled']}, dense attention; "
+                  f"load average at start {results['machine']['load_average_start']}.", ""]
     table = []
     for r in rows:
         b = r["bytes_per_device"]
@@ -148,15 +150,16 @@ def markdown(results: dict) -> str:
                       f"{r['compile_seconds']:.1f}", rel, f"{b['params'] / GIB:.2f}",
                       f"{b['optimizer'] / GIB:.3f}", f"{b['temp'] / GIB:.2f}",
                       f"{b['total'] / GIB:.2f}", verdict])
-    lines.append(markdown_table(["variant", "trace s", "compile s", "total s", "vs t5-small",
-                                 "params GiB/dev", "optimizer GiB/dev", "temp GiB/dev",
-                                 "total GiB/dev", "target"], table))
+    if table:
+        lines.append(markdown_table(["variant", "trace s", "compile s", "total s", "vs t5-small",
+                                     "params GiB/dev", "optimizer GiB/dev", "temp GiB/dev",
+                                     "total GiB/dev", "target"], table))
     if results.get("speed"):
         m = results.get("speed_machine", results["machine"])
         lines += ["", f"Scan vs unrolled step, measured {m['date']} on {m['cpu']}, {m['cores']} "
                   "cores (shared: other jobs ran; CPU time is the work, wall time also waits):"]
     for s in results.get("speed", []):
-        lines += ["", f"t5-small widths, 1 device, batch {s['batch']} x {s['input_length']}, "
+        lines += ["", f"{s.get('variant', 't5-small')} widths, 1 device, batch {s['batch']} x {s['input_length']}, "
                   f"{s['rounds']} interleaved rounds, load average "
                   f"{s['load_average'][0]:.1f} at the end: plugin train step scanned / unrolled"]
         for what, label in (("cpu", "CPU time (the work)"), ("wall", "wall time")):
@@ -177,6 +180,8 @@ def main(argv=None) -> dict:
     p.add_argument("--unrolled", action="store_true", help="scan_layers=False (for comparison)")
     p.add_argument("--speed-batch", default="4,16", help="batch sizes of the speed ratio")
     p.add_argument("--speed-length", type=int, default=128)
+    p.add_argument("--speed-variant", default="t5-small",
+                   help="widths of the speed ratio; another than t5-small writes its own file")
     p.add_argument("--speed-repeats", type=int, default=8, help="rounds; 0: skip the ratio")
     p.add_argument("--speed-only", action="store_true",
                    help="only the speed ratio; the compile rows of the results file are kept")
@@ -184,7 +189,13 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     info = speed.machine_info(None)
     name = f"compile-{speed.machine_slug(info)}" + ("-unrolled" if args.unrolled else "")
-    if args.speed_only:
+    if args.speed_variant != "t5-small":
+        name += f"-speed-{args.speed_variant}"
+    if args.speed_only and not os.path.exists(os.path.join(args.out, name + ".json")):
+        results = dict(machine=info, batch=args.batch, input_length=args.input_length,
+                       target_length=args.target_length, remat=args.remat,
+                       unrolled=args.unrolled, variants=[])  # The ratio alone.
+    elif args.speed_only:
         with open(os.path.join(args.out, name + ".json")) as f:
             results = json.load(f)
     else:
