@@ -71,8 +71,8 @@ def compile_variant(variant: str, args) -> dict:
 
 
 def speed_ratio(args) -> dict:
-    """`args.speed_variant`'s widths (t5-small unless told), 1 device: the plugin train step with layers scanned vs unrolled, in
-    interleaved rounds (`timing.interleaved_times`). Per round, the scan / unrolled ratio of
+    """`args.speed_variant`'s widths (t5-small unless told), 1 device: the plugin train step
+    with layers scanned vs unrolled, in interleaved rounds (`timing.interleaved_times`). Per round, the scan / unrolled ratio of
     wall time and of CPU time (the process's user + system seconds: the work a step costs,
     which other processes on a shared machine do not inflate); median and quartiles."""
     import resource
@@ -117,8 +117,8 @@ def speed_ratio(args) -> dict:
         fns.append(run)
     wall = timing.interleaved_times(fns, rounds=args.speed_repeats)
     cpu_s = np.array([cpu[n][1:] for n in names])  # The first call is the warm-up.
-    out = {"variant": variant, "batch": args.speed_batch, "input_length": args.speed_length, "target_length": 32,
-           "rounds": args.speed_repeats, "load_average": list(os.getloadavg())}
+    out = {"variant": variant, "batch": args.speed_batch, "input_length": args.speed_length,
+           "target_length": 32, "rounds": args.speed_repeats, "load_average": list(os.getloadavg())}
     for what, t in (("wall", wall), ("cpu", cpu_s)):
         q25, med, q75 = np.percentile(t[0] / t[1], [25, 50, 75])
         out[what] = {"median_seconds": {n: float(np.median(row)) for n, row in zip(names, t)},
@@ -159,7 +159,8 @@ def markdown(results: dict) -> str:
         lines += ["", f"Scan vs unrolled step, measured {m['date']} on {m['cpu']}, {m['cores']} "
                   "cores (shared: other jobs ran; CPU time is the work, wall time also waits):"]
     for s in results.get("speed", []):
-        lines += ["", f"{s.get('variant', 't5-small')} widths, 1 device, batch {s['batch']} x {s['input_length']}, "
+        lines += ["", f"{s.get('variant', 't5-small')} widths, 1 device, batch {s['batch']} x "
+                  f"{s['input_length']}, "
                   f"{s['rounds']} interleaved rounds, load average "
                   f"{s['load_average'][0]:.1f} at the end: plugin train step scanned / unrolled"]
         for what, label in (("cpu", "CPU time (the work)"), ("wall", "wall time")):
@@ -191,13 +192,14 @@ def main(argv=None) -> dict:
     name = f"compile-{speed.machine_slug(info)}" + ("-unrolled" if args.unrolled else "")
     if args.speed_variant != "t5-small":
         name += f"-speed-{args.speed_variant}"
-    if args.speed_only and not os.path.exists(os.path.join(args.out, name + ".json")):
+    path = os.path.join(args.out, name + ".json")
+    if args.speed_only and os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
+    elif args.speed_only:  # The ratio alone.
         results = dict(machine=info, batch=args.batch, input_length=args.input_length,
                        target_length=args.target_length, remat=args.remat,
-                       unrolled=args.unrolled, variants=[])  # The ratio alone.
-    elif args.speed_only:
-        with open(os.path.join(args.out, name + ".json")) as f:
-            results = json.load(f)
+                       unrolled=args.unrolled, variants=[])
     else:
         # One small compile first, not reported: JAX's and XLA's one-time start-up costs
         # would otherwise all land on the first variant.
@@ -214,7 +216,7 @@ def main(argv=None) -> dict:
         results["speed"] = [speed_ratio(argparse.Namespace(**dict(vars(args), speed_batch=b)))
                             for b in map(int, args.speed_batch.split(","))]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(args.out, name + ".md"), "w") as f:
         f.write(markdown(results))

@@ -17,10 +17,7 @@ timeout 240 python3 -m benchmarks.train_step --variant $V --batch 64 --input-len
 python3 - <<PY
 import transformers, torch
 from variator_jax.t5 import T5Config
-c = T5Config.variant("$V")
-hf = transformers.T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
-    num_layers=c.num_layers, num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
-    feed_forward_proj=c.feed_forward_proj, tie_word_embeddings=c.tie_word_embeddings)
+hf = transformers.T5Config(**T5Config.variant("$V").to_hf())
 torch.manual_seed(0)
 transformers.T5ForConditionalGeneration(hf).save_pretrained("/tmp/backbone")
 print("saved random", "$V")

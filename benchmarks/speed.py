@@ -418,9 +418,10 @@ def _fmt_load(load):
     return "n/a" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
-def save(out_dir, slug, text, payload):
+def save(out_dir, slug, text, payload, kind="speed"):
+    """Writes OUT_DIR/KIND-SLUG.md (`text`) and .json (`payload`) -> their path, sans suffix."""
     os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"speed-{slug}")
+    base = os.path.join(out_dir, f"{kind}-{slug}")
     with open(base + ".md", "w") as f:
         f.write(text + "\n")
     with open(base + ".json", "w") as f:

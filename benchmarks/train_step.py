@@ -22,18 +22,17 @@ With --out it writes train_step-<machine>.json and .md there.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from types import SimpleNamespace
 
 import jax
 import numpy as np
 
-from benchmarks.speed import machine_info, machine_slug, peak_flops
+from benchmarks.speed import machine_info, machine_slug, peak_flops, save
 from variator_jax import cli, host, sharding, train_lib
 from variator_jax.fit import step_flops
 from variator_jax.plugins import PluginConfig, init_plugin, plugin_param_count
+from variator_jax.report import markdown_table
 from variator_jax.t5 import T5Config, init_t5
 
 
@@ -137,33 +136,31 @@ def main(argv=None):
     text = _table(rows, args, info)
     print("\n" + text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        base = os.path.join(args.out, f"train_step-{machine_slug(info)}")
-        with open(base + ".md", "w") as f:
-            f.write(text + "\n")
-        with open(base + ".json", "w") as f:
-            json.dump(dict(machine=info, args=vars(args), peak_flops=peak, steps=rows,
-                           backbone_params=count, plugin_params=plugin_param_count(cfg, pcfg)),
-                      f, indent=2)
+        base = save(args.out, machine_slug(info), text,
+                    dict(machine=info, args=vars(args), peak_flops=peak, steps=rows,
+                         backbone_params=count, plugin_params=plugin_param_count(cfg, pcfg)),
+                    kind="train_step")
         print(f"wrote {base}.md and {base}.json")
     return rows
 
 
 def _table(rows, args, info) -> str:
     mib = 2.0 ** 20
-    lines = [f"{args.variant}, batch {args.batch} x {args.input_length} -> {args.target_length}, "
-             f"dtype {args.dtype}, remat {args.remat}, scan_layers {args.scan_layers}, k = {args.ratio}; {info['device']} "
-             f"({info['backend']}), jax {info['jax']}",
-             "",
-             "| step | time (median) | tokens/s | model TFLOP/step | MFU | peak memory (XLA plan) "
-             "| peak memory (measured) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    table = []
     for r in rows:
         mfu = "" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
-        measured = "" if r["measured_peak_bytes"] is None else f"{r['measured_peak_bytes'] / mib:,.0f} MiB"
-        lines.append(f"| {r['step']} | {r['seconds'] * 1e3:,.1f} ms | {r['tokens_per_sec']:,.0f} | "
-                     f"{r['flops'] / 1e12:.2f} | {mfu} | {r['planned_peak_bytes'] / mib:,.0f} MiB | "
-                     f"{measured} |")
+        measured = ("" if r["measured_peak_bytes"] is None
+                    else f"{r['measured_peak_bytes'] / mib:,.0f} MiB")
+        table.append([r["step"], f"{r['seconds'] * 1e3:,.1f} ms", f"{r['tokens_per_sec']:,.0f}",
+                      f"{r['flops'] / 1e12:.2f}", mfu,
+                      f"{r['planned_peak_bytes'] / mib:,.0f} MiB", measured])
+    lines = [f"{args.variant}, batch {args.batch} x {args.input_length} -> {args.target_length}, "
+             f"dtype {args.dtype}, remat {args.remat}, scan_layers {args.scan_layers}, "
+             f"k = {args.ratio}; {info['device']} ({info['backend']}), jax {info['jax']}",
+             "",
+             markdown_table(["step", "time (median)", "tokens/s", "model TFLOP/step", "MFU",
+                             "peak memory (XLA plan)", "peak memory (measured)"], table,
+                            align="lrrrrrr")]
     if len(rows) == 2:
         plugin, full = rows
         time_ratio = plugin["seconds"] / full["seconds"]
