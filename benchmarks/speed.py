@@ -419,7 +419,8 @@ def _fmt_load(load):
 
 
 def save(out_dir, slug, text, payload, kind="speed"):
-    """Writes OUT_DIR/KIND-SLUG.md (`text`) and .json (`payload`) -> their path, sans suffix."""
+    """Writes `text` (Markdown) and `payload` (JSON) to `out_dir`, both named KIND-SLUG plus
+    their suffix -> that path, sans suffix."""
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, f"{kind}-{slug}")
     with open(base + ".md", "w") as f:
