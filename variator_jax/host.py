@@ -13,6 +13,13 @@ there: the next call reuses the same pages. It changes the whole process, so the
 entry points call it (train.py, eval.py, the benchmarks); importing the library never does.
 The same effect from the shell:
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`.
+
+Only the shell form is certain. A thread that called malloc before `keep_freed_memory()` already
+has its own arena, and glibc then hands new threads (XLA's) that arena and the main one in turn:
+calls whose temporaries land in the other arena fault as before. A CI host showed that pattern
+once, with nothing but `import jax` before the call: every other call faulted in a 48 MiB
+temporary. `keep_freed_memory()` therefore counts the arenas (`malloc_info`) and reports False
+when there is more than one.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+import tempfile
 
 import jax
 
@@ -33,6 +41,7 @@ _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB at the top
 
 _ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _applied: bool | None = None
+_arenas = 0  # Arenas glibc had when keep_freed_memory() applied its setting (0: not applied).
 
 
 def keep_freed_memory() -> bool:
@@ -43,6 +52,8 @@ def keep_freed_memory() -> bool:
     nothing: another platform; an accelerator, whose temporaries are not in host memory
     (`accelerator_expected`); or an environment that already sets one of `MALLOC_ARENA_MAX`,
     `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_` (glibc follows those; they win).
+    Also False when another thread already had its own malloc arena: the setting is applied,
+    but calls that allocate there still fault (module docstring; `malloc_setting` says so).
     The process's resident memory then stays at its high-water mark.
 
     Example:
@@ -50,7 +61,7 @@ def keep_freed_memory() -> bool:
       >>> host.keep_freed_memory()  # doctest: +SKIP
       True
     """
-    global _applied
+    global _applied, _arenas
     if _applied is not None:
         return _applied
     _applied = False
@@ -67,9 +78,31 @@ def keep_freed_memory() -> bool:
     # One arena for all threads: XLA allocates on its worker threads, and in their own arenas
     # blocks of 40 MiB and more still faulted in on every call (measured with getrusage).
     # Must come before those threads first allocate, i.e. before the first JAX computation.
-    _applied = all(mallopt(param, value) for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_NEVER)))
+    if not all(mallopt(param, value) for param, value in (
+            (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_NEVER))):
+        return False
+    _arenas = _count_arenas(libc)
+    _applied = _arenas == 1
     return _applied
+
+
+def _count_arenas(libc) -> int:
+    """How many malloc arenas the process has, from glibc's `malloc_info` XML (one `<heap>`
+    element per arena); 0 where it cannot be read."""
+    try:
+        libc.fdopen.restype, libc.fdopen.argtypes = ctypes.c_void_p, (ctypes.c_int, ctypes.c_char_p)
+        libc.malloc_info.argtypes = (ctypes.c_int, ctypes.c_void_p)
+        libc.fclose.argtypes = (ctypes.c_void_p,)
+        with tempfile.TemporaryFile("w+") as f:
+            stream = libc.fdopen(os.dup(f.fileno()), b"w")
+            if not stream:
+                return 0
+            libc.malloc_info(0, stream)
+            libc.fclose(stream)
+            f.seek(0)
+            return f.read().count("<heap nr=")
+    except (OSError, AttributeError):
+        return 0
 
 
 def freed_memory_kept() -> bool:
@@ -109,6 +142,10 @@ def malloc_setting() -> str:
         return "glibc malloc from the environment: " + ", ".join(f"{k}={v}" for k, v in env.items())
     if _applied:
         return "glibc malloc: one arena, no mmap, no trim (variator_jax.host.keep_freed_memory)"
+    if _arenas > 1:
+        return (f"glibc malloc: no mmap, no trim, but {_arenas} arenas already existed "
+                "(threads allocated before variator_jax.host.keep_freed_memory): large "
+                "temporaries still fault on some calls")
     return "malloc: the platform's default"
 
 
