@@ -52,8 +52,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (held-out CE 2.46 per byte) and the teacher at 31.9 % validation accuracy, where a
 # bag-of-words logistic regression reaches 79 %: subwords let the tiny model see words.
 # (a) masks half of the tokens (`noise`: density 0.5, mean span 3, UL2's "X-denoiser", Tay et
-# al. 2022), not T5's 15 %: with T5's setting the miniature LM's decoder learned to ignore its
-# encoder (validation CE 5.13 with the real encoder inputs, 5.17 with another example's), and
+# al. 2022), not T5's 15 %: with T5's setting the miniature LM's decoder barely read its
+# encoder on the task's docstrings (validation CE 5.13 with the real encoder inputs, 5.17 with
+# another example's; short texts understate it, benchmarks/README.md), and
 # fine-tuning started from it reached 58 % validation accuracy against 80 % from a random
 # init; with this one, 79 % (issue 12; 1,000 LM + 500 fine-tuning steps, dropout off).
 # (a)'s corpus and (d) also read the task's `unlabeled` docstrings: on the 1,235 training
