@@ -3,6 +3,7 @@
 Each case runs in a fresh interpreter: the setting is process-wide and must not leak into
 other tests, and the "before" case needs glibc's defaults."""
 import os
+import re
 import subprocess
 import sys
 
@@ -68,7 +69,9 @@ def test_keep_freed_memory_stops_page_faults_on_large_temporaries():
 def test_keep_freed_memory_says_false_when_a_thread_already_has_an_arena():
     applied, setting = _run("thread-first")
     assert applied == "False"
-    assert "no mmap, no trim, but 2 arenas already existed" in setting, setting
+    # Two here; more where an import's threads also allocated first (a CI host).
+    found = re.search(r"no mmap, no trim, but (\d+) arenas already existed", setting)
+    assert found and int(found.group(1)) >= 2, setting
 
 
 def test_encoder_attention_takes_larger_blocks_when_freed_memory_is_kept(monkeypatch):
