@@ -338,7 +338,8 @@ class Pipeline:
             decode = lambda x: tok.decode([int(t) for t in x if t > 0], skip_special_tokens=False)
             samples.append(dict(input=decode(inputs), target=decode(targets), output=decode(np.asarray(out[0]))))
         return dict(backbone=lm_dir, eval=lm.get("eval", {}), samples=samples,
-                    encoder_use=self.encoder_use(cfg, backbone, tok))
+                    encoder_use=self.encoder_use(cfg, backbone, tok),
+                    encoder_use_held_out=self.encoder_use_held_out(cfg, backbone, tok))
 
     def _corrupted(self, tok, text, rng):
         """One validation text, span-corrupted as (a) was trained: (inputs, targets)."""
@@ -374,6 +375,34 @@ class Pipeline:
         real, swapped = ce(inputs), ce(np.roll(inputs, 1, axis=0))
         # Unrounded: a barely trained model's gap is a few 1e-5 nats, and not zero.
         return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)
+
+    def encoder_use_held_out(self, cfg, backbone, tok, count=256):
+        """The same question on (a)'s own held-out rows (the batches of its `eval.ce`), with
+        each row's encoder input swapped for the one half the rows away: neighbouring rows
+        continue the same text, and the task's short docstrings leave the decoder little to
+        read, so `encoder_use` alone understates it (benchmarks/README.md)."""
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+        import variator_jax as vj
+        from variator_jax import data as data_lib
+        c = self.lm_config()
+        rows = data_lib.eval_batches(c.data.eval, "pretrain", tok, global_batch_size=count,
+                                     max_input_length=c.max_input_length,
+                                     max_target_length=c.max_target_length, seed=c.seed,
+                                     split=c.data.eval_split, noise=self.mini["noise"])
+        batch = next(iter(rows))
+        real = np.asarray(batch["weight"]) > 0
+        inputs, targets = (np.asarray(batch[key])[real] for key in ("input_ids", "labels"))
+
+        def ce(enc_ids):
+            logits = vj.forward(cfg, backbone, jnp.asarray(enc_ids), jnp.asarray(enc_ids > 0, jnp.int32),
+                                vj.shift_right(jnp.asarray(targets)))["logits"]
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+            return float((nll * (targets > 0)).sum() / (targets > 0).sum())
+
+        real_ce, swapped = ce(inputs), ce(np.roll(inputs, len(inputs) // 2, axis=0))
+        return dict(rows=int(len(inputs)), ce=real_ce, ce_swapped_encoder=swapped, gap=swapped - real_ce)
 
     def _input_length(self, ft_dir) -> int:
         """n as (e) evaluates: the miniature's, or the task's released length (configs)."""
@@ -475,6 +504,11 @@ def format_examples(results: dict) -> str:
             use = lm["encoder_use"]
             lines += [f"  validation CE {use['ce']:.3f}, with another example's encoder input "
                       f"{use['ce_swapped_encoder']:.3f}: the decoder reads its encoder for {use['gap']:.3f} nats"]
+        if lm.get("encoder_use_held_out"):
+            use = lm["encoder_use_held_out"]
+            lines += [f"  on {use['rows']} held-out corpus rows: CE {use['ce']:.3f}, with the encoder "
+                      f"input of a row half the rows away {use['ce_swapped_encoder']:.3f} "
+                      f"({use['gap']:.3f} nats)"]
     if results.get("examples"):
         key = next(k for k in results["examples"][0] if k.startswith("k") and k[1:].isdigit())
         lines += ["", f"Test examples: gold label / teacher / plugin {key.replace('k', 'k=')}:"]

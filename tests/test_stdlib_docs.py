@@ -102,6 +102,8 @@ def test_quality_command_writes_every_row(tmp_path):
     use = results["lm"]["encoder_use"]  # Two different encoder inputs give two different CEs.
     assert use["ce"] > 0 and use["ce_swapped_encoder"] > 0 and use["gap"] != 0
     assert use["gap"] == pytest.approx(use["ce_swapped_encoder"] - use["ce"], abs=2e-4)
+    held = results["lm"]["encoder_use_held_out"]  # All of (a)'s held-out rows: its eval CE.
+    assert held["rows"] >= 1 and held["ce"] == pytest.approx(results["lm"]["eval"]["ce"], rel=1e-4)
     # Accuracy by input length: every test example in one bin, and each row's bins, weighted
     # by their sizes, give the row's accuracy that evaluate.py measured on its own batches
     # (one example may flip on a near-tie between two batchings' float rounding).
