@@ -23,7 +23,8 @@ With no download at all it builds the whole pipeline of docs/DESIGN.md §2 on CP
 
 Every stage is a `train.py` run in its own directory under --workdir: a finished stage is
 skipped (its result.json), an interrupted one resumes from its last checkpoint, so running
-the command again finishes what an earlier run began.
+the command again finishes what an earlier run began. Each stage's training time, summed over
+the invocations that ran it, is kept in WORKDIR/stage_seconds.json (`pipeline_seconds`).
 
 The full-size version is the same command pointed at a real T5 and a real task, e.g.
 
@@ -254,43 +255,72 @@ class Pipeline:
         return c
 
     # == Stages ====================================================================================
+    def stage(self, name, config) -> dict:
+        """`train.py`'s run of one stage in WORKDIR/NAME (skipped when finished), its wall
+        time added to WORKDIR/stage_seconds.json: a run resumed over several invocations
+        counts every part, and a finished one is not timed again."""
+        from variator_jax import train_lib
+        from variator_jax.fileio import atomic_write, write_text
+        finished = os.path.isfile(self.path(name, "result.json"))  # Then train.py skips it.
+        t0 = time.time()
+        out = train_lib.train_and_evaluate(config, self.path(name))
+        seconds = self.stage_seconds()
+        if not finished:
+            seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
+            atomic_write(self.workdir, "stage_seconds.json",
+                         lambda tmp: write_text(tmp, json.dumps(seconds, indent=1) + "\n"))
+        return out
+
+    def stage_seconds(self) -> dict:
+        path = self.path("stage_seconds.json")
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
     def run(self):
         from variator_jax import train_lib
-        t0 = time.time()
+        stages = []
+
+        def stage(name, config):
+            stages.append(name)
+            return self.stage(name, config)
+
         if self.args.backbone:
             lm_dir, lm = self.args.backbone, None
         elif self.mini is None:
             raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
         else:
-            lm = train_lib.train_and_evaluate(self.lm_config(), self.path("lm"))
+            lm = stage("lm", self.lm_config())
             lm_dir = lm["backbone_dir"]
-        ft = train_lib.train_and_evaluate(self.finetune_config(lm_dir), self.path("finetune"))
+        ft = stage("finetune", self.finetune_config(lm_dir))
         ft_dir = ft["backbone_dir"]
         plugins = {}
         for k in self.ratios:
-            pre = train_lib.train_and_evaluate(self.plugin_config("pretrain", lm_dir, k),
-                                               self.path(f"pretrain-k{k}"))
-            plugins[("variator", k)] = train_lib.train_and_evaluate(
-                self.plugin_config("adapt", ft_dir, k, init_plugin=pre["plugin_dir"]),
-                self.path(f"adapt-k{k}"))["plugin_dir"]
+            pre = stage(f"pretrain-k{k}", self.plugin_config("pretrain", lm_dir, k))
+            plugins[("variator", k)] = stage(f"adapt-k{k}", self.plugin_config(
+                "adapt", ft_dir, k, init_plugin=pre["plugin_dir"]))["plugin_dir"]
         for k in self.ablation_ratios:
-            plugins[("variator_no_pretrain", k)] = train_lib.train_and_evaluate(
-                self.plugin_config("adapt", ft_dir, k), self.path(f"adapt-k{k}-no-pretrain"))["plugin_dir"]
-            plugins[("variator_task_loss", k)] = train_lib.train_and_evaluate(
-                self.plugin_config("adapt", ft_dir, k, loss="task+hidden",
-                                   init_plugin=self.path(f"pretrain-k{k}", "plugin")),
-                self.path(f"adapt-k{k}-task-loss"))["plugin_dir"]
+            plugins[("variator_no_pretrain", k)] = stage(
+                f"adapt-k{k}-no-pretrain", self.plugin_config("adapt", ft_dir, k))["plugin_dir"]
+            plugins[("variator_task_loss", k)] = stage(f"adapt-k{k}-task-loss", self.plugin_config(
+                "adapt", ft_dir, k, loss="task+hidden",
+                init_plugin=self.path(f"pretrain-k{k}", "plugin")))["plugin_dir"]
         for name in BASELINES:
             for k in self.ratios:
                 plugins[(name, k)] = f"{name}:{k}"
-        train_seconds = time.time() - t0
+        seconds = self.stage_seconds()
         results = self.evaluate(ft_dir, plugins)
         results["lm"] = self.lm_report(lm, lm_dir) if lm else {"backbone": lm_dir}
         k = 4 if 4 in self.ratios else self.ratios[0]
         results["examples"] = self.examples_report(ft_dir, plugins[("variator", k)], k)
         results["by_length"] = self.length_report(ft_dir, plugins)
         results["finetune_validation"] = ft.get("eval", {})
-        results["pipeline_seconds"] = {"train": round(train_seconds), "eval": results.pop("_eval_seconds")}
+        # Training summed over every invocation that ran a part of it (stage_seconds.json);
+        # stages finished before that file existed are listed, not guessed.
+        results["pipeline_seconds"] = {"train": round(sum(seconds.get(name, 0) for name in stages)),
+                                       "eval": results.pop("_eval_seconds"),
+                                       "stages": {name: seconds.get(name) for name in stages}}
         return results
 
     def evaluate(self, ft_dir, plugins):

@@ -102,6 +102,13 @@ def test_quality_command_writes_every_row(tmp_path):
     use = results["lm"]["encoder_use"]  # Two different encoder inputs give two different CEs.
     assert use["ce"] > 0 and use["ce_swapped_encoder"] > 0 and use["gap"] != 0
     assert use["gap"] == pytest.approx(use["ce_swapped_encoder"] - use["ce"], abs=2e-4)
+    # Training time per stage, kept in WORKDIR/stage_seconds.json across invocations.
+    stages = results["pipeline_seconds"]["stages"]
+    assert list(stages) == ["lm", "finetune", "pretrain-k2", "adapt-k2", "adapt-k2-no-pretrain",
+                            "adapt-k2-task-loss"] and all(v > 0 for v in stages.values())
+    assert results["pipeline_seconds"]["train"] == round(sum(stages.values()))
+    with open(tmp_path / "work" / "stage_seconds.json") as f:
+        assert json.load(f) == stages
     held = results["lm"]["encoder_use_held_out"]  # All of (a)'s held-out rows: its eval CE.
     assert held["rows"] >= 1 and held["ce"] == pytest.approx(results["lm"]["eval"]["ce"], rel=1e-4)
     # Accuracy by input length: every test example in one bin, and each row's bins, weighted
