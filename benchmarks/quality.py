@@ -264,8 +264,8 @@ class Pipeline:
         finished = os.path.isfile(self.path(name, "result.json"))  # Then train.py skips it.
         t0 = time.time()
         out = train_lib.train_and_evaluate(config, self.path(name))
-        seconds = self.stage_seconds()
         if not finished:
+            seconds = self.stage_seconds()
             seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
             atomic_write(self.workdir, "stage_seconds.json",
                          lambda tmp: write_text(tmp, json.dumps(seconds, indent=1) + "\n"))
@@ -383,10 +383,7 @@ class Pipeline:
         """Does (a)'s decoder read its encoder? Span-corruption CE on validation texts with the
         real encoder inputs, and with each example's encoder input swapped for the next one's.
         A gap near 0 means an unconditional decoder, a poor start for fine-tuning (issue 12)."""
-        import jax.numpy as jnp
         import numpy as np
-        import optax
-        import variator_jax as vj
         from variator_jax import data as data_lib
         texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
         n, m = self.mini["n"], self.mini["target"] + 8
@@ -395,26 +392,14 @@ class Pipeline:
         for row, text in enumerate(texts):
             i, t = self._corrupted(tok, text, rng)
             inputs[row, :min(i.size, n)], targets[row, :min(t.size, m)] = i[:n], t[:m]
-
-        def ce(enc_ids):
-            logits = vj.forward(cfg, backbone, jnp.asarray(enc_ids), jnp.asarray(enc_ids > 0, jnp.int32),
-                                vj.shift_right(jnp.asarray(targets)))["logits"]
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-            return float((nll * (targets > 0)).sum() / (targets > 0).sum())
-
-        real, swapped = ce(inputs), ce(np.roll(inputs, 1, axis=0))
-        # Unrounded: a barely trained model's gap is a few 1e-5 nats, and not zero.
-        return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)
+        return _swap_gap(cfg, backbone, inputs, targets, shift=1)
 
     def encoder_use_held_out(self, cfg, backbone, tok, count=256):
         """The same question on (a)'s own held-out rows (the batches of its `eval.ce`), with
         each row's encoder input swapped for the one half the rows away: neighbouring rows
         continue the same text, and the task's short docstrings leave the decoder little to
         read, so `encoder_use` alone understates it (benchmarks/README.md)."""
-        import jax.numpy as jnp
         import numpy as np
-        import optax
-        import variator_jax as vj
         from variator_jax import data as data_lib
         c = self.lm_config()
         rows = data_lib.eval_batches(c.data.eval, "pretrain", tok, global_batch_size=count,
@@ -424,15 +409,8 @@ class Pipeline:
         batch = next(iter(rows))
         real = np.asarray(batch["weight"]) > 0
         inputs, targets = (np.asarray(batch[key])[real] for key in ("input_ids", "labels"))
-
-        def ce(enc_ids):
-            logits = vj.forward(cfg, backbone, jnp.asarray(enc_ids), jnp.asarray(enc_ids > 0, jnp.int32),
-                                vj.shift_right(jnp.asarray(targets)))["logits"]
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-            return float((nll * (targets > 0)).sum() / (targets > 0).sum())
-
-        real_ce, swapped = ce(inputs), ce(np.roll(inputs, len(inputs) // 2, axis=0))
-        return dict(rows=int(len(inputs)), ce=real_ce, ce_swapped_encoder=swapped, gap=swapped - real_ce)
+        return dict(rows=int(len(inputs)),
+                    **_swap_gap(cfg, backbone, inputs, targets, shift=len(inputs) // 2))
 
     def _input_length(self, ft_dir) -> int:
         """n as (e) evaluates: the miniature's, or the task's released length (configs)."""
@@ -509,6 +487,25 @@ class Pipeline:
                     examples=[int(b.sum()) for b in bins],
                     rows=[dict(method=m, k=k, accuracy=[accuracy(a == gold, b) for b in bins])
                           for (m, k), a in zip(keys, answers)])
+
+
+def _swap_gap(cfg, backbone, inputs, targets, shift: int) -> dict:
+    """Span-corruption CE of `targets` (0 = padding) with the real encoder `inputs`, and with
+    each row's inputs taken from the row `shift` rows on: how much the decoder reads its encoder.
+    Unrounded: a barely trained model's gap is a few 1e-5 nats, and not zero."""
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import variator_jax as vj
+
+    def ce(enc_ids):
+        logits = vj.forward(cfg, backbone, jnp.asarray(enc_ids), jnp.asarray(enc_ids > 0, jnp.int32),
+                            vj.shift_right(jnp.asarray(targets)))["logits"]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        return float((nll * (targets > 0)).sum() / (targets > 0).sum())
+
+    real, swapped = ce(inputs), ce(np.roll(inputs, shift, axis=0))
+    return dict(ce=real, ce_swapped_encoder=swapped, gap=swapped - real)
 
 
 # == Outputs =======================================================================================

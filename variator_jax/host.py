@@ -41,7 +41,8 @@ _TRIM_NEVER = 2**31 - 1  # mallopt takes an int: trim only when 2 GiB at the top
 
 _ENV = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 _applied: bool | None = None
-_arenas = 0  # Arenas glibc had when keep_freed_memory() applied its setting (0: not applied).
+_arenas = 0  # Arenas glibc had when keep_freed_memory() applied its setting (0: not applied
+#              or malloc_info unreadable).
 
 
 def keep_freed_memory() -> bool:
