@@ -16,10 +16,10 @@ The same effect from the shell:
 
 Only the shell form is certain. A thread that called malloc before `keep_freed_memory()` already
 has its own arena, and glibc then hands new threads (XLA's) that arena and the main one in turn:
-calls whose temporaries land in the other arena fault as before. A CI host showed that pattern
-once, with nothing but `import jax` before the call: some calls faulted in all of a 48 MiB
-temporary and others none. `keep_freed_memory()` therefore counts the arenas (`malloc_info`)
-and reports False when there is more than one.
+calls whose temporaries land in the other arena fault as before (shown here by a thread that
+allocates first). `keep_freed_memory()` therefore counts the arenas (`malloc_info`) and
+reports False when there is more than one. Even with one arena, a full test run once saw about
+half of the calls fault in a 48 MiB temporary, as a CI host had; that cause is not known.
 """
 from __future__ import annotations
 
