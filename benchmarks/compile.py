@@ -3,6 +3,7 @@
     python -m benchmarks.compile                 # all five sizes, then the speed ratio
     python -m benchmarks.compile --variants t5-small,t5-3b --speed-repeats 0
     python -m benchmarks.compile --speed-only    # re-measure the ratio, keep the compile rows
+    python -m benchmarks.compile --speed-only --profile   # and where each step's time goes
 
 For every variant it compiles the real plugin train step (`fit.lower_train_step`, what
 `train.py --dry_run` compiles) against abstract parameters on 8 fake CPU devices, at the
@@ -22,8 +23,11 @@ from __future__ import annotations
 
 import os
 
+# 8 fake devices; one profiler event per executed instruction (`--profile`; inactive
+# otherwise: a flag check per instruction, against milliseconds of work).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           + " --xla_cpu_enable_xprof_traceme=true").strip()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -43,6 +47,7 @@ from variator_jax.t5 import T5Config, init_t5  # noqa: E402
 GIB = float(1 << 30)
 VARIANTS = "t5-small,t5-base,t5-large,t5-3b,t5-11b"
 TARGETS_GIB = {"t5-3b": 16, "t5-11b": 32}
+PROFILE_STEPS = 3
 
 
 def compile_variant(variant: str, args) -> dict:
@@ -74,8 +79,11 @@ def speed_ratio(args) -> dict:
     """`args.speed_variant`'s widths (t5-small unless told), 1 device: the plugin train step
     with layers scanned vs unrolled, in interleaved rounds (`timing.interleaved_times`). Per round, the scan / unrolled ratio of
     wall time and of CPU time (the process's user + system seconds: the work a step costs,
-    which other processes on a shared machine do not inflate); median and quartiles."""
+    which other processes on a shared machine do not inflate); median and quartiles.
+    `args.profile`: then `PROFILE_STEPS` more calls of each under the JAX profiler, and where
+    their time goes (`timing.op_breakdown`), in `out["profile"]`."""
     import resource
+    import tempfile
     mesh = sharding.make_mesh(1, 1)
     variant = getattr(args, "speed_variant", "t5-small")
     base = T5Config.variant(variant, dropout_rate=0.0,
@@ -92,7 +100,7 @@ def speed_ratio(args) -> dict:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
-    names, fns, cpu = ("scan", "unrolled"), [], {}
+    names, fns, cpu, hlo = ("scan", "unrolled"), [], {}, {}
     for name in names:
         cfg = base.replace(scan_layers=name == "scan")
         backbone = jax.jit(lambda k, cfg=cfg: init_t5(k, cfg), out_shardings=repl)(
@@ -106,6 +114,9 @@ def speed_ratio(args) -> dict:
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
         print(f"  {variant} step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
+        hlo[name] = compiled.as_text()
+        if name == "unrolled":  # One layer's parameter shapes, to tell weight slices apart.
+            weight_shapes = timing.weight_shapes((backbone, state.params))
         cpu[name], box = [], [state]
 
         def run(compiled=compiled, box=box, backbone=backbone, spent=cpu[name]):
@@ -126,6 +137,16 @@ def speed_ratio(args) -> dict:
         print(f"  {variant} step ({what} time): scan {out[what]['median_seconds']['scan']:.3f} s, "
               f"unrolled {out[what]['median_seconds']['unrolled']:.3f} s; scan / unrolled "
               f"{med:.3f} (IQR {q25:.3f}-{q75:.3f}, {args.speed_repeats} rounds)", flush=True)
+    if getattr(args, "profile", False):
+        out["profile"] = {"steps": PROFILE_STEPS}
+        for name, fn in zip(names, fns):
+            with tempfile.TemporaryDirectory() as tmp:
+                events = timing.trace_events(timing.profile_steps(fn, PROFILE_STEPS, tmp))
+            out["profile"][name] = timing.op_breakdown(events, PROFILE_STEPS, hlo[name],
+                                                       weight_shapes)
+            print(f"  {variant} step, {name}, ms per step by kind of instruction: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in out["profile"][name]["kinds"].items()),
+                  flush=True)
     return out
 
 
@@ -168,7 +189,27 @@ def markdown(results: dict) -> str:
             lines.append(f"- {label}: {r['median_seconds']['scan'] * 1e3:.0f} ms vs "
                          f"{r['median_seconds']['unrolled'] * 1e3:.0f} ms, ratio "
                          f"{r['scan_over_unrolled']:.3f} (IQR {r['q25']:.3f}-{r['q75']:.3f})")
+        if "profile" in s:
+            lines += ["", *profile_table(s["profile"])]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(profile: dict) -> list[str]:
+    """Markdown lines: ms per step by kind of instruction, scanned vs unrolled, and the time
+    with two instructions running at once."""
+    scan, unrolled = profile["scan"], profile["unrolled"]
+    kinds = list(dict.fromkeys([*scan["kinds"], *unrolled["kinds"]]))
+    rows = [[k, f"{scan['kinds'].get(k, 0):.1f}", f"{unrolled['kinds'].get(k, 0):.1f}",
+             f"{scan['kinds'].get(k, 0) - unrolled['kinds'].get(k, 0):+.1f}"] for k in kinds]
+    for key, label in (("span", "step, first to last instruction"),
+                       ("busy", "time with an instruction running"),
+                       ("overlap", "time with two or more at once")):
+        rows.append([f"*{label}*", f"{scan[key]:.1f}", f"{unrolled[key]:.1f}",
+                     f"{scan[key] - unrolled[key]:+.1f}"])
+    return [f"Where the time goes (JAX profiler, {profile['steps']} more steps each; ms per "
+            "step, summed over the instructions of each kind; instructions that run at once "
+            "share the cores, so a kind's sum grows with the overlap):", "",
+            markdown_table(["kind of instruction", "scanned", "unrolled", "difference"], rows)]
 
 
 def main(argv=None) -> dict:
@@ -186,6 +227,8 @@ def main(argv=None) -> dict:
     p.add_argument("--speed-repeats", type=int, default=8, help="rounds; 0: skip the ratio")
     p.add_argument("--speed-only", action="store_true",
                    help="only the speed ratio; the compile rows of the results file are kept")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the two steps and report where the time goes")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     info = speed.machine_info(None)

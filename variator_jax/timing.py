@@ -72,3 +72,127 @@ def format_speedup(row: dict) -> str:
     if row.get("above_ceiling"):
         return f"n/a: {spread} exceeds the FLOPs ceiling {row['speedup_ceiling']:.2f}x"
     return spread
+
+
+# ------------------------------------------------------------------------------------------
+# Where a compiled step's time goes, op by op (XLA:CPU). With XLA_FLAGS containing
+# --xla_cpu_enable_xprof_traceme=true (set before JAX starts), XLA:CPU's thunk runtime
+# records one profiler event per executed instruction (`ynn_fusion.12`, `while.3`, ...).
+# `profile_steps` captures a few calls in a Perfetto trace; `op_breakdown` sums the events by
+# kind of instruction, read from the compiled HLO text, and measures how much of the step
+# had two instructions running at once (the thunk runtime runs independent ones together).
+
+# (kind, regex on the instruction's name): the first match names the kind. Containers
+# (while, conditional, call) are not counted: their events enclose their bodies' events.
+OP_KINDS = (
+    ("library fusions (matmuls, reductions)", r"^(ynn|xnn|onednn)_fusion|^dot|^convolution"),
+    ("dynamic-update-slice (writes into stacked buffers)", r"dynamic-update-slice"),
+    ("dynamic-slice of a weight (per-layer read)", r"dynamic-slice"),
+    ("broadcast (buffer fills)", r"broadcast"),
+    ("copy / transpose", r"copy|transpose"),
+    ("other", r""),
+)
+_CONTAINERS = ("while", "conditional", "call")
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Compiled HLO text -> {instruction name: (opcode, result shape)}."""
+    import re
+    out = {}
+    for name, shape, opcode in re.findall(
+            r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(", hlo_text, re.M):
+        out[name] = (opcode, shape)
+    return out
+
+
+def _dims(shape: str) -> tuple[int, ...] | None:
+    import re
+    m = re.fullmatch(r"[a-z0-9]+\[([\d,]*)\](\{.*\})?", shape)
+    return None if m is None else tuple(int(d) for d in m.group(1).split(",") if d)
+
+
+def weight_shapes(tree) -> frozenset:
+    """The shapes a compiled program may give the leaves of `tree` (one layer's parameters):
+    each leaf's shape, and every way of flattening it to two dimensions, either way round."""
+    out = set()
+    for shape in (tuple(x.shape) for x in jax.tree.leaves(tree)):
+        out |= {shape, shape[::-1]}
+        for i in range(1, len(shape)):
+            two = (int(np.prod(shape[:i])), int(np.prod(shape[i:])))
+            out |= {two, two[::-1]}
+    return frozenset(out)
+
+
+def op_kind(name: str, shape: str, weight_shapes=frozenset()) -> str:
+    """The OP_KINDS kind of instruction `name`; a dynamic-slice whose result does not have
+    the shape of a per-layer weight is a read of stacked activations."""
+    import re
+    kind = next(k for k, pattern in OP_KINDS if re.search(pattern, name))
+    if kind.startswith("dynamic-slice") and _dims(shape) not in weight_shapes:
+        kind = "dynamic-slice of activations (per-layer read)"
+    return kind
+
+
+def profile_steps(fn: Callable, steps: int, directory: str) -> str:
+    """Calls `fn` (warm: compiled already) `steps` times under the JAX profiler; returns the
+    path of the Perfetto trace (`*.trace.json.gz`) it wrote under `directory`."""
+    import glob
+    import os
+    jax.profiler.start_trace(directory, create_perfetto_trace=True)
+    try:
+        for _ in range(steps):
+            jax.block_until_ready(fn())
+    finally:
+        jax.profiler.stop_trace()
+    found = sorted(glob.glob(os.path.join(directory, "plugins", "profile", "*", "*.trace.json.gz")),
+                   key=os.path.getmtime)
+    if not found:
+        raise RuntimeError(f"the profiler wrote no trace under {directory}")
+    return found[-1]
+
+
+def op_breakdown(events: Sequence[Mapping], steps: int, hlo_text: str,
+                 weight_shapes=frozenset()) -> dict:
+    """Profiler events (Chrome-trace dicts: name, ph, ts, dur in microseconds) of `steps`
+    calls of one compiled program -> milliseconds per step.
+
+    `kinds`: summed durations of the program's instructions by `op_kind`, containers left out;
+    `busy`: time with at least one instruction running; `overlap`: time with two or more;
+    `span`: from the first instruction's start to the last one's end. `weight_shapes`: the
+    shapes (tuples) of one layer's parameters, to tell weight slices from activation slices.
+    """
+    insts = hlo_instructions(hlo_text)
+    kinds: dict[str, float] = {}
+    edges = []
+    for e in events:
+        if e.get("ph") != "X" or e.get("name") not in insts:
+            continue
+        opcode, shape = insts[e["name"]]
+        if opcode in _CONTAINERS:
+            continue
+        kind = op_kind(e["name"], shape, weight_shapes)
+        kinds[kind] = kinds.get(kind, 0.0) + e["dur"]
+        edges += [(e["ts"], 1), (e["ts"] + e["dur"], -1)]
+    if not edges:
+        raise ValueError("no event of the profile names an instruction of this program (was "
+                         "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true set before JAX started?)")
+    edges.sort()
+    at_level = np.zeros(64)
+    level, last = 0, edges[0][0]
+    for ts, step in edges:
+        at_level[min(level, 63)] += ts - last
+        level, last = level + step, ts
+    per_step = 1e-3 / steps
+    return {"kinds": {k: v * per_step for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "busy": float(at_level[1:].sum()) * per_step,
+            "overlap": float(at_level[2:].sum()) * per_step,
+            "span": (edges[-1][0] - edges[0][0]) * per_step}
+
+
+def trace_events(path: str) -> list[dict]:
+    """The events of a Perfetto/Chrome trace file written by `profile_steps`."""
+    import gzip
+    import json
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
