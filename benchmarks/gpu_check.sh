@@ -1,11 +1,19 @@
 #!/bin/bash
 # Device check for issue 10: fit report + real plugin-training steps of t5-large in bf16.
-# Usage: bash benchmarks/gpu_check.sh OUTDIR [VARIANT]  (default t5-large; t5-small for a quick try)
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [VARIANT [scan]]  (default t5-large; t5-small for a
+# quick try; "scan": only the scanned-vs-unrolled step ratio at VARIANT's widths, ~5 min)
 
 OUT=$1; V=${2:-t5-large}; SIZE=${V#t5-}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import jax, flax, optax, orbax.checkpoint, transformers; print(jax.__version__, jax.devices(), flax.__version__, transformers.__version__)"
+if [ "$3" = scan ]; then
+  # The plugin train step with layers scanned vs unrolled, interleaved rounds, one process
+  # (float32, i.e. TF32 matmuls); writes compile-<machine>-speed-VARIANT.{json,md} to OUT.
+  timeout 420 python3 -m benchmarks.compile --speed-only --speed-variant $V --speed-batch 16 \
+      --speed-repeats 6 --out $OUT 2>&1 | grep -v "^WARNING" | tail -12
+  ls $OUT; exit
+fi
 # 1. The fit report (--dry_run: no weights) on this device, released pre-training batch.
 python3 train.py --config=configs/plugin.py:stage=pretrain,size=$SIZE,ratio=4 --config.dtype=bfloat16 \
     --config.remat=full --workdir=$OUT/fit --dry_run 2>&1 | tail -20
