@@ -13,8 +13,7 @@ from variator_jax import host, t5
 
 SCRIPT = r"""
 import resource, statistics, sys
-import jax, jax.numpy as jnp
-from variator_jax import host
+from variator_jax import host  # Loads neither NumPy nor JAX: no thread but this one yet.
 if sys.argv[1] == "thread-first":  # Another thread calls malloc first: it gets its own arena.
     import threading
     t = threading.Thread(target=bytearray, args=(100_000,))
@@ -24,6 +23,7 @@ if sys.argv[1] != "default":
     print(host.keep_freed_memory(), host.malloc_setting(), sep="\n")
     if sys.argv[1] == "thread-first":
         sys.exit()
+import jax, jax.numpy as jnp
 medians, fewest = [], []
 for cols in (6144, 12288):  # [2048, cols] float32 temporaries: 48 and 96 MiB.
     f = jax.jit(lambda x, w: jnp.sin(x @ w).sum(0))
@@ -40,16 +40,21 @@ print(*medians, *fewest)
 """
 
 
+def _python(code, *args):
+    """The output lines of `python -c code args` in a clean environment: no MALLOC_* settings
+    from the caller; the repository on the path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env=env, timeout=300, check=True)
+    return out.stdout.strip().splitlines()
+
+
 def _run(mode):
     """SCRIPT's output lines: for "keep" and "thread-first", what keep_freed_memory() returned
     and malloc_setting(); then (not for "thread-first") the median faults per call of each
     case, then the fewest."""
-    # A clean environment: no MALLOC_* settings from the caller; the repository on the path.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True,
-                         env=env, timeout=300, check=True)
-    return out.stdout.strip().splitlines()
+    return _python(SCRIPT, mode)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
@@ -58,18 +63,29 @@ def test_keep_freed_memory_stops_page_faults_on_large_temporaries():
     # (median per call over calls 5-12).
     default = [float(v) for v in _run("default")[-1].split()]
     assert min(default) > 8000, default  # Medians and fewest per call: every call faults.
+    # Called before NumPy and JAX are imported (as the entry points do), no other thread
+    # can have an arena yet: it takes effect.
     applied, setting, faults = _run("keep")
-    if applied == "True":  # It says it works: then the pages are reused, not mapped afresh.
-        assert setting.endswith("one arena, no mmap, no trim (variator_jax.host.keep_freed_memory)")
-        keep = [float(v) for v in faults.split()]
-        # The fewest per call, not the median: in a full `make test` run (fresh clone, this
-        # host, 2026-12-04) with one arena, about half of the 48 MiB calls still faulted ~10k
-        # pages (median 4,914) while most runs show 0. Not explained (kernel page migration
-        # under the suite's memory churn is a guess); a call with no faults shows that the
-        # block stays mapped, which glibc's default never allows.
-        assert max(keep[2:]) < 500, keep
-    else:  # A thread of the interpreter or of an import allocated first (a CI host, once).
-        assert "arenas already existed" in setting, setting
+    assert applied == "True", setting
+    assert setting.endswith("one arena, no mmap, no trim (variator_jax.host.keep_freed_memory)")
+    keep = [float(v) for v in faults.split()]
+    # The fewest per call, not the median: in a full `make test` run (fresh clone, this host,
+    # 2026-12-04) with one arena, about half of the 48 MiB calls still faulted ~10k pages
+    # (median 4,914) while most runs show 0. Not explained (kernel page migration under the
+    # suite's memory churn is a guess); a call with no faults shows that the block stays
+    # mapped, which glibc's default never allows.
+    assert max(keep[2:]) < 500, keep
+
+
+def test_importing_host_or_an_entry_point_loads_neither_numpy_nor_jax():
+    """So that `host.keep_freed_memory()` can run before their threads exist: the package's
+    names load on first use, and train.py / eval.py call it before parsing flags (cli.py)."""
+    for entry in ("train", "eval"):  # Each defines the same absl flags: one per process.
+        code = (f"import sys; from variator_jax import host, {entry}; import variator_jax; "
+                "print(sorted({'numpy', 'jax'} & set(sys.modules)))")
+        assert _python(code) == ["[]"], entry
+    code = "import sys, variator_jax as vj; vj.T5Config; print('jax' in sys.modules)"
+    assert _python(code) == ["True"]  # The public names still work, loaded on use.
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")

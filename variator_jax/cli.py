@@ -209,7 +209,12 @@ def _one_line(e: BaseException) -> str:
 
 def run_absl(main: Callable, doc: str, module: str) -> None:
     """app.run(main) with `parse_flags`; `doc` is the usage text `--help` prints, and the
-    flags defined by `module` (the entry point's __name__) are listed with it."""
+    flags defined by `module` (the entry point's __name__) are listed with it.
+
+    On CPU it first keeps freed memory (host.py), before parsing flags: loading the config
+    imports NumPy and JAX, whose threads could otherwise take malloc arenas of their own."""
+    from variator_jax import host
+    host.keep_freed_memory()
     from absl import app, flags
     # absl's --help prints the __main__ module's docstring and the flags defined there: a
     # console script or the repo's train.py shim would otherwise show neither.

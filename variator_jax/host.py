@@ -10,7 +10,8 @@ arenas showed the same faults for blocks of 40 MiB and more even with mmap turne
 
 `keep_freed_memory()` makes glibc serve every allocation from one heap and keep freed memory
 there: the next call reuses the same pages. It changes the whole process, so the command-line
-entry points call it (train.py, eval.py, the benchmarks); importing the library never does.
+entry points call it (train.py and eval.py before they load NumPy or JAX, the benchmarks);
+importing the library never does, and importing this module loads neither NumPy nor JAX.
 The same effect from the shell:
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`.
 
@@ -31,8 +32,6 @@ import os
 import sys
 import tempfile
 
-import jax
-
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -47,7 +46,9 @@ _arenas = 0  # Arenas glibc had when keep_freed_memory() applied its setting (0:
 
 def keep_freed_memory() -> bool:
     """Tells glibc malloc to use one heap for all threads, never to `mmap` a block and never to
-    give freed heap back to the OS. Call it first thing, before any JAX computation.
+    give freed heap back to the OS. Call it first thing: before importing NumPy or JAX, whose
+    threads may take malloc arenas of their own (see below), at the latest before any JAX
+    computation.
 
     Returns True when it took effect (Linux with glibc, JAX on CPU), False where it did
     nothing: another platform; an accelerator, whose temporaries are not in host memory
@@ -123,7 +124,10 @@ def accelerator_expected() -> bool:
     backend (that would start XLA's threads, after which the malloc setting comes too late):
     `jax_platforms` (JAX_PLATFORMS) when set, else whether a TPU library or a PJRT plugin
     (CUDA, ROCm, ...: the `jax_plugins` entry points and namespace package) is installed."""
-    platforms = jax.config.jax_platforms
+    # JAX's config when JAX is loaded; else the variable it reads (host.py loads no JAX, so
+    # that the entry points can call keep_freed_memory before NumPy and JAX start threads).
+    jax = sys.modules.get("jax")
+    platforms = jax.config.jax_platforms if jax is not None else os.environ.get("JAX_PLATFORMS")
     if platforms:
         return platforms.split(",")[0].strip().lower() != "cpu"
     if importlib.util.find_spec("libtpu") is not None:
