@@ -21,6 +21,10 @@ benchmarks/results/compile-MACHINE.{json,md}. CPU heavy: run it under `nice`, on
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
+    from variator_jax import host as _host
+    _host.keep_freed_memory()
+
 import os
 
 # 8 fake devices; one profiler event per executed instruction (`--profile`; inactive
@@ -268,5 +272,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     main()

@@ -37,6 +37,10 @@ of the miniature's.) Writes benchmarks/results/quality-<machine>.json, .md and .
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
+    from variator_jax import host as _host
+    _host.keep_freed_memory()
+
 import argparse
 import collections
 import functools
@@ -626,6 +630,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from variator_jax import cli, host
-    host.keep_freed_memory()  # Before any JAX computation (see host.py).
+    from variator_jax import cli
     cli.run_main(main)  # Bad input: one line, not a traceback.

@@ -28,6 +28,10 @@ whatever the hardware, and every machine sees the same trace in those units.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
+    from variator_jax import host as _host
+    _host.keep_freed_memory()
+
 import argparse
 import dataclasses
 import json
@@ -38,7 +42,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from variator_jax import cli, host, serving
+from variator_jax import cli, serving
 from variator_jax.report import markdown_table
 from variator_jax.serving import OFF, AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig
 # The trace and its replay (also reached as benchmarks.serve.make_trace etc.).
@@ -271,5 +275,4 @@ def save(result: dict, profile: LatencyProfile, quality, compiles: int, args) ->
 
 
 if __name__ == "__main__":
-    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     cli.run_main(main)  # Bad input: one line, not a traceback.

@@ -21,6 +21,10 @@ With --out it writes train_step-<machine>.json and .md there.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
+    from variator_jax import host as _host
+    _host.keep_freed_memory()
+
 import argparse
 import time
 from types import SimpleNamespace
@@ -29,7 +33,7 @@ import jax
 import numpy as np
 
 from benchmarks.speed import machine_info, machine_slug, peak_flops, save
-from variator_jax import cli, host, sharding, train_lib
+from variator_jax import cli, sharding, train_lib
 from variator_jax.fit import step_flops
 from variator_jax.plugins import PluginConfig, init_plugin, plugin_param_count
 from variator_jax.report import markdown_table
@@ -173,5 +177,4 @@ def _table(rows, args, info) -> str:
 
 
 if __name__ == "__main__":
-    host.keep_freed_memory()  # On CPU; before any JAX computation (variator_jax/host.py).
     cli.run_main(main)  # Bad input: one line, not a traceback.
