@@ -5,6 +5,7 @@ for `plugin_reference.reference_ffn_block` (float64, loops), with the mask
 handed to it directly rather than through the hook under test.
 """
 import copy
+import inspect
 import json
 import os
 import sys
@@ -280,10 +281,12 @@ def test_generate_with_plugin(tmp_path):
     # transformers 5.23 sizes generate's default decoder cache by the encoder's
     # num_layers (2 < 3 decoder layers here), so hand it a growable cache.
     cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+    # transformers 5.25 renamed the argument `cache` (`past_key_values` is deprecated).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                             num_beams=1, past_key_values=cache, return_dict_in_generate=True,
-                             output_logits=True)
+                             num_beams=1, return_dict_in_generate=True, output_logits=True,
+                             **{name: cache})
     assert len(seen) == 1  # the encoder ran once, with the mask reaching the plugin
     assert rel_diff(seen[0], expected) < 1e-4
 
