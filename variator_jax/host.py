@@ -19,8 +19,16 @@ Only the shell form is certain. A thread that called malloc before `keep_freed_m
 has its own arena, and glibc then hands new threads (XLA's) that arena and the main one in turn:
 calls whose temporaries land in the other arena fault as before (shown here by a thread that
 allocates first). `keep_freed_memory()` therefore counts the arenas (`malloc_info`) and
-reports False when there is more than one. Even with one arena, a full test run once saw about
-half of the calls fault in a 48 MiB temporary, as a CI host had; that cause is not known.
+reports False when there is more than one.
+
+Even with one arena, on a loaded machine some calls still fault in a whole block, and each
+such call grows the heap by one block (tests/test_host.py checks that). The block is
+fragmented out of reuse. XLA asks for an aligned block, and glibc serves that from a chunk a
+little larger, freeing the slack as small chunks. When other threads' small allocations take
+that slack before the block is freed, the freed block cannot merge with it, and it is then a
+few bytes too small for the next identical request (measured: the largest free chunk was
+50,331,665 bytes for a 50,331,648-byte block). Which calls hit this depends on thread timing.
+No mallopt setting prevents it. Such calls cost what glibc's default costs on every call.
 """
 from __future__ import annotations
 
