@@ -118,9 +118,10 @@ def speed_ratio(args) -> dict:
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
         print(f"  {variant} step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
-        hlo[name] = compiled.as_text()
-        if name == "unrolled":  # One layer's parameter shapes, to tell weight slices apart.
-            weight_shapes = timing.weight_shapes((backbone, state.params))
+        if getattr(args, "profile", False):
+            hlo[name] = compiled.as_text()
+            if name == "unrolled":  # One layer's parameter shapes, to tell weight slices apart.
+                weight_shapes = timing.weight_shapes((backbone, state.params))
         cpu[name], box = [], [state]
 
         def run(compiled=compiled, box=box, backbone=backbone, spent=cpu[name]):

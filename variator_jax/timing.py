@@ -17,6 +17,11 @@ honest (as in benchmarks/speed.py):
 """
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
+import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -97,7 +102,6 @@ _CONTAINERS = ("while", "conditional", "call")
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     """Compiled HLO text -> {instruction name: (opcode, result shape)}."""
-    import re
     out = {}
     for name, shape, opcode in re.findall(
             r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(", hlo_text, re.M):
@@ -106,7 +110,6 @@ def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
 
 
 def _dims(shape: str) -> tuple[int, ...] | None:
-    import re
     m = re.fullmatch(r"[a-z0-9]+\[([\d,]*)\](\{.*\})?", shape)
     return None if m is None else tuple(int(d) for d in m.group(1).split(",") if d)
 
@@ -126,7 +129,6 @@ def weight_shapes(tree) -> frozenset:
 def op_kind(name: str, shape: str, weight_shapes=frozenset()) -> str:
     """The OP_KINDS kind of instruction `name`; a dynamic-slice whose result does not have
     the shape of a per-layer weight is a read of stacked activations."""
-    import re
     kind = next(k for k, pattern in OP_KINDS if re.search(pattern, name))
     if kind.startswith("dynamic-slice") and _dims(shape) not in weight_shapes:
         kind = "dynamic-slice of activations (per-layer read)"
@@ -136,8 +138,6 @@ def op_kind(name: str, shape: str, weight_shapes=frozenset()) -> str:
 def profile_steps(fn: Callable, steps: int, directory: str) -> str:
     """Calls `fn` (warm: compiled already) `steps` times under the JAX profiler; returns the
     path of the Perfetto trace (`*.trace.json.gz`) it wrote under `directory`."""
-    import glob
-    import os
     jax.profiler.start_trace(directory, create_perfetto_trace=True)
     try:
         for _ in range(steps):
@@ -177,22 +177,20 @@ def op_breakdown(events: Sequence[Mapping], steps: int, hlo_text: str,
         raise ValueError("no event of the profile names an instruction of this program (was "
                          "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true set before JAX started?)")
     edges.sort()
-    at_level = np.zeros(64)
+    busy = overlap = 0.0
     level, last = 0, edges[0][0]
-    for ts, step in edges:
-        at_level[min(level, 63)] += ts - last
+    for ts, step in edges:  # `level` instructions ran from `last` to `ts`.
+        busy += (ts - last) * (level >= 1)
+        overlap += (ts - last) * (level >= 2)
         level, last = level + step, ts
     per_step = 1e-3 / steps
     return {"kinds": {k: v * per_step for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "busy": float(at_level[1:].sum()) * per_step,
-            "overlap": float(at_level[2:].sum()) * per_step,
+            "busy": busy * per_step, "overlap": overlap * per_step,
             "span": (edges[-1][0] - edges[0][0]) * per_step}
 
 
 def trace_events(path: str) -> list[dict]:
     """The events of a Perfetto/Chrome trace file written by `profile_steps`."""
-    import gzip
-    import json
     with gzip.open(path, "rt") as f:
         data = json.load(f)
     return data["traceEvents"] if isinstance(data, dict) else data
