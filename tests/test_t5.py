@@ -215,11 +215,15 @@ def test_remat_policies_give_the_same_gradients():
     pcfg = vj.PluginConfig(ratio=2, bottleneck=4)
     plugin = jax.tree.map(lambda x: x + 0.1, vj.init_plugin(jax.random.key(1), cfg, pcfg))
     ids, mask, dec = padded_batch(64)
+    # A fixed random projection of the output, not its squared norm: the final RMSNorm makes
+    # sum(h ** 2) nearly constant, and its gradient (~4e-5) is then mostly float32 rounding
+    # that any change of XLA's fusions moves by percents (jax 0.12's XLA:CPU does).
+    proj = jax.random.normal(jax.random.key(2), (*ids.shape, cfg.d_model))
 
     def grads(remat):
         c = cfg.replace(remat=remat)
         loss = lambda p: jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
-                                 ["encoder_hidden"] ** 2)
+                                 ["encoder_hidden"] * proj)
         return jax.grad(loss)(plugin), str(jax.make_jaxpr(jax.grad(loss))(plugin))
 
     want, jaxpr = grads("none")
@@ -227,6 +231,7 @@ def test_remat_policies_give_the_same_gradients():
     for policy in ("full", "dots_with_no_batch_dims_saveable"):
         got, jaxpr = grads(policy)
         assert "remat" in jaxpr or "checkpoint" in jaxpr
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max())), got, want)
     with pytest.raises(ValueError, match="T5Config.remat 'most' is not 'none', 'full' or one of"):
         cfg.replace(remat="most")
