@@ -31,7 +31,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # The embedded default (docs/DESIGN.md §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell
-# which stdlib package a docstring comes from, a k=4 plugin, and their test accuracy (~8 min).
+# which stdlib package a docstring comes from, a k=4 plugin, and their test accuracy (~5 min).
 demo: install
 	$(PY) -m benchmarks.quality --preset=demo
 
