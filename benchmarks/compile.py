@@ -118,7 +118,7 @@ def speed_ratio(args) -> dict:
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
         print(f"  {variant} step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
-        if getattr(args, "profile", False):
+        if args.profile:
             hlo[name] = compiled.as_text()
             if name == "unrolled":  # One layer's parameter shapes, to tell weight slices apart.
                 weight_shapes = timing.weight_shapes((backbone, state.params))
@@ -142,7 +142,7 @@ def speed_ratio(args) -> dict:
         print(f"  {variant} step ({what} time): scan {out[what]['median_seconds']['scan']:.3f} s, "
               f"unrolled {out[what]['median_seconds']['unrolled']:.3f} s; scan / unrolled "
               f"{med:.3f} (IQR {q25:.3f}-{q75:.3f}, {args.speed_repeats} rounds)", flush=True)
-    if getattr(args, "profile", False):
+    if args.profile:
         out["profile"] = {"steps": PROFILE_STEPS}
         for name, fn in zip(names, fns):
             with tempfile.TemporaryDirectory() as tmp:
