@@ -4,11 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+SERVE_STAMP := $(VENV)/.installed-serve
+PORT ?= 8000
 # Pinned for CPU machines: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo serve reproduce clean
+.PHONY: install test demo serve simulate reproduce clean
 
 # The library, and PyTorch for the README's export example: what `make demo` needs. No
 # TensorFlow: tfds datasets (GLUE, SQuAD) are opt-in, `pip install -e ".[tfds]"`.
@@ -35,8 +37,21 @@ test: $(TEST_STAMP)
 demo: install
 	$(PY) -m benchmarks.quality --preset=demo
 
-# Adaptive plugin selection under a bursty load (benchmarks/README.md).
-serve: install
+$(SERVE_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[serve]"
+	touch $(SERVE_STAMP)
+
+# What `make demo` trained, behind Ray Serve on http://127.0.0.1:$(PORT) (variator-serve; Ctrl-C
+# stops it): POST /v1/generate and /v1/classify, GET /healthz and /v1/models.
+serve: $(SERVE_STAMP)
+	@test -f demo_workdir/adapt-k4/result.json || { \
+		echo "make serve: nothing to serve yet; run 'make demo' first"; exit 1; }
+	$(VENV)/bin/variator-serve --backbone demo_workdir/finetune/backbone \
+		--plugins demo_workdir/adapt-k4/plugin --task stdlib_docs --lengths 32,64 --truncate \
+		--port $(PORT)
+
+# Adaptive plugin selection on a simulated clock (benchmarks/README.md).
+simulate: install
 	$(PY) -m benchmarks.serve
 
 # The paper's experiment in miniature (benchmarks/quality.py): ~35 min, cached and resumable.

@@ -20,6 +20,9 @@ _EXTRAS = {
     "torch": ["torch>=2.1"],
     # tfds datasets (GLUE, SQuAD): their builders need TensorFlow.
     "tfds": ["tensorflow-datasets>=4.9.3", "tensorflow>=2.15"],
+    # variator-serve: the plugin bank behind Ray Serve (serve_app.py); BackpressureConfig
+    # (503 with Retry-After) needs Ray 2.60.
+    "serve": ["ray[serve]>=2.60"],
     "dev": ["pytest>=7.4", "ruff>=0.5"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
@@ -34,5 +37,6 @@ setuptools.setup(
     extras_require=_EXTRAS,
     # `pip install .` gives both entry points; configs ship in variator_jax/configs.
     entry_points={"console_scripts": ["variator-train = variator_jax.train:run",
-                                      "variator-eval = variator_jax.eval:run"]},
+                                      "variator-eval = variator_jax.eval:run",
+                                      "variator-serve = variator_jax.serve_app:run"]},
 )

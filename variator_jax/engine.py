@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from variator_jax.model import encode, generate
+from variator_jax.model import classify, encode, generate
 from variator_jax.plugins import Plugin, PluginConfig, check_compatible
 from variator_jax.t5 import T5Config
 
@@ -133,9 +133,11 @@ class AdaptiveEngine:
       buckets: the input shapes to compile (see `bucket_grid`); a request of more rows than
         the largest bucket runs in several calls, one longer than the longest is refused.
       mode: "encode" -> encoder states [batch, n, d_model] float32 (classification heads,
-        retrieval; the part a plugin accelerates), or "generate" -> greedy tokens
-        [batch, max_new_tokens] int32.
+        retrieval; the part a plugin accelerates), "generate" -> greedy tokens
+        [batch, max_new_tokens] int32, or "classify" -> verbalizer logits [batch, num_labels]
+        float32 at `label_ids` (`model.classify`, as evaluation scores a label).
       max_new_tokens: decoding length in "generate" mode (static: part of the executable).
+      label_ids: [num_labels] token ids in "classify" mode (`Task.verbalizer_ids`).
       guard: raise `CompiledOnRequestPath` if a `run` traces or compiles anything. The counter
         is process-wide, so code compiling in another thread during a `run` also trips it.
 
@@ -145,15 +147,18 @@ class AdaptiveEngine:
 
     def __init__(self, cfg: T5Config, backbone, plugins: Mapping[int, Any],
                  buckets: Sequence[Bucket], *, mode: str = "encode", max_new_tokens: int = 16,
-                 guard: bool = True):
-        if mode not in ("encode", "generate"):
-            raise ValueError(f"mode must be 'encode' or 'generate', got {mode!r}")
+                 label_ids: Sequence[int] | None = None, guard: bool = True):
+        if mode not in ("encode", "generate", "classify"):
+            raise ValueError(f"mode must be 'encode', 'generate' or 'classify', got {mode!r}")
+        if (mode == "classify") != (label_ids is not None):
+            raise ValueError("label_ids are needed in 'classify' mode, and only there")
         if not buckets:
             raise ValueError("at least one bucket is needed")
         # On the device once: host (numpy) leaves would be copied again on every call.
         self.cfg, self.backbone = cfg, jax.device_put(backbone)
         self.mode, self.guard = mode, guard
         self.max_new_tokens = int(max_new_tokens)
+        self.label_ids = None if label_ids is None else np.asarray(label_ids, np.int32)
         self.buckets = tuple(sorted(set(buckets)))
         self.plugins = {OFF: None}
         for ratio, plugin in sorted(plugins.items()):
@@ -185,6 +190,8 @@ class AdaptiveEngine:
         plugin = self.plugins[ratio]
         if self.mode == "encode":
             lowered = encode.lower(self.cfg, self.backbone, spec, spec, plugin)
+        elif self.mode == "classify":
+            lowered = classify.lower(self.cfg, self.backbone, spec, spec, self.label_ids, plugin)
         else:
             lowered = generate.lower(self.cfg, self.backbone, spec, spec, self.max_new_tokens,
                                      plugin)
@@ -212,7 +219,8 @@ class AdaptiveEngine:
           input_ids: [batch, n] int (host array); n <= the longest bucket.
           attention_mask: [batch, n], 1 for real tokens; default all ones.
         Returns:
-          "encode": [batch, n, d_model] float32; "generate": [batch, max_new_tokens] int32.
+          "encode": [batch, n, d_model] float32; "generate": [batch, max_new_tokens] int32;
+          "classify": [batch, num_labels] float32.
         """
         ids = np.asarray(input_ids, np.int32)
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
@@ -239,8 +247,9 @@ class AdaptiveEngine:
         padded_ids = np.full((bucket.batch, bucket.length), self.cfg.pad_token_id, np.int32)
         padded_mask = np.zeros((bucket.batch, bucket.length), np.int32)
         padded_ids[:rows, :n], padded_mask[:rows, :n] = ids, mask
+        extra = () if self.label_ids is None else (self.label_ids,)
         out = self._executables[ratio, bucket](self.cfg, self.backbone, padded_ids, padded_mask,
-                                               self.plugins[ratio])
+                                               *extra, self.plugins[ratio])
         out = np.asarray(out)  # Waits for the result and copies it to the host.
         return out[:rows, :n] if self.mode == "encode" else out[:rows]
 
@@ -257,7 +266,8 @@ class AdaptiveEngine:
         """Default quality proxy: how closely each ratio reproduces the teacher (ratio 1 -> 1.0).
 
         On random inputs of random lengths in the largest bucket: in "encode" mode the mean
-        cosine similarity of encoder states over real tokens; in "generate" mode the fraction
+        cosine similarity of encoder states over real tokens; in "classify" mode the share of
+        rows given the teacher's label; in "generate" mode the fraction
         of greedy tokens equal to the teacher's, up to and including the teacher's first EOS.
         Uses the compiled executables only. A trained plugin's eval results
         (`load_quality`) are the better proxy; this one needs nothing but the bank.
@@ -281,6 +291,8 @@ class AdaptiveEngine:
             cos = (teacher * student).sum(-1) / np.maximum(
                 np.linalg.norm(teacher, axis=-1) * np.linalg.norm(student, axis=-1), 1e-12)
             return float((cos * mask).sum() / mask.sum())
+        if self.mode == "classify":  # The share of rows given the teacher's label.
+            return float((teacher.argmax(-1) == student.argmax(-1)).mean())
         eos = teacher == self.cfg.eos_token_id
         upto = (np.cumsum(eos, axis=1) - eos) == 0  # Up to and including the first EOS.
         return float(((teacher == student) & upto).sum() / upto.sum())

@@ -68,6 +68,23 @@ def encode(cfg: T5Config, backbone, input_ids, attention_mask, plugin=None):
                          method=T5.encode)
 
 
+@jax.jit
+def classify(cfg: T5Config, backbone, input_ids, attention_mask, label_ids, plugin=None):
+    """Verbalizer scores: the decoder's logits at its first position, at each label's token.
+
+    As evaluation scores classification (docs/DESIGN.md §2, stage 0): one decoder step from
+    the start token; the predicted label is the argmax.
+    Args:
+      label_ids: [num_labels] int, the first token of each label word
+        (`data.Task.verbalizer_ids`).
+    Returns:
+      [batch, num_labels] float32 logits.
+    """
+    start = jnp.full((input_ids.shape[0], 1), cfg.decoder_start_token_id, jnp.int32)
+    logits = apply_forward(cfg, backbone, input_ids, attention_mask, start, plugin=plugin)["logits"]
+    return logits[:, 0][:, label_ids].astype(jnp.float32)
+
+
 def _decode_step(cfg, backbone, token, enc, enc_mask, cache, index):
     """One greedy step: token [batch, 1] at position `index` -> (logits [batch, vocab], cache)."""
     model = T5(cfg)
