@@ -196,6 +196,7 @@ def test_health_and_models(server):
     status, health, _ = _call(f"{server[0]}/healthz")
     assert status == 200 and health["status"] == "ok" and health["ratios"] == [1, 2, 4]
     assert health["compiled"] == 3 * 2 * 2  # Ratios x buckets x endpoints, all ahead of time.
+    assert health["compiles_since_start"] == 0  # After all the requests above.
     status, models, _ = _call(f"{server[0]}/v1/models")
     assert status == 200
     assert models["ratios"] == [1, 2, 4] and models["task"]["name"] == TASK

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from variator_jax.engine import OFF, AdaptiveEngine, bucket_grid
+from variator_jax.engine import OFF, AdaptiveEngine, bucket_grid, compile_events
 from variator_jax.policy import AdaptivePolicy, FixedPolicy, PolicyConfig, QueueState
 from variator_jax.serving import RateMeter
 
@@ -149,6 +149,7 @@ class Bank:
                          for name, engine in self.engines.items()}
         self.policies = {name: self._policy(profile) for name, profile in self.profiles.items()}
         self.meters = {name: RateMeter(2 * self.budget_s(name)) for name in self.engines}
+        self.compiles_at_ready = compile_events()
         # Items accepted and not yet started, per endpoint: what the policy sees as the queue.
         self.pending: dict[str, dict[int, Item]] = {name: {} for name in self.engines}
 
@@ -289,6 +290,10 @@ class Bank:
             out["labels"] = [self.task.labels[i] for i in logits.argmax(-1)]
             out["scores"] = np.round(scores.astype(np.float64), 6).tolist()
         return out
+
+    def compiles_since_ready(self) -> int:
+        """JAX traces and compilations in this process since the bank was built (must stay 0)."""
+        return compile_events() - self.compiles_at_ready
 
     def describe(self) -> dict:
         """GET /v1/models: what is loaded and how it decides."""
