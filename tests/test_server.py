@@ -80,7 +80,7 @@ def server(bank_files, tmp_path_factory):
          "--plugins", ",".join(plugins), "--task", TASK, "--port", str(port),
          "--metrics-port", str(metrics_port), "--batch-sizes", "1,4", "--lengths", "64",
          "--max-new-tokens", "6", "--max-ongoing", "4", "--max-queued", "2",
-         "--profile-repeats", "1"],
+         "--profile-repeats", "1", "--budget-ms", "5000"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ROOT})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -190,6 +190,33 @@ def test_bad_requests_get_their_status_and_one_line(server, path, raw, status, m
     assert code == status, out
     assert set(out) == {"error"} and message in out["error"], out
     assert "\n" not in out["error"]
+
+
+def test_admission_sheds_what_would_miss_the_budget():
+    """The predicted wait: the queue ahead and the request itself, FIFO in full batches at the
+    most compression (pinned: its own ratio), from the profile. Past shed_x x budget: 503."""
+    from variator_jax import server as server_lib
+    from variator_jax.engine import Bucket
+    from variator_jax.policy import AdaptivePolicy, LatencyProfile, PolicyConfig
+    from variator_jax.serving import RateMeter
+    profile = LatencyProfile({(r, Bucket(b, 64)): (0.1 if r == 1 else 0.04) * b / 4
+                              for r in (1, 4) for b in (1, 4)})
+    bank = server_lib.Bank.__new__(server_lib.Bank)  # The admission logic alone: no engines.
+    bank.spec = server_lib.ServeSpec(backbone="", batch_sizes=(1, 4), lengths=(64,))
+    bank.profiles = {"classify": profile}
+    bank.policies = {"classify": AdaptivePolicy(profile, PolicyConfig(0.25, max_batch=4))}
+    bank.meters, bank.pending = {"classify": RateMeter(1.0)}, {"classify": {}}
+    item = lambda ratio=None: server_lib.Item(10.0, np.ones(30, np.int32), ratio)
+    for _ in range(6):  # 6 waiting: a batch of 4, then 2 + the new one padded into bucket 4.
+        bank.admit("classify", [item()], now=10.0)
+    assert bank.predicted_wait("classify", [item()], 10.0) == pytest.approx(0.04 + 0.04)
+    assert bank.predicted_wait("classify", [item(1)], 10.0) == pytest.approx(0.1 + 0.1)
+    bank.admit("classify", [item()], now=10.0)  # 0.07 s <= 0.25 s: queued.
+    assert len(bank.pending["classify"]) == 7
+    with pytest.raises(server_lib.HTTPError) as e:  # Pinned uncompressed, 0.15 s late already.
+        bank.admit("classify", [item(1)], now=10.15)
+    assert e.value.status == 503 and e.value.retry_after == 1 and "would wait 350 ms" in str(e.value)
+    assert len(bank.pending["classify"]) == 7  # A refused request is not queued.
 
 
 def test_health_and_models(server):

@@ -9,8 +9,9 @@ from the live queue, runs the engine in a worker thread (JAX releases the GIL, s
 loop keeps accepting and timing requests meanwhile; one thread, so the endpoints never run
 at once) and answers every request of the batch. A request is never lost to an exception:
 bad input is 400/413, a failure while computing is 500 with one line, and the replica lives
-on. Past `max_ongoing_requests` per replica plus `max_queued_requests` Ray Serve sheds load
-with 503 and Retry-After.
+on. Overload is refused at once with 503 and Retry-After, in two ways: a request the latency
+profile predicts would wait past the budget (`--shed-x`), and, as the hard bound, anything past
+`max_ongoing_requests` per replica plus `max_queued_requests` (Ray Serve's backpressure).
 
 Scaling: `--replicas N` starts N replicas behind Ray's HTTP proxy; on a host or Ray cluster
 with GPUs, `--gpus-per-replica 1` puts each on its own accelerator (Ray sets
@@ -98,7 +99,7 @@ class VariatorServer:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise HTTPError(400, f"the body is not valid JSON: {e}") from None
             items = self.bank.parse(endpoint, parsed, arrival)
-            self.bank.admit(endpoint, items)
+            self.bank.admit(endpoint, items, time.monotonic())
             batched = self._generate_batch if endpoint == "generate" else self._classify_batch
             try:
                 done = await asyncio.gather(*(batched(item) for item in items))
@@ -106,7 +107,7 @@ class VariatorServer:
                 self.bank.release(endpoint, items)
             response = self.bank.answer(endpoint, done, items)
         except HTTPError as e:
-            return self._error(endpoint, e.status, e.message)
+            return self._error(endpoint, e.status, e.message, e.retry_after)
         except Exception as e:  # noqa: BLE001 - no request may take the replica down.
             return self._error(endpoint, 500, f"{type(e).__name__}: {e}".splitlines()[0])
         self.requests.inc(tags={"endpoint": endpoint, "status": "200"})
@@ -116,9 +117,11 @@ class VariatorServer:
                                                                "ratio": str(d.ratio)})
         return response
 
-    def _error(self, endpoint: str, status: int, message: str) -> JSONResponse:
+    def _error(self, endpoint: str, status: int, message: str,
+               retry_after: int | None = None) -> JSONResponse:
         self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
-        return JSONResponse({"error": message}, status_code=status)
+        headers = {"Retry-After": str(retry_after)} if retry_after else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     # -- Batches --------------------------------------------------------------------------------
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -178,7 +181,11 @@ def parse_args(argv):
     p.add_argument("--max-queued", type=int, default=0,
                    help="requests queued before Ray's proxy answers 503 (default: the largest "
                    "batch)")
-    p.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After on a 503")
+    p.add_argument("--retry-after-s", type=float, default=1.0,
+                   help="Retry-After on Ray Serve's own 503 (past --max-queued)")
+    p.add_argument("--shed-x", type=float, default=1.0,
+                   help="refuse (503) a request predicted to wait over this x the budget, "
+                   "rather than queue it to miss the budget (0: never)")
     p.add_argument("--truncate", action="store_true",
                    help="cut over-long inputs to the longest bucket instead of answering 413")
     p.add_argument("--metrics-port", type=int, default=0,
@@ -191,7 +198,8 @@ def parse_args(argv):
                      lengths=_ints(args.lengths, "--lengths"),
                      max_new_tokens=args.max_new_tokens, budget_ms=args.budget_ms,
                      policy=args.policy, batch_wait_ms=args.batch_wait_ms,
-                     truncate=args.truncate, profile_repeats=args.profile_repeats)
+                     truncate=args.truncate, profile_repeats=args.profile_repeats,
+                     shed_x=args.shed_x)
     check(spec, args)
     return args, spec
 
@@ -213,8 +221,9 @@ def check(spec: ServeSpec, args) -> None:
             raise FileNotFoundError(f"not a directory: {path}")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: want 1-65535")
-    if args.replicas < 1 or spec.max_new_tokens < 1 or spec.budget_ms < 0:
-        raise ValueError("--replicas and --max-new-tokens must be >= 1, --budget-ms >= 0")
+    if args.replicas < 1 or spec.max_new_tokens < 1 or spec.budget_ms < 0 or spec.shed_x < 0:
+        raise ValueError("--replicas and --max-new-tokens must be >= 1, --budget-ms and "
+                         "--shed-x >= 0")
     if spec.policy != "adaptive" and not spec.policy.startswith("fixed:"):
         raise ValueError(f"--policy {spec.policy!r}: want 'adaptive' or 'fixed:K'")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from typing import Any, Sequence
 
@@ -58,6 +59,10 @@ class ServeSpec:
       batch_wait_ms: how long a batch waits to fill once its first request is there.
       truncate: cut over-long inputs to the longest bucket instead of answering 413.
       profile_repeats: timed runs per (ratio, bucket) for the start-up latency profile.
+      shed_x: admission control; a request whose predicted wait (the queue ahead of it and
+        itself, drained at the most compression it may get) exceeds shed_x x the budget is
+        refused with 503 at once rather than queued to miss it; 0 = never (only Ray Serve's
+        count bounds then apply).
     """
     backbone: str
     plugins: tuple[str, ...] = ()
@@ -71,6 +76,7 @@ class ServeSpec:
     batch_wait_ms: float = 5.0
     truncate: bool = False
     profile_repeats: int = 3
+    shed_x: float = 1.0
 
     @property
     def max_batch(self) -> int:
@@ -83,6 +89,7 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+        self.retry_after: int | None = None  # Seconds, for a 503.
 
 
 @dataclasses.dataclass
@@ -239,11 +246,32 @@ class Bank:
         return np.asarray([*ids, eos], np.int32)
 
     # -- Batches --------------------------------------------------------------------------------
-    def admit(self, endpoint: str, items: Sequence[Item]) -> None:
-        """Records items as waiting (the policy's view of the queue) and as arrivals."""
+    def admit(self, endpoint: str, items: Sequence[Item], now: float) -> None:
+        """Records items as waiting (the policy's view of the queue) and as arrivals, or
+        raises 503 (`HTTPError`, with `retry_after`) if they would wait past the shed limit."""
+        for item in items:
+            self.meters[endpoint].observe(item.arrival)
+        wait = self.predicted_wait(endpoint, items, now)
+        limit = self.spec.shed_x * self.budget_s(endpoint)
+        if limit and wait > limit:
+            error = HTTPError(503, f"overloaded: this request would wait {wait * 1e3:.0f} ms, "
+                              f"over the {limit * 1e3:.0f} ms limit; retry later")
+            error.retry_after = max(1, math.ceil(wait))
+            raise error
         for item in items:
             self.pending[endpoint][id(item)] = item
-            self.meters[endpoint].observe(item.arrival)
+
+    def predicted_wait(self, endpoint: str, items: Sequence[Item], now: float) -> float:
+        """Seconds until the last of `items` is answered if every waiting item before it and
+        it run FIFO in full batches at the most compression they may get (`items` pinned to a
+        ratio: that one). From the latency profile; the batch running now is not counted."""
+        ratio = items[0].ratio or max(self.policies[endpoint].ratios)
+        waiting = sorted(self.pending[endpoint].values(), key=lambda it: it.arrival)
+        lengths = [len(it.ids) for it in [*waiting, *items]]
+        profile, batch = self.profiles[endpoint], self.spec.max_batch
+        service = sum(profile.latency(ratio, len(lengths[i:i + batch]), max(lengths[i:i + batch]))
+                      for i in range(0, len(lengths), batch))
+        return now - min(it.arrival for it in items) + service
 
     def release(self, endpoint: str, items: Sequence[Item]) -> None:
         for item in items:
