@@ -251,7 +251,9 @@ def parse_args(argv):
     p.add_argument("--test-split", default="test")
     p.add_argument("--lengths", default="32,64", help="buckets of a server started here")
     p.add_argument("--batch-sizes", default="1,4,16", help="buckets of a server started here")
-    p.add_argument("--per-request", type=int, default=8, help="examples per request")
+    p.add_argument("--per-request", type=int, default=16, help="examples per request (a "
+                   "client's batch: HTTP costs CPU per request, which a 2-core host shares with "
+                   "the model)")
     p.add_argument("--seconds", type=float, default=40.0, help="wall-clock length of a trace")
     p.add_argument("--phases", help="name:duration_T0:rate[-end],... (x C1); default: "
                    "steady, burst 1.8, steady, ramp")
