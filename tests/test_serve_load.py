@@ -1,0 +1,34 @@
+"""benchmarks.serve_load's trace and summary, on synthetic records (the HTTP path: test_server)."""
+import numpy as np
+import pytest
+
+from benchmarks import serve_load
+from variator_jax.simulation import Phase
+
+
+def test_arrivals_follow_the_phase_rates_in_units_of_c1():
+    load = serve_load.Load(["a"], ["x"], t0=0.02, c1=800.0, budget_s=0.08)
+    phases = (Phase("steady", 1, 0.5, 0.5), Phase("burst", 1, 2.0, 2.0))
+    times, phase = serve_load.arrivals(phases, load, per_request=16, seconds=40, seed=0)
+    assert times.max() < 40 and np.all(np.diff(times) >= 0)
+    # 20 s at 0.5 x 800 / 16 = 25 req/s, then 20 s at 100 req/s (Poisson: within 4 sigma).
+    for p, rate in ((0, 25), (1, 100)):
+        count = (phase == p).sum()
+        assert abs(count - rate * 20) < 4 * np.sqrt(rate * 20), (p, count)
+        assert np.all((times[phase == p] >= 20 * p) & (times[phase == p] < 20 * (p + 1)))
+
+
+def test_summary_counts_sheds_as_missed_and_scores_answers():
+    phases = (Phase("steady", 1, 0.5, 0.5),)
+    ok = lambda t, lat, ratio, correct: dict(t=t, status=200, latency=lat, ratio=ratio,
+                                             ratios=[ratio] * 2, correct=correct, inputs=2)
+    records = [ok(0.0, 0.05, 1, 2), ok(1.0, 0.20, 4, 1), ok(2.0, 0.05, 4, 0),
+               dict(t=3.0, status=503, latency=0.001, retry_after="1"),
+               dict(t=3.5, status=-2, latency=None, error="TimeoutError")]
+    row = serve_load.summarize(records, np.zeros(5, int), phases, budget_s=0.1)
+    assert row["answered"] == 3 and row["shed_503"] == 1 and row["failed"] == 1
+    assert row["within_budget"] == pytest.approx(2 / 5)
+    assert row["accuracy"] == pytest.approx(3 / 6)
+    assert row["mix"] == {"1": pytest.approx(1 / 3), "4": pytest.approx(2 / 3)}
+    assert row["retry_after"] == ["1"] and row["p50_ms"] == pytest.approx(50)
+    assert row["throughput_inputs_s"] == pytest.approx(6 / 2.05)
