@@ -20,6 +20,9 @@ _EXTRAS = {
     "torch": ["torch>=2.1"],
     # tfds datasets (GLUE, SQuAD): their builders need TensorFlow.
     "tfds": ["tensorflow-datasets>=4.9.3", "tensorflow>=2.15"],
+    # ONNX export of the encoder (`python -m variator_jax.convert onnx`): torch.export's
+    # exporter needs onnxscript; the written graph is checked with ONNX Runtime.
+    "onnx": ["torch>=2.6", "onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
     "dev": ["pytest>=7.4", "ruff>=0.5"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
