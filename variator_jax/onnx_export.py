@@ -127,12 +127,21 @@ def check_plugin_backbone(plugin_dir: str, cfg, backbone) -> None:
                          "backbone it was trained on")
 
 
-def run_onnx(path: str, ids, mask) -> np.ndarray:
-    """ONNX Runtime (CPU) on the graph at `path`: [b, n] ids, mask -> [b, n, d] float32."""
+def onnx_runner(path: str, threads: int | None = None):
+    """ONNX Runtime (CPU) session on the graph at `path`, as a function of [b, n] ids and
+    mask -> [b, n, d] float32. `threads`: intra-op threads (default: ONNX Runtime's)."""
     import onnxruntime
-    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return session.run([OUTPUT], {INPUTS[0]: np.asarray(ids, np.int64),
-                                  INPUTS[1]: np.asarray(mask, np.int64)})[0]
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return lambda ids, mask: session.run([OUTPUT], {INPUTS[0]: np.asarray(ids, np.int64),
+                                                    INPUTS[1]: np.asarray(mask, np.int64)})[0]
+
+
+def run_onnx(path: str, ids, mask) -> np.ndarray:
+    """One call of `onnx_runner(path)`."""
+    return onnx_runner(path)(ids, mask)
 
 
 # -- Export ----------------------------------------------------------------------------------------
