@@ -63,7 +63,7 @@ def torch_runner(model, device: str, compiled: bool):
 def build_runners(args, backbone_dir, plugin_dirs, device):
     """{(runtime, k or None): (ids, mask) -> numpy}, for the runtimes asked and available."""
     import torch
-    cfg, backbone = vj.load_hf_t5(backbone_dir, dtype=args.dtype,
+    cfg, backbone = vj.load_hf_t5(backbone_dir, dtype=args.dtype, attention=args.attention,
                                   attention_block_bytes=host.attention_block_bytes())
     runners = {}
     for k, plugin_dir in plugin_dirs.items():
@@ -152,6 +152,9 @@ def parse_args(argv):
     p.add_argument("--bottleneck", type=int, default=64, help="plugin bottleneck r")
     p.add_argument("--runtimes", default=",".join(RUNTIMES), help="a subset of " + ",".join(RUNTIMES))
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+    p.add_argument("--attention", default="auto",
+                   help="JAX's T5Config.attention: auto (blocked on CPU, dense elsewhere), "
+                        "dense, blocked, xla, cudnn (GPU, bfloat16)")
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds per shape")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch and ONNX Runtime threads (default: all cores, as XLA)")
@@ -203,7 +206,8 @@ def main(argv=None) -> dict:
         f"{speed._fmt_load(info['load_average_start'])}, end "
         f"{speed._fmt_load(info['load_average_end'])}.",
         f"**Model**: {args.variant} widths, {cfg.num_layers} encoder layers, random weights, "
-        f"{args.dtype}; plugin bottleneck r = {args.bottleneck}; timed without padding. Speedup: "
+        f"{args.dtype}, JAX attention `{args.attention}`; plugin bottleneck r = "
+        f"{args.bottleneck}; timed without padding. Speedup: "
         f"median of {args.rounds} interleaved rounds' ratios (interquartile range), fraction "
         "of the FLOPs ceiling in brackets; `/ JAX`: uncompressed time over JAX's; max rel. "
         "diff: over the plugins, on a padded batch of the same shape.",
