@@ -21,10 +21,13 @@ Reading never runs code (safetensors and JSON; .bin only through weights-only lo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -203,6 +206,25 @@ def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = No
 
 
 # -- Command line ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """The command's output is its result line: HF's loading progress bar, the exporter's
+    notes on optional operator sets (torchvision's) and its deprecation warnings are left out."""
+    import transformers
+    exporter = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: ")
+            yield
+    finally:
+        exporter.setLevel(level)
+        transformers.utils.logging.enable_progress_bar()
+
+
 def main(argv=None) -> int:
     """`python -m variator_jax.convert onnx BACKBONE_DIR OUT.onnx [--plugin PLUGIN_DIR]`."""
     parser = argparse.ArgumentParser(
@@ -222,7 +244,8 @@ def main(argv=None) -> int:
     try:
         if os.path.exists(args.out) and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-        result = export_encoder(args.backbone, args.out, args.plugin, args.tolerance)
+        with _quiet():
+            result = export_encoder(args.backbone, args.out, args.plugin, args.tolerance)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
