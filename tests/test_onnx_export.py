@@ -109,3 +109,13 @@ def test_the_command_refuses_to_write_above_the_tolerance(backbone_dir, tmp_path
     assert error.startswith("error: onnx output differs from JAX's encoder by ")
     assert error.endswith("not written")
     assert os.listdir(tmp_path) == []  # Neither the file nor the scratch directory.
+
+
+def test_missing_exporter_packages_are_named_in_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    assert onnx_export.main([str(tmp_path / "no-backbone"), str(tmp_path / "x.onnx")]) == 1
+    assert capsys.readouterr().err == ("error: the ONNX export needs onnxscript: pip install "
+                                       "'variator_jax[onnx]'\n")

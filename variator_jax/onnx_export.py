@@ -162,6 +162,16 @@ def _trace(module, vocab_size: int):
                                  verbose=False)
 
 
+def _require_exporter() -> None:
+    """A one-line error, before any weight is read, when the export's packages are missing."""
+    import importlib.util
+    missing = [m for m in ("torch", "onnx", "onnxscript", "onnxruntime")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"the ONNX export needs {', '.join(missing)}: pip install "
+                          "'variator_jax[onnx]'")
+
+
 def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = None,
                    tolerance: float = TOLERANCE) -> dict:
     """Writes the encoder (with the plugin, if any) to `out_path` as ONNX, after checking it.
@@ -174,6 +184,7 @@ def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = No
       >>> export_encoder("export/backbone", "export/encoder-k4.onnx", "demo_workdir/adapt-k4/plugin")
       {'onnx': 1.1e-07, 'torch': 9.6e-08, 'shape': [3, 37]}
     """
+    _require_exporter()
     import torch
     reference = jax_encoder(backbone_dir, plugin_dir)  # Refuses a foreign plugin first.
     module = _wrapped(hf_encoder(backbone_dir, plugin_dir))
@@ -246,7 +257,7 @@ def main(argv=None) -> int:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         with _quiet():
             result = export_encoder(args.backbone, args.out, args.plugin, args.tolerance)
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.out}: encoder{' with plugin ' + args.plugin if args.plugin else ''}; relative "
