@@ -23,6 +23,9 @@ _EXTRAS = {
     # variator-serve: the plugin bank behind Ray Serve (serve_app.py); BackpressureConfig
     # (503 with Retry-After) needs Ray 2.60.
     "serve": ["ray[serve]>=2.60"],
+    # ONNX export of the encoder (`python -m variator_jax.convert onnx`): torch.export's
+    # exporter needs onnxscript; the written graph is checked with ONNX Runtime.
+    "onnx": ["torch>=2.6", "onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
     "dev": ["pytest>=7.4", "ruff>=0.5"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})

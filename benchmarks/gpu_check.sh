@@ -1,7 +1,9 @@
 #!/bin/bash
 # Device check for issue 10: fit report + real plugin-training steps of t5-large in bf16.
-# Usage: bash benchmarks/gpu_check.sh OUTDIR [VARIANT [scan]]  (default t5-large; t5-small for a
-# quick try; "scan": only the scanned-vs-unrolled step ratio at VARIANT's widths, ~5 min)
+# Usage: bash benchmarks/gpu_check.sh OUTDIR [VARIANT [scan|runtimes]]  (default t5-large; t5-small
+# for a quick try; "scan": only the scanned-vs-unrolled step ratio at VARIANT's widths, ~5 min;
+# "runtimes": only the encoder's speedup table in bf16 on JAX (cuDNN attention), PyTorch and
+# torch.compile, benchmarks/runtimes.py)
 
 OUT=$1; V=${2:-t5-large}; SIZE=${V#t5-}
 export PYTHONUNBUFFERED=1
@@ -12,6 +14,13 @@ if [ "$3" = scan ]; then
   # (float32, i.e. TF32 matmuls); writes compile-<machine>-speed-VARIANT.{json,md} to OUT.
   timeout 420 python3 -m benchmarks.compile --speed-only --speed-variant $V --speed-batch 16 \
       --speed-repeats 6 --out $OUT 2>&1 | grep -v "^WARNING" | tail -12
+  ls $OUT; exit
+fi
+if [ "$3" = runtimes ]; then
+  # Writes runtimes-<machine>.{json,md} to OUT; ONNX Runtime is CPU-only here, so left out.
+  timeout 540 python3 -m benchmarks.runtimes --variant $V --layers 12 --dtype bfloat16 \
+      --attention cudnn --runtimes jax,torch,torch.compile --rounds 7 --out $OUT 2>&1 \
+      | grep -v "^WARNING" | tail -20
   ls $OUT; exit
 fi
 # 1. The fit report (--dry_run: no weights) on this device, released pre-training batch.

@@ -119,8 +119,9 @@ def main(argv=None):
           f"{args.target_length}; {jax.devices()[0].platform}, 1 device", flush=True)
 
     plugin_setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
-    steps = {"plugin": _measure("plugin step", plugin_setup, plugin, backbone, batch, mesh,
-                                args.repeats)}
+    # The frozen backbone as training places it: in bf16 under --dtype bfloat16.
+    steps = {"plugin": _measure("plugin step", plugin_setup, plugin,
+                                plugin_setup.frozen(backbone), batch, mesh, args.repeats)}
     if args.full:
         # Full fine-tuning trains (and donates) its own copy of the backbone.
         full_setup = train_lib.Setup(cfg, None, "task", "pretrain", dropout=False)

@@ -3,6 +3,8 @@ import json
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 
 from variator_jax import fit, t5
 from tests import test_utils as tu
@@ -40,6 +42,22 @@ def test_dry_run_on_8_devices_shards_params_under_fsdp(tmp_path):
     total = report["params_total_bytes"]
     assert b["params"] == (total - replicated) // 8 + replicated
     assert not (tmp_path / "run" / "checkpoints").exists()  # Nothing trained.
+
+
+def test_bfloat16_places_the_frozen_backbone_in_half_the_bytes(tmp_path):
+    """fit.json's parameter bytes under --config.dtype=bfloat16: the frozen backbone's
+    kernels and embeddings in bf16, the plugin and its optimizer state in float32."""
+    config = tu.tiny_plugin_config(_tiny_dir(tmp_path))
+    parts = {dtype: fit.lower_train_step(tu.override(config, {"dtype": dtype}))[1]
+             for dtype in ("float32", "bfloat16")}
+    full, half = (fit.total_bytes(parts[d]["backbone"]) for d in ("float32", "bfloat16"))
+    cfg = parts["bfloat16"]["cfg"]
+    # Only the layer norms' scales and the two position-bias tables stay 4 bytes wide.
+    norms = cfg.d_model * (2 * cfg.num_layers + 3 * cfg.num_decoder_layers + 2)
+    tables = 2 * cfg.relative_attention_num_buckets * cfg.num_heads
+    assert half == (full + 4 * (norms + tables)) // 2
+    for tree in (parts["bfloat16"]["state"].params, parts["bfloat16"]["state"].opt_state):
+        assert {x.dtype for x in jax.tree.leaves(tree) if x.ndim} == {jnp.dtype(jnp.float32)}
 
 
 def _count_all_gathers(attention_block_bytes, tmp_path):

@@ -471,3 +471,10 @@ def test_7_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(hf_dir, tm
         assert checkpoint.finished_steps(workdir) == [step]
         assert integrity.verify_manifest(os.path.join(workdir, "checkpoints", str(step))) is None
         assert tu.read_metrics(workdir)[-1]["step"] == step
+
+
+def test_a_resume_may_change_the_attention_implementation_not_the_dtype():
+    from variator_jax import workdir
+    old = {"attention": "auto", "lr": 1e-3, "dtype": "float32"}
+    new = {"attention": "cudnn", "lr": 1e-3, "dtype": "bfloat16"}
+    assert workdir.result_changes(old, new) == {"dtype": ("float32", "bfloat16")}

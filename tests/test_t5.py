@@ -134,6 +134,30 @@ def test_blocked_encoder_attention_matches_hf(pair, blocks):
     assert rel_diff(np.asarray(encode(backbone, ids, mask))[real], ref[real]) < 1e-4
 
 
+@pytest.mark.parametrize("attention", ["dense", "xla"])
+def test_attention_implementations_match_hf_and_the_blocked_path(pair, attention):
+    """`T5Config.attention`: the dense path and `jax.nn.dot_product_attention` (XLA; cuDNN
+    needs a GPU) give HF's encoder output and the CPU default's (blocked), padding included."""
+    _, hf, cfg, backbone = pair
+    ids, mask, _ = padded_batch(cfg.vocab_size)
+    encode = lambda c: np.asarray(t5.T5(c).apply(  # noqa: E731
+        {"params": backbone}, ids, mask, method=t5.T5.encode))
+    with torch.no_grad():
+        ref = hf.get_encoder()(input_ids=torch.tensor(ids, dtype=torch.long),
+                               attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    real = mask > 0
+    got = encode(cfg.replace(attention=attention))
+    assert rel_diff(got[real], ref[real]) < 1e-4
+    assert rel_diff(got[real], encode(cfg.replace(attention="blocked"))[real]) < 1e-5
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ValueError, match="'flash' is not one of 'auto', 'dense', 'blocked'"):
+        vj.T5Config(attention="flash")
+    with pytest.raises(ValueError, match="'cudnn' needs dtype bfloat16 or float16"):
+        vj.T5Config(attention="cudnn")
+
+
 def test_relative_position_bucket_matches_hf():
     from transformers.models.t5.modeling_t5 import T5Attention
     rel = np.arange(-300, 300)
@@ -151,6 +175,25 @@ def test_bfloat16_compute_close_to_float32(pair):
     half = vj.forward(cfg.replace(dtype="bfloat16"), backbone, ids, mask, dec)["logits"]
     assert half.dtype == jnp.float32  # Logits come back in float32 whatever the compute dtype.
     assert 1e-4 < rel_diff(half, full) < 5e-2
+
+
+def test_frozen_backbone_stored_in_bfloat16_gives_the_per_step_cast(pair):
+    """Stored once in the compute dtype, the backbone gives what casting it on every call
+    gives (the modules' casts are then no-ops), in half the bytes; norms and the position
+    bias stay float32, as the arithmetic reads them."""
+    _, _, cfg, backbone = pair
+    cfg = cfg.replace(dtype="bfloat16")
+    stored = t5.frozen_in_compute_dtype(cfg, backbone)
+    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+    assert {d for k, d in dtypes.items() if "kernel" in k} == {jnp.dtype(jnp.bfloat16)}
+    assert {d for k, d in dtypes.items() if "layer_norm" in k or "relative" in k} == {jnp.dtype(jnp.float32)}
+    ids, mask, dec = padded_batch(cfg.vocab_size)
+    per_step, once = (vj.forward(cfg, b, ids, mask, dec) for b in (backbone, stored))
+    for key in ("logits", "encoder_hidden", "decoder_hidden"):
+        np.testing.assert_allclose(np.asarray(once[key], np.float32),
+                                   np.asarray(per_step[key], np.float32), rtol=1e-2, atol=1e-2)
+    assert rel_diff(once["logits"], per_step["logits"]) < 1e-3  # bf16's own error is ~1e-2.
+    assert t5.frozen_in_compute_dtype(cfg.replace(dtype="float32"), backbone) is backbone
 
 
 def test_dropout_is_seeded_and_active():

@@ -75,6 +75,28 @@ def test_unlabelled_rows_count_for_the_hidden_loss_only():
     np.testing.assert_allclose(float(terms["dec_mse"]), np.mean(diff ** 2), rtol=1e-5)
 
 
+def test_bfloat16_backbone_stored_once_gives_the_loss_of_casting_per_step():
+    """--config.dtype=bfloat16: the frozen backbone is placed once in bf16 (Distill.frozen),
+    the plugin and its gradients stay float32, and the loss is the one a step casting the
+    float32 backbone on every call gives, within bf16's tolerance."""
+    cfg = tu.tiny_t5(dtype="bfloat16")
+    backbone = init_t5(jax.random.key(0), cfg)
+    pcfg = PluginConfig(2, bottleneck=8)
+    plugin = init_plugin(jax.random.key(1), cfg, pcfg)
+    plugin = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), plugin)
+    setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+    stored = setup.frozen(backbone)
+    kernels = [x.dtype for p, x in jax.tree_util.tree_leaves_with_path(stored)
+               if "kernel" in jax.tree_util.keystr(p)]
+    assert set(kernels) == {jnp.dtype(jnp.bfloat16)}
+    batch = {k: jnp.asarray(v) for k, v in tu.fake_batch(3, 16, 4).items()}
+    loss = jax.jit(jax.value_and_grad(lambda p, b: sum(
+        train_lib.loss_terms(setup, p, b, batch, None, True)[0].values())))
+    (per_step, _), (once, grads) = loss(plugin, backbone), loss(plugin, stored)
+    assert float(per_step) > 0 and abs(float(once) - float(per_step)) <= 1e-2 * float(per_step)
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
 def test_train_step_fits_the_teacher_and_leaves_the_backbone_alone():
     cfg = tu.tiny_t5()
     backbone = init_t5(jax.random.key(0), cfg)

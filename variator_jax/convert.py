@@ -295,7 +295,8 @@ def import_released_plugin(path, cfg: T5Config, **kwargs):
 
 
 # -- Command line: python -m variator_jax.convert COMMAND ... ------------------------------------
-_COMMANDS = {"released": "variator_jax.released"}  # command -> module with main(argv) -> int
+# command -> module with main(argv) -> int
+_COMMANDS = {"released": "variator_jax.released", "onnx": "variator_jax.onnx_export"}
 
 # `python -m variator_jax.convert` runs this module while the package has imported it already;
 # runpy warns that it then exists twice. Harmless here: `main` only dispatches, and the

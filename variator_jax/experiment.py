@@ -128,9 +128,11 @@ def mesh_and_rules(config):
 
 def runtime_fields(config) -> dict:
     """How the model runs (T5Config's runtime fields) as the config says: compute dtype,
-    scanned layers, rematerialisation, and the CPU attention block budget of this process."""
+    scanned layers, rematerialisation, attention, and the CPU attention block budget of this
+    process."""
     return dict(dtype=config.get("dtype", "float32"), scan_layers=config.get("scan_layers", True),
-                remat=config.get("remat", "none"), attention_block_bytes=host.attention_block_bytes())
+                remat=config.get("remat", "none"), attention=config.get("attention", "auto"),
+                attention_block_bytes=host.attention_block_bytes())
 
 
 def load_tokenizer(config, backbone_dir: str | None):

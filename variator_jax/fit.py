@@ -44,9 +44,12 @@ GIB = 1 << 30
 
 def model_config(config, **runtime_overrides) -> T5Config:
     """The T5Config a run would use, from the backbone's config.json alone (no weights) or,
-    with no backbone, from `config.variant`; attention as an accelerator runs it (dense)
-    unless `runtime_overrides` say otherwise."""
-    runtime = {**experiment_lib.runtime_fields(config), "attention": "dense", **runtime_overrides}
+    with no backbone, from `config.variant`; attention as an accelerator runs it ("auto" is
+    dense there) unless the config or `runtime_overrides` say otherwise."""
+    runtime = experiment_lib.runtime_fields(config)
+    runtime = {**runtime, "attention": {"auto": "dense"}.get(runtime["attention"],
+                                                              runtime["attention"]),
+               **runtime_overrides}
     with user_errors("config"):
         if config.backbone:
             return T5Config.from_hf(config.backbone, **runtime)

@@ -31,7 +31,7 @@ from variator_jax.model import apply_forward as forward  # Un-jitted: steps jit 
 from variator_jax.plugins import (Plugin, PluginConfig, init_plugin, load_plugin,
                                   plugin_param_count, save_plugin)
 from variator_jax.plugins import logical_axes as plugin_logical_axes
-from variator_jax.t5 import T5Config, init_t5, logical_axes
+from variator_jax.t5 import T5Config, frozen_in_compute_dtype, init_t5, logical_axes
 
 LOSSES = ("hidden", "task", "task+hidden")
 
@@ -213,7 +213,7 @@ class Distill(Objective):
         return plugin_logical_axes(shapes)
 
     def frozen(self, backbone):
-        return backbone
+        return frozen_in_compute_dtype(self.cfg, backbone)  # Placed once in bf16, if so.
 
     def start(self, backbone):
         del backbone

@@ -58,6 +58,9 @@ def _check_hf_types(d, where: str) -> None:
                              f"{json.dumps(value)} ({type(value).__name__})")
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "dense", "blocked", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class T5Config:
     """T5 hyper-parameters; field names follow HF `T5Config`.
@@ -84,12 +87,14 @@ class T5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
-    dtype: str = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); params stay float32.
+    dtype: str = "float32"  # Compute dtype ("bfloat16" on TPU/GPU); see `frozen_in_compute_dtype`.
     name: str = ""  # Identity of the backbone (variant name or path), for plugin fingerprints.
     # How the model runs, not what it is (never written to config.json; see RUNTIME_FIELDS):
     scan_layers: bool = True  # nn.scan over each stack's layers (params stacked on `layers`).
     remat: str = "none"  # Per-layer rematerialisation: "none", "full", or a jax.checkpoint_policies name.
-    attention: str = "auto"  # Encoder self-attention: "dense", "blocked", "auto" (blocked on CPU).
+    # Encoder self-attention: "dense", "blocked", "auto" (blocked on CPU, else dense), or
+    # `jax.nn.dot_product_attention`'s "xla" or "cudnn" (fused; GPU, bf16/fp16 only).
+    attention: str = "auto"
     attention_block_bytes: int = 4 << 20  # "blocked": bytes of float32 scores per block, per device.
 
     def __post_init__(self):
@@ -105,9 +110,12 @@ class T5Config:
             if getattr(self, field) <= 0:
                 raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
         remat_policy(self.remat)  # Raises for an unknown name.
-        if self.attention not in ("auto", "dense", "blocked"):
-            raise ValueError(f"T5Config.attention {self.attention!r} is not 'auto', 'dense' or "
-                             "'blocked'")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"T5Config.attention {self.attention!r} is not one of "
+                             f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
+        if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"T5Config.attention 'cudnn' needs dtype bfloat16 or float16 "
+                             f"(cuDNN's fused attention), got dtype {self.dtype!r}")
 
     # -- Derived ---------------------------------------------------------------------------------
     @property
@@ -419,6 +427,19 @@ def blocked_attention(q, k, v, bias: ToeplitzBias, block: tuple[int, int], dropo
     return out[:, :, :n].transpose(0, 2, 1, 3)
 
 
+def fused_attention(q, k, v, bias, implementation: str):
+    """softmax(q k^T + bias) v through `jax.nn.dot_product_attention`: T5 does not scale by
+    1/sqrt(d_kv) (scale 1), and its position bias plus the mask is the additive `bias`.
+
+    q, k, v: [batch, n, heads, d_kv]; bias [batch|1, heads|1, n, n] float32 (cuDNN takes it
+    in the compute dtype, as HF's bf16 T5 holds it). Returns [batch, n, heads, d_kv].
+    """
+    if implementation == "cudnn":
+        bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0,
+                                        implementation=implementation)
+
+
 class Attention(nn.Module):
     """T5 multi-head attention: no 1/sqrt(d_kv) scaling (folded into the init), additive bias.
 
@@ -462,6 +483,9 @@ class Attention(nn.Module):
                                                  k.shape[1], cfg.attention_block_bytes)
             block = (examples * (q.shape[0] // per_device), queries)
             out = blocked_attention(q, k, v, bias, block)
+        elif isinstance(bias, ToeplitzBias) and cfg.attention in ("xla", "cudnn") and not active:
+            out = fused_attention(q, k.astype(dt), v.astype(dt), bias.block(0, q.shape[1]),
+                                  cfg.attention)
         else:
             if isinstance(bias, ToeplitzBias):
                 bias = bias.block(0, q.shape[1])
@@ -719,6 +743,34 @@ class T5(nn.Module):
         dec, _ = self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask,
                              deterministic)
         return {"logits": self.logits(dec), "encoder_hidden": enc, "decoder_hidden": dec}
+
+
+# Leaves a frozen backbone keeps in float32 in any compute dtype: the norms' scales and the
+# position-bias tables enter float32 arithmetic (RMSNorm, the scores) and are small.
+_FLOAT32_LEAVES = ("layer_norm", "relative_attention_bias")
+
+
+def frozen_in_compute_dtype(cfg: T5Config, backbone):
+    """The frozen backbone as every step reads it: kernels and embeddings stored in
+    `cfg.dtype`, so that a step never casts frozen weights (the modules cast float32 params
+    to the compute dtype on each call; already there, the cast is free) and the devices hold
+    half the bytes in bfloat16. The numbers are those of casting per step.
+
+    `backbone`: a tree of numpy or jax arrays, or of `jax.ShapeDtypeStruct`s (shardings kept).
+    A trained tree (the plugin, a backbone being fine-tuned) stays float32.
+    """
+    dt = jnp.dtype(cfg.dtype)
+    if backbone is None or dt == jnp.float32:
+        return backbone
+
+    def store(path, x):
+        if any(name in jax.tree_util.keystr(path) for name in _FLOAT32_LEAVES):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dt, sharding=x.sharding)
+        return x.astype(dt)
+
+    return jax.tree_util.tree_map_with_path(store, backbone)
 
 
 def init_t5(rng, cfg: T5Config):

@@ -152,7 +152,9 @@ class VariatorT5LayerFF(nn.Module):
         """[batch, n, d] -> [batch, n, d]: h + o, with the FFN on n/k merged vectors."""
         batch, n, _ = hidden_states.shape
         k = self.plugin.ratio
-        n_pad = -(-n // k) * k
+        # (n + k - 1) // k, not -(-n // k): exported to ONNX, whose integer Div truncates
+        # toward zero, the negated form rounds the padding down.
+        n_pad = (n + k - 1) // k * k
         x = self.layer_norm(hidden_states)
         real = self._real_members(batch, n, n_pad, x.device)
         x = nn.functional.pad(x, (0, 0, 0, n_pad - n))  # zero vectors up to a multiple of k

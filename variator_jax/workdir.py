@@ -40,12 +40,14 @@ DIVERGED_FILE = "diverged.json"
 
 # Config fields that do not change what is trained (a resume may change them freely):
 # reporting, checkpointing, evaluation, the device layout, how layers are laid out and
-# rematerialised (a checkpoint resumes across `scan_layers`), and paths whose content is
+# rematerialised (a checkpoint resumes across `scan_layers`), which attention implementation
+# computes the same softmax (`attention`: blocked on CPU, cuDNN on a GPU), and paths whose content is
 # identified otherwise (the backbone by its fingerprint in run.json; the initial plugin is
 # read only at step 0; a stage-0 config has its own workdir and record).
 HARMLESS = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every",
             "keep_checkpoints", "eval", "mesh", "backbone", "variant", "init_plugin",
-            "backbone_stage", "data.data_dir", "divergence_factor", "scan_layers", "remat")
+            "backbone_stage", "data.data_dir", "divergence_factor", "scan_layers", "remat",
+            "attention")
 
 
 class WorkdirBusy(ValueError):

@@ -60,4 +60,5 @@ def add_eval_and_mesh(c):
     # -- Scale (docs/DESIGN.md §5): see `python train.py ... --dry_run` for what fits ---------------
     c.scan_layers = True  # nn.scan over layers: compile time independent of depth.
     c.remat = "none"  # Recompute layers in backward: none | full | a jax.checkpoint_policies name.
+    c.attention = "auto"  # Encoder self-attention: auto (blocked on CPU) | dense | blocked | xla | cudnn.
     return c
