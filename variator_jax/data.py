@@ -25,12 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from variator_jax import stdlib_docs
+from variator_jax import splits, stdlib_docs
 
 # T5 span corruption (Raffel et al. 2020, §3.1.4); Variator pre-trains its
 # plugins with the same objective (docs/DESIGN.md §2).
@@ -131,7 +130,7 @@ def parse_source(spec: str) -> tuple[str, str, str | None]:
 
 
 def read_source(spec: str, split: str | None = None, data_dir: str | None = None) -> list[dict]:
-    """Reads a whole source into memory as a list of example dicts.
+    """Reads one split of a source into memory as a list of example dicts.
 
     Args:
       spec: `text:PATH` (documents separated by blank lines -> {"text"}),
@@ -141,10 +140,12 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
         arrays to lists), `builtin:pydoc` (CPython's `pydoc_data.topics`,
         values in sorted-key order -> {"text"}) or `builtin:stdlib_docs` (the
         standard library's docstrings labelled by package, splits train /
-        validation / test: `variator_jax.stdlib_docs`).
-      split: overrides the spec's split; default "train". Files have a single
-        split, so for them only a tfds-style slice counts ("train[:90%]",
-        "validation[-100:]"); the name before it is ignored.
+        validation / test / unlabeled: `variator_jax.stdlib_docs`).
+      split: overrides the spec's split; default "train". A name, a tfds-style slice
+        ("train[:90%]", "validation[-100:]"), several joined by "+", or "all". Where
+        file sources get their splits (a `jsonl:DIR` of train/validation/test.jsonl, a
+        "split" field, a hash of the text; `text:` has `train` only): `splits`. A split
+        the source does not have is an error.
       data_dir: tfds data directory.
 
     Returns:
@@ -155,13 +156,14 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
     if scheme == "tfds":
         examples = _read_tfds(target, split or "train", data_dir)
     elif (scheme, target) == ("builtin", "stdlib_docs"):  # Has named splits, as tfds does.
-        examples = stdlib_docs.read(split)
+        examples = splits.select(split or "train", stdlib_docs.SPLITS + (stdlib_docs.UNLABELED,),
+                                 stdlib_docs.read, spec)
     elif scheme == "builtin":
-        examples = _slice(_read_builtin(target), split)
+        examples = splits.select(split or "train", ("train",),
+                                 lambda _: _read_builtin(target), spec)
     else:  # Eval sets are small: the indexed files' records, all in memory.
-        from variator_jax import corpus
-        records = corpus.open_files(target, scheme)
-        examples = [records[i] for i in _slice(range(len(records)), split)]
+        records = splits.open_split(scheme, target, split)
+        examples = [records[i] for i in range(len(records))]
     if not examples:
         where = f" (split {split!r})" if split else ""
         raise ValueError(f"empty corpus: {spec}{where} has no examples")
@@ -174,26 +176,6 @@ def _read_builtin(name: str) -> list[dict]:
     # English prose that ships with every CPython: a corpus needing no download.
     from pydoc_data.topics import topics
     return [{"text": topics[k].strip()} for k in sorted(topics) if topics[k].strip()]
-
-
-_SLICE = re.compile(r"^[\w.-]*(?:\[(?P<start>-?\d+%?)?:(?P<end>-?\d+%?)?\])?$")
-
-
-def _slice(examples: list, split: str | None) -> list:
-    """Applies a tfds-style slice ("train[10:]", "x[:90%]") to a file's examples."""
-    if not split:
-        return examples
-    m = _SLICE.match(split)
-    if not m:
-        raise ValueError(f"bad split {split!r}; expected NAME or NAME[start:end] "
-                         f"(ints or percents)")
-
-    def bound(b):
-        if b is None:
-            return None
-        return round(len(examples) * int(b[:-1]) / 100) if b.endswith("%") else int(b)
-
-    return examples[bound(m["start"]):bound(m["end"])]
 
 
 def _read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
@@ -297,7 +279,7 @@ class Task:
         if self.kind == "pretrain":
             return _field(self, example, "text"), ""
         if "inputs" in example and "targets" in example:
-            return str(example["inputs"]), str(example["targets"])
+            return _field(self, example, "inputs"), _field(self, example, "targets")
         if self.kind == "classification":
             parts = [self.name]
             for key in self.features:
@@ -324,8 +306,13 @@ class Task:
                 raise ValueError(f"{self.name}: unknown label {label!r}; known: "
                                  f"{', '.join(self.labels)}")
             return self.labels.index(label)
+        # bool is an int in Python and a float would be truncated: both are refused.
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise ValueError(f"{self.name}: field 'label' must be an integer class index or a "
+                             f"label string, got {type(label).__name__} {label!r}")
         if not -1 <= int(label) < len(self.labels):
-            raise ValueError(f"{self.name}: label {label} out of range [-1, {len(self.labels)})")
+            raise ValueError(f"{self.name}: field 'label' {label} out of range "
+                             f"[-1, {len(self.labels)})")
         return int(label)
 
     def references(self, example: dict) -> list[str]:
@@ -338,7 +325,7 @@ class Task:
             answers = answers["text"] if isinstance(answers, dict) else answers
             return [answers] if isinstance(answers, str) else [str(a) for a in answers]
         if "targets" in example:
-            return [str(example["targets"])]
+            return [_field(self, example, "targets")]
         return []
 
     def verbalizer_ids(self, tokenizer) -> np.ndarray:
@@ -359,10 +346,30 @@ class Task:
 
 
 def _field(task: Task, example: dict, key: str) -> str:
+    """A text field: present and a string (null, a number or a list is refused, not str()-ed)."""
     if key not in example:
         raise ValueError(f"{task.name} example lacks field {key!r} (has: "
                          f"{', '.join(sorted(example))})")
-    return str(example[key])
+    value = example[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{task.name}: field {key!r} must be a string, got "
+                         f"{'null' if value is None else type(value).__name__} {value!r}"[:200])
+    return value
+
+
+def check_examples(task: Task, source, where: str) -> None:
+    """Formats every example of `source` once (text fields strings, labels valid), so that
+    bad records stop the run before training, with their place: 'FILE:LINE: ...'."""
+    for i in range(len(source)):
+        example = source[i]  # (A corpus error names its place itself.)
+        try:
+            task.format(example)
+            if task.kind == "classification":
+                task.label_index(example)
+        except ValueError as e:
+            place = splits.where(source, i)
+            place = f"{where} {place}" if place.startswith("record") else place
+            raise ValueError(f"{place}: {e}") from None
 
 
 def _glue(name: str, features: tuple[str, ...], labels: list[str], **kw) -> Task:
@@ -372,7 +379,8 @@ def _glue(name: str, features: tuple[str, ...], labels: list[str], **kw) -> Task
 # Label orders are tfds's glue ClassLabels (tensorflow_datasets/text/glue.py);
 # features are sorted as t5's `preprocessors.glue` sorts them.
 TASKS = {
-    "pretrain": Task("pretrain", "pretrain"),
+    # A pre-training corpus is read whole unless a split is named (nothing read ahead).
+    "pretrain": Task("pretrain", "pretrain", eval_split=splits.ALL),
     "mnli": _glue("mnli", ("hypothesis", "premise"), ["entailment", "neutral", "contradiction"],
                   eval_split="validation_matched"),
     "qqp": _glue("qqp", ("question1", "question2"), ["not_duplicate", "duplicate"]),
@@ -705,10 +713,14 @@ def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: i
     `train_batches`, plus `weight` (float32, 0 = padding) and `index` (int32).
     `seed` and `noise` (density, mean span length) only shape `pretrain`'s span corruption.
     """
+    from variator_jax import pipeline  # (It imports this module.)
     task = get_task(task)
     if split is None and parse_source(spec)[2] is None:
         split = task.eval_split
-    examples = read_source(spec, split=split, data_dir=data_dir)
+    source = pipeline.open_source(spec, split=split, data_dir=data_dir)
+    if task.kind != "pretrain":
+        check_examples(task, source, spec)
+    examples = [source[i] for i in range(len(source))]
     make_row, n, references = _row_maker(task, tokenizer, examples,
                                          max_input_length=max_input_length,
                                          max_target_length=max_target_length, seed=seed,
