@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from variator_jax import splits, stdlib_docs
+from variator_jax import splits, stdlib_docs, task_file
 
 # T5 span corruption (Raffel et al. 2020, §3.1.4); Variator pre-trains its
 # plugins with the same objective (docs/DESIGN.md §2).
@@ -253,44 +253,50 @@ def _to_python(x: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A text-to-text task.
+    """A text-to-text task, as a declaration gives it (`task_file`: a JSON file or a built-in).
 
     Attributes:
-      name: task name (also the T5 input prefix of GLUE tasks).
+      name: task name (also the T5 input prefix, unless `prefix` says otherwise).
       kind: "pretrain", "classification" or "generation".
       labels: label strings in tfds's ClassLabel order; None unless classification.
       features: text fields joined into the input, in T5's order.
       eval_split: default split for evaluation.
+      prefix: what starts the input; None: the name.
+      metrics: classification metrics ("accuracy", "f1"), the headline first.
+      origin: where it was declared ("built-in task sst2", "task file x.json"), for errors.
     """
     name: str
     kind: str
     labels: list[str] | None = None
     features: tuple[str, ...] = ()
     eval_split: str = "validation"
+    prefix: str | None = None
+    metrics: tuple[str, ...] = ("accuracy",)
+    origin: str = dataclasses.field(default="", compare=False)
 
     def format(self, example: dict) -> tuple[str, str]:
         """Example dict -> (inputs text, targets text).
 
         A generic `{"inputs", "targets"}` example passes through for any task
-        but pretrain. GLUE follows t5's `preprocessors.glue`: the task name,
-        then "key: value" for each feature (sorted keys), labels as words; an
+        but pretrain. Otherwise t5's `preprocessors.glue`: the prefix (the task
+        name), then "key: value" for each feature, labels as words; an
         unlabelled example (label -1) has the empty target (EOS alone once encoded).
+        SQuAD is t5's `preprocessors.squad` (include_context=True) so, with no prefix,
+        minus its punctuation padding: references stay the original answer strings.
         """
         if self.kind == "pretrain":
             return _field(self, example, "text"), ""
         if "inputs" in example and "targets" in example:
             return _field(self, example, "inputs"), _field(self, example, "targets")
+        parts = [self.name if self.prefix is None else self.prefix]
+        for key in self.features:
+            parts += [f"{key}:", _field(self, example, key)]
+        inputs = " ".join(p for p in parts if p)
         if self.kind == "classification":
-            parts = [self.name]
-            for key in self.features:
-                parts += [f"{key}:", _field(self, example, key)]
             label = self.label_index(example)
-            return " ".join(parts), self.labels[label] if label >= 0 else ""
-        # SQuAD as t5's `preprocessors.squad` (include_context=True), minus its
-        # punctuation padding: references stay the original answer strings.
-        question, context = _field(self, example, "question"), _field(self, example, "context")
+            return inputs, self.labels[label] if label >= 0 else ""
         answers = self.references(example)
-        return f"question: {question} context: {context}", answers[0] if answers else ""
+        return inputs, answers[0] if answers else ""
 
     def label_index(self, example: dict) -> int:
         """Class index of a classification example; -1 when unlabelled (GLUE test)."""
@@ -340,8 +346,9 @@ class Task:
         first = [tokenizer.encode(label, add_special_tokens=False)[0] for label in self.labels]
         for i, j in [(i, j) for i in range(len(first)) for j in range(i)]:
             if first[i] == first[j]:
-                raise ValueError(f"{self.name}: labels {self.labels[j]!r} and {self.labels[i]!r} "
-                                 f"share their first token (id {first[i]})")
+                raise ValueError(f"{self.origin or self.name}: labels {self.labels[j]!r} and "
+                                 f"{self.labels[i]!r} share their first token (id {first[i]}); "
+                                 f"the classifier reads one token per label")
         return np.asarray(first, np.int32)
 
 
@@ -372,34 +379,22 @@ def check_examples(task: Task, source, where: str) -> None:
             raise ValueError(f"{place}: {e}") from None
 
 
-def _glue(name: str, features: tuple[str, ...], labels: list[str], **kw) -> Task:
-    return Task(name, "classification", labels, features, **kw)
-
-
-# Label orders are tfds's glue ClassLabels (tensorflow_datasets/text/glue.py);
-# features are sorted as t5's `preprocessors.glue` sorts them.
-TASKS = {
-    # A pre-training corpus is read whole unless a split is named (nothing read ahead).
-    "pretrain": Task("pretrain", "pretrain", eval_split=splits.ALL),
-    "mnli": _glue("mnli", ("hypothesis", "premise"), ["entailment", "neutral", "contradiction"],
-                  eval_split="validation_matched"),
-    "qqp": _glue("qqp", ("question1", "question2"), ["not_duplicate", "duplicate"]),
-    "qnli": _glue("qnli", ("question", "sentence"), ["entailment", "not_entailment"]),
-    "sst2": _glue("sst2", ("sentence",), ["negative", "positive"]),
-    "rte": _glue("rte", ("sentence1", "sentence2"), ["entailment", "not_entailment"]),
-    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ["not_equivalent", "equivalent"]),
-    "squad": Task("squad", "generation", None, ("question", "context")),
-    # CPython's own docstrings labelled by their package (`builtin:stdlib_docs`).
-    "stdlib_docs": Task("stdlib_docs", "classification", list(stdlib_docs.LABELS), ("text",)),
-}
+# The built-in tasks: declarations as a task file holds them (task_file.BUILTIN).
+TASKS = {"pretrain": Task("pretrain", "pretrain", eval_split=splits.ALL, origin="built-in task"),
+         **{name: Task(**task_file.parse(dict(d, name=name), f"built-in task {name}"))
+            for name, d in task_file.BUILTIN.items()}}
 
 
 def get_task(name: str | Task) -> Task:
-    """The task called `name` (a Task passes through)."""
+    """The task called `name`, or declared by the JSON task file at `name` (`task_file`);
+    a Task passes through."""
     if isinstance(name, Task):
         return name
+    if task_file.is_task_file(name):
+        return Task(**task_file.read(name))
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, or a JSON "
+                         f"task file (PATH.json)")
     return TASKS[name]
 
 
