@@ -33,7 +33,7 @@ The full-size version is the same command pointed at a real T5 and a real task, 
       --size=base --preset=paper
 
 (--backbone skips (a); --preset=paper takes the released settings of configs/*.py instead
-of the miniature's.) Writes benchmarks/results/quality-<machine>.json, .md and .png.
+of the miniature's.) Writes quality-<task>-<machine>.json, .md and .png to --out.
 """
 from __future__ import annotations
 
@@ -97,19 +97,26 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="", help="where every stage runs (cached, "
                    "resumable); default quality_workdir, demo_workdir for --preset=demo")
-    p.add_argument("--out", default="", help="directory for quality-<machine>.json/.md/.png; "
-                   "default benchmarks/results, WORKDIR/results for --preset=demo and tiny")
+    p.add_argument("--out", default="", help="directory for quality-<task>-<machine>.json/.md/"
+                   ".png; default benchmarks/results for the built-in task at --preset=mini or "
+                   "paper, else WORKDIR/results")
     p.add_argument("--backbone", default="", help="a pre-trained HF T5 dir: skips (a)")
     p.add_argument("--tokenizer", default="", help="tokenizer dir or 'byte' (default: the "
                    "backbone's; for the miniature, a vocabulary trained into WORKDIR/tokenizer)")
     p.add_argument("--size", default="", help="expected variant size of --backbone (base, large...)")
-    p.add_argument("--task", default="stdlib_docs", help="task name (data.TASKS)")
+    p.add_argument("--task", default="stdlib_docs", help="a task name (data.TASKS) or a JSON "
+                   "task file (variator_jax/task_file.py)")
     p.add_argument("--data", default="builtin:stdlib_docs",
-                   help="task source; train/validation/test splits by the source's names")
+                   help="task source: its named splits (tfds, builtin), a jsonl:DIR of train/"
+                   "validation/test[/unlabeled].jsonl, a jsonl file's per-row 'split' field, or "
+                   "else a hash of each row's text (70/10/20 %%; variator_jax/splits.py)")
+    p.add_argument("--train_split", default="train", help="split of --data that (b) trains on")
+    p.add_argument("--validation_split", default="validation",
+                   help="split of --data that (b) validates on")
     p.add_argument("--test_split", default="test", help="split of --data that (e) reports")
     p.add_argument("--adapt_split", default="", help="split of --data that (d) trains on; "
                    "label -1 rows serve its hidden-state loss (default: train+unlabeled for "
-                   "builtin:stdlib_docs, else train)")
+                   "builtin:stdlib_docs and a jsonl:DIR with unlabeled.jsonl, else train)")
     p.add_argument("--corpus", default="", help="pre-training corpus for (a) and (c) "
                    "(default: CPython's docs + the task's training texts, written to WORKDIR)")
     p.add_argument("--ratios", default=None, help="compression ratios k (default 2,4,8; demo: 4)")
@@ -126,12 +133,24 @@ def _parse(argv):
     args.ratios = args.ratios if args.ratios is not None else "4" if demo else "2,4,8"
     args.ablation_ratios = (args.ablation_ratios if args.ablation_ratios is not None
                             else "" if demo else "4")
-    args.adapt_split = args.adapt_split or ("train+unlabeled" if args.data == "builtin:stdlib_docs"
-                                            else "train")
+    args.adapt_split = args.adapt_split or ("train+unlabeled" if _has_unlabeled(args.data)
+                                            else args.train_split)
     args.workdir = args.workdir or os.path.join(_ROOT, "demo_workdir" if demo else "quality_workdir")
-    args.out = args.out or (os.path.join(args.workdir, "results") if args.preset in ("demo", "tiny")
-                            else os.path.join(_ROOT, "benchmarks", "results"))
+    # Only the built-in task's full runs go where the committed results are.
+    builtin = (args.task, args.data) == ("stdlib_docs", "builtin:stdlib_docs")
+    args.out = args.out or (os.path.join(_ROOT, "benchmarks", "results")
+                            if builtin and args.preset in ("mini", "paper")
+                            else os.path.join(args.workdir, "results"))
     return args
+
+
+def _has_unlabeled(spec: str) -> bool:
+    """Whether --data has an `unlabeled` split (label -1 rows for (d)'s hidden-state loss)."""
+    from variator_jax import data as data_lib
+    from variator_jax import splits
+    scheme, target, _ = data_lib.parse_source(spec)
+    return spec == "builtin:stdlib_docs" or (scheme == "jsonl" and
+                                             "unlabeled" in splits.split_files(target))
 
 
 # == Configs of the stages =========================================================================
@@ -233,7 +252,7 @@ class Pipeline:
 
     def _task_data(self, c):
         c.data.train, c.data.eval = self.args.data, self.args.data
-        c.data.train_split, c.data.eval_split = "train", "validation"
+        c.data.train_split, c.data.eval_split = self.args.train_split, self.args.validation_split
         if self.mini is not None:
             c.max_target_length = 4  # Classification reads one decoder position.
 
@@ -282,9 +301,41 @@ class Pipeline:
         with open(path) as f:
             return json.load(f)
 
+    def check_held_out(self) -> dict:
+        """No validation or test text in a training split or the pre-training corpus
+        (`variator_jax.overlap`; raises a one-line UserError). -> every split's size and
+        the overlap count (0), for the results."""
+        from variator_jax import data as data_lib
+        from variator_jax import overlap
+        from variator_jax.errors import user_errors
+        a = self.args
+        task = data_lib.get_task(a.task)
+        with user_errors(f"--data {a.data}"):
+            read = {split: data_lib.read_source(a.data, split) for split in
+                    dict.fromkeys((a.train_split, a.adapt_split, a.validation_split, a.test_split))}
+            corpus = data_lib.read_source(self.corpus(), "all")
+            trained = {split: overlap.input_hashes(task, read[split])
+                       for split in (a.train_split, a.adapt_split)}
+            documents = overlap.document_hashes(corpus)
+            found = 0
+            for held in dict.fromkeys((a.validation_split, a.test_split)):
+                checks = [(overlap.overlapping(task, read[held], hashes), f"training split {split}")
+                          for split, hashes in trained.items()]
+                checks.append((overlap.overlapping(task, read[held], documents, fields=True),
+                               f"the pre-training corpus {self.corpus()}"))
+                for texts, training in checks:
+                    overlap.refuse(texts, f"{a.data} {held}", training)
+                    found += len(texts)
+        return dict(source=a.data, task_file=a.task if task.origin.startswith("task file") else None,
+                    splits={role: dict(split=split, examples=len(read[split])) for role, split in
+                            (("train", a.train_split), ("adapt", a.adapt_split),
+                             ("validation", a.validation_split), ("test", a.test_split))},
+                    corpus=dict(source=self.corpus(), documents=len(corpus)), overlap=found)
+
     def run(self):
         from variator_jax import train_lib
         stages = []
+        data_report = self.check_held_out()  # Before anything trains.
 
         def stage(name, config):
             stages.append(name)
@@ -320,6 +371,7 @@ class Pipeline:
         results["examples"] = self.examples_report(ft_dir, plugins[("variator", k)], k)
         results["by_length"] = self.length_report(ft_dir, plugins)
         results["finetune_validation"] = ft.get("eval", {})
+        results["data"] = data_report
         # Training summed over every invocation that ran a part of it (stage_seconds.json);
         # stages finished before that file existed are listed, not guessed.
         results["pipeline_seconds"] = {"train": round(sum(seconds.get(name, 0) for name in stages)),
@@ -362,7 +414,7 @@ class Pipeline:
         from variator_jax import data as data_lib
         cfg, backbone = vj.load_hf_t5(lm_dir)
         tok = data_lib.load_tokenizer(self.vocabulary(), lm_dir)
-        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
+        texts = self._texts(self.args.validation_split)[:count]
         rng = np.random.default_rng(0)
         samples = []
         for text in texts:
@@ -374,6 +426,13 @@ class Pipeline:
         return dict(backbone=lm_dir, eval=lm.get("eval", {}), samples=samples,
                     encoder_use=self.encoder_use(cfg, backbone, tok),
                     encoder_use_held_out=self.encoder_use_held_out(cfg, backbone, tok))
+
+    def _texts(self, split) -> list[str]:
+        """The texts of a split of --data: each row's "text", else its formatted input."""
+        from variator_jax import data as data_lib
+        task = data_lib.get_task(self.args.task)
+        return [e["text"] if isinstance(e.get("text"), str) else task.format(e)[0]
+                for e in data_lib.read_source(self.args.data, split)]
 
     def _corrupted(self, tok, text, rng):
         """One validation text, span-corrupted as (a) was trained: (inputs, targets)."""
@@ -388,8 +447,7 @@ class Pipeline:
         real encoder inputs, and with each example's encoder input swapped for the next one's.
         A gap near 0 means an unconditional decoder, a poor start for fine-tuning (issue 12)."""
         import numpy as np
-        from variator_jax import data as data_lib
-        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
+        texts = self._texts(self.args.validation_split)[:count]
         n, m = self.mini["n"], self.mini["target"] + 8
         rng = np.random.default_rng(0)
         inputs, targets = np.zeros((len(texts), n), np.int32), np.zeros((len(texts), m), np.int32)
@@ -607,7 +665,8 @@ def plot(results: dict, path: str) -> None:
 def write(results: dict, out_dir: str) -> str:
     from variator_jax.fileio import atomic_write, write_text
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"quality-{machine_slug(results['machine'])}"
+    # Named by task: a run on another task never overwrites the committed results.
+    stem = f"quality-{results['task']}-{machine_slug(results['machine'])}"
     table = format_table(results)
     atomic_write(out_dir, f"{stem}.json", lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
     atomic_write(out_dir, f"{stem}.md", lambda tmp: write_text(tmp, table + "\n"))

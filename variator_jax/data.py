@@ -699,6 +699,11 @@ def train_batches(spec: str, task: str | Task, tokenizer, **kwargs):
     return pipeline.train_batches(spec, task, tokenizer, **kwargs)
 
 
+def eval_split(spec: str, task: Task, split: str | None) -> str | None:
+    """The split evaluation reads: `split`, else the spec's, else the task's."""
+    return task.eval_split if split is None and parse_source(spec)[2] is None else split
+
+
 def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
                  max_input_length: int, max_target_length: int, seed: int = 0,
                  data_dir: str | None = None, split: str | None = None,
@@ -710,8 +715,7 @@ def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: i
     """
     from variator_jax import pipeline  # (It imports this module.)
     task = get_task(task)
-    if split is None and parse_source(spec)[2] is None:
-        split = task.eval_split
+    split = eval_split(spec, task, split)
     source = pipeline.open_source(spec, split=split, data_dir=data_dir)
     if task.kind != "pretrain":
         check_examples(task, source, spec)

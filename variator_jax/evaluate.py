@@ -179,7 +179,7 @@ def _distillation_and_task(scored, model, data, mesh, rules, task) -> dict:
     """Training's eval step: classification metrics, CE, distillation errors, agreement."""
     objective, params, frozen = scored
     step = jax.jit(functools.partial(trainer.eval_step, objective=objective))
-    result = trainer.eval_pass(step, params, frozen, data, mesh, rules, task.name)
+    result = trainer.eval_pass(step, params, frozen, data, mesh, rules, task)
     if model.pcfg is None:  # The teacher agrees with itself; its metrics are its own.
         result["agreement"] = 1.0
     return result
