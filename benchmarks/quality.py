@@ -1,7 +1,7 @@
 r"""The paper's experiment in miniature: task accuracy against compression ratio, against
 training-free baselines, with the paper's ablations (Variator, Findings of EMNLP 2023, §4).
 
-  python -m benchmarks.quality          # or `make reproduce`: about 35 min on 2 CPU cores
+  python -m benchmarks.quality          # or `make reproduce`; it prints its own time estimate
 
 With no download at all it builds the whole pipeline of docs/DESIGN.md §2 on CPython's own text:
 
@@ -332,10 +332,80 @@ class Pipeline:
                              ("validation", a.validation_split), ("test", a.test_split))},
                     corpus=dict(source=self.corpus(), documents=len(corpus)), overlap=found)
 
+    # == The time it will take ======================================================================
+    def steps_to_train(self) -> dict:
+        """{stage: optimizer steps} of the stages `run` has yet to train (finished ones skip)."""
+        configs = {} if self.args.backbone else {"lm": self.lm_config()}
+        configs["finetune"] = self.finetune_config("")
+        for k in self.ratios:
+            configs[f"pretrain-k{k}"] = self.plugin_config("pretrain", "", k)
+            configs[f"adapt-k{k}"] = self.plugin_config("adapt", "", k)
+        for k in self.ablation_ratios:
+            configs[f"adapt-k{k}-no-pretrain"] = configs[f"adapt-k{k}-task-loss"] = \
+                self.plugin_config("adapt", "", k)
+        return {name: c.total_steps for name, c in configs.items()
+                if not os.path.isfile(self.path(name, "result.json"))}
+
+    def measure_step(self, repeats: int = 3) -> tuple[float, float]:
+        """(compile seconds, seconds a step) of a full fine-tuning step (AdamW) of this run's
+        model at stage (b)'s batch and lengths, on this machine now: stage (a)/(b) steps cost
+        about this, plugin steps (teacher forward, plugin-only backward) less."""
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import variator_jax as vj
+        from variator_jax.model import apply_forward
+        c = self.finetune_config("")
+        if self.args.backbone:
+            cfg = vj.T5Config.from_hf(os.path.join(self.args.backbone, "config.json"),
+                                      scan_layers=False)
+        else:
+            cfg = vj.T5Config.variant("t5-v1_1-small", scan_layers=False,
+                                      **(TINY_MODEL if self.tiny else MODEL), vocab_size=self.mini["vocab"])
+        ids = jnp.ones((c.batch_size, c.max_input_length), jnp.int32)
+        targets = jnp.ones((c.batch_size, c.max_target_length), jnp.int32)
+        tx = optax.adamw(1e-3)
+
+        def step(params, opt_state):
+            def loss(p):
+                logits = apply_forward(cfg, p, ids, jnp.ones_like(ids), vj.shift_right(targets))["logits"]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params = vj.init_t5(jax.random.key(0), cfg)
+        state = (params, tx.init(params))
+        step = jax.jit(step, donate_argnums=(0, 1))
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(step(*state))
+        t1 = time.perf_counter()
+        for _ in range(repeats):
+            state = step(*state)
+        jax.block_until_ready(state)
+        return t1 - t0, (time.perf_counter() - t1) / repeats
+
+    def estimate(self) -> dict:
+        """The training time still ahead, from the preset's steps and a step measured now;
+        printed before stage (a) and kept in the results beside the time it really took."""
+        steps = self.steps_to_train()
+        if not steps:
+            return {}
+        compile_s, step_s = self.measure_step()
+        seconds = sum(steps.values()) * step_s + len(steps) * compile_s
+        print(f"Estimate: about {seconds / 60:.0f} min of training for {len(steps)} stage(s) "
+              f"({sum(steps.values()):,} steps at {1e3 * step_s:.0f} ms, measured just now on "
+              f"this machine as it is loaded, plus ~{compile_s:.0f} s compiling each), then "
+              f"evaluation; stages finished earlier are skipped.", flush=True)
+        return dict(train_seconds=round(seconds), step_seconds=step_s,
+                    compile_seconds=round(compile_s, 1), steps=steps)
+
     def run(self):
         from variator_jax import train_lib
         stages = []
+        if self.mini is None and not self.args.backbone:
+            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
         data_report = self.check_held_out()  # Before anything trains.
+        estimate = self.estimate()
 
         def stage(name, config):
             stages.append(name)
@@ -343,8 +413,6 @@ class Pipeline:
 
         if self.args.backbone:
             lm_dir, lm = self.args.backbone, None
-        elif self.mini is None:
-            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
         else:
             lm = stage("lm", self.lm_config())
             lm_dir = lm["backbone_dir"]
@@ -372,6 +440,7 @@ class Pipeline:
         results["by_length"] = self.length_report(ft_dir, plugins)
         results["finetune_validation"] = ft.get("eval", {})
         results["data"] = data_report
+        results["estimate"] = estimate  # Against pipeline_seconds: how honest it was.
         # Training summed over every invocation that ran a part of it (stage_seconds.json);
         # stages finished before that file existed are listed, not guessed.
         results["pipeline_seconds"] = {"train": round(sum(seconds.get(name, 0) for name in stages)),

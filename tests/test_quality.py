@@ -39,12 +39,13 @@ def _results_listing():
     return {f: os.stat(os.path.join(results, f)).st_mtime_ns for f in os.listdir(results)}
 
 
-def test_a_declared_task_on_a_jsonl_directory_runs_the_whole_pipeline(tmp_path):
+def test_a_declared_task_on_a_jsonl_directory_runs_the_whole_pipeline(tmp_path, capsys):
     from benchmarks import quality
     task, spec, rows = _own_task(tmp_path)
     before = _results_listing()
     quality.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=", "--speed_repeats=1",
                   f"--task={task}", f"--data={spec}", f"--workdir={tmp_path / 'work'}"])
+    assert "Estimate: about" in capsys.readouterr().out  # Printed before stage (a).
     assert _results_listing() == before  # The committed results are untouched.
     (name,) = [p for p in os.listdir(tmp_path / "work" / "results") if p.endswith(".json")]
     assert name.startswith("quality-pkgdoc-cpu-")
@@ -58,6 +59,9 @@ def test_a_declared_task_on_a_jsonl_directory_runs_the_whole_pipeline(tmp_path):
     assert [(r["method"], r["k"]) for r in results["rows"]] == [
         ("teacher", 1), ("variator", 2), ("mean_pool", 2), ("tome", 2), ("strided", 2)]
     assert {e["label"] for e in results["examples"]} <= set(WORDS.values())
+    estimate = results["estimate"]  # From the preset's steps and a step measured then.
+    assert estimate["steps"] == {"lm": 2, "finetune": 2, "pretrain-k2": 2, "adapt-k2": 2}
+    assert estimate["step_seconds"] > 0 and estimate["train_seconds"] >= 0
     # train.py's stages checked and recorded their own splits: fine-tuning on train, validated
     # on validation (no longer the whole directory for every name).
     with open(tmp_path / "work" / "finetune" / "result.json") as f:
