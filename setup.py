@@ -20,6 +20,8 @@ _EXTRAS = {
     "torch": ["torch>=2.1"],
     # tfds datasets (GLUE, SQuAD): their builders need TensorFlow.
     "tfds": ["tensorflow-datasets>=4.9.3", "tensorflow>=2.15"],
+    # `hf:` sources: datasets saved by HF datasets, or data files it reads.
+    "hf": ["datasets>=2.14"],
     "dev": ["pytest>=7.4", "ruff>=0.5"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})

@@ -109,7 +109,8 @@ def _parse(argv):
     p.add_argument("--data", default="builtin:stdlib_docs",
                    help="task source: its named splits (tfds, builtin), a jsonl:DIR of train/"
                    "validation/test[/unlabeled].jsonl, a jsonl file's per-row 'split' field, or "
-                   "else a hash of each row's text (70/10/20 %%; variator_jax/splits.py)")
+                   "else a hash of each row's text (70/10/20 %%), or an hf:PATH dataset "
+                   "(variator_jax/splits.py)")
     p.add_argument("--train_split", default="train", help="split of --data that (b) trains on")
     p.add_argument("--validation_split", default="validation",
                    help="split of --data that (b) validates on")

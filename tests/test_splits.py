@@ -125,3 +125,37 @@ def test_typed_records_are_refused_naming_file_line_and_field(tmp_path, tok, rec
     with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
         data.train_batches(f"jsonl:{path}", "stdlib_docs", tok, global_batch_size=2, seed=0,
                            split="test", **kw)
+
+
+def test_hf_datasets_follow_the_same_split_rules(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    files = {"train": _rows(20, "tr"), "validation": _rows(5, "va"), "test": _rows(7, "te")}
+    saved = str(tmp_path / "saved")
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows)
+                          for name, rows in files.items()}).save_to_disk(saved)
+    for name, rows in files.items():
+        assert _both(f"hf:{saved}", name) == rows
+    assert _both(f"hf:{saved}", "train[:25%]+test[-1:]") == files["train"][:5] + files["test"][-1:]
+    with pytest.raises(ValueError, match=f"hf:{saved} has no split 'unlabeled'; its splits: "
+                                         "train, validation, test"):
+        pipeline.open_source(f"hf:{saved}", split="unlabeled")
+    # One Dataset: its "split" column, else the hash of the text, as a jsonl file.
+    single = str(tmp_path / "single")
+    rows = _rows(300)
+    datasets.Dataset.from_list(rows).save_to_disk(single)
+    assert _both(f"hf:{single}", "test") == [r for r in rows
+                                             if splits.hash_split(r["text"]) == "test"]
+    tagged = str(tmp_path / "tagged")
+    datasets.Dataset.from_list([dict(r, split="validation" if i < 4 else "train")
+                                for i, r in enumerate(rows)]).save_to_disk(tagged)
+    assert [r["text"] for r in _both(f"hf:{tagged}", "validation")] == \
+        [r["text"] for r in rows[:4]]
+    # Data files that `datasets.load_dataset` reads, split by their names.
+    csv = tmp_path / "csv"
+    csv.mkdir()
+    for name, split_rows in files.items():
+        datasets.Dataset.from_list(split_rows).to_csv(str(csv / f"{name}.csv"))
+    assert _both(f"hf:{csv}", "validation") == files["validation"]
+    with pytest.raises(FileNotFoundError, match="hf:/no/such: no such file"):
+        data.read_source("hf:/no/such")

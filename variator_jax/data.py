@@ -40,9 +40,9 @@ NOISE = (NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)  # The `noise=` default of the b
 PAD_ID = 0
 DECODER_START_ID = 0
 
-KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin")
+KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin", "hf")
 _SOURCE_FORMS = ("text:PATH, jsonl:PATH, tfds:NAME[/CONFIG][:SPLIT], builtin:pydoc, "
-                 "builtin:stdlib_docs")
+                 "builtin:stdlib_docs, hf:PATH")
 _BUILTINS = ("pydoc", "stdlib_docs")
 # The per-example noise draws from its own random stream, never the shuffle's.
 _NOISE_STREAM = 1
@@ -138,9 +138,10 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
         files, plain or gzip (see `corpus`); `tfds:NAME[/CONFIG][:SPLIT]`
         (a prepared tfds dataset under `data_dir`; strings decoded to str,
         arrays to lists), `builtin:pydoc` (CPython's `pydoc_data.topics`,
-        values in sorted-key order -> {"text"}) or `builtin:stdlib_docs` (the
+        values in sorted-key order -> {"text"}), `builtin:stdlib_docs` (the
         standard library's docstrings labelled by package, splits train /
-        validation / test / unlabeled: `variator_jax.stdlib_docs`).
+        validation / test / unlabeled: `variator_jax.stdlib_docs`) or `hf:PATH` (an
+        HF `datasets` dataset saved to disk, or a directory of data files).
       split: overrides the spec's split; default "train". A name, a tfds-style slice
         ("train[:90%]", "validation[-100:]"), several joined by "+", or "all". Where
         file sources get their splits (a `jsonl:DIR` of train/validation/test.jsonl, a
@@ -162,7 +163,8 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
         examples = splits.select(split or "train", ("train",),
                                  lambda _: _read_builtin(target), spec)
     else:  # Eval sets are small: the indexed files' records, all in memory.
-        records = splits.open_split(scheme, target, split)
+        records = (splits.open_hf(target, split) if scheme == "hf"
+                   else splits.open_split(scheme, target, split))
         examples = [records[i] for i in range(len(records))]
     if not examples:
         where = f" (split {split!r})" if split else ""

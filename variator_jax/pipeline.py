@@ -78,6 +78,8 @@ def open_source(spec: str, split: str | None = None, data_dir: str | None = None
     split = split if split is not None else spec_split
     if scheme in ("text", "jsonl"):
         source = splits_lib.open_split(scheme, target, split, index_dir)
+    elif scheme == "hf":
+        source = splits_lib.open_hf(target, split)
     elif scheme == "tfds":
         source = _tfds_source(target, split or "train", data_dir)
     else:

@@ -11,7 +11,10 @@ come from:
   - a `jsonl:` source without that field: split by a hash of each record's text
     (`hash_split`: 70 % train, 10 % validation, 20 % test, the rule of
     `builtin:stdlib_docs`), so one text always lands in one split; it says so once;
-  - `text:`: one split, `train` (every document); slice it (`train[97%:]`) for held-out text.
+  - `text:`: one split, `train` (every document); slice it (`train[97%:]`) for held-out text;
+  - `hf:PATH` (optional, with HF `datasets` installed): a dataset saved by `save_to_disk`
+    or a directory of data files `datasets.load_dataset` reads (`train.csv`, ...): a
+    `DatasetDict`'s splits by name; a single `Dataset` by its "split" column or the hash.
 
 Asking for a split the source does not have is an error, never the whole file. Finding the
 `split` field's or the hash's splits reads every record once per process (a pre-training
@@ -111,17 +114,19 @@ class SplitSource:
         corpus, j = self._find(int(i))
         return corpus[j]
 
-    def locate(self, i: int) -> tuple[str, int, int | None]:
-        """(file, byte offset, line number or None) of record `i`, as `IndexedCorpus.locate`."""
+    def locate(self, i: int) -> tuple[str, int, int | None] | None:
+        """(file, byte offset, line number or None) of record `i`, as `IndexedCorpus.locate`;
+        None for records that come from no file (HF datasets)."""
         corpus, j = self._find(int(i))
-        return corpus.locate(j)
+        return corpus.locate(j) if hasattr(corpus, "locate") else None
 
 
 def where(source, i: int) -> str:
     """'FILE:LINE' of record `i` of a source that can locate its records, else 'record I'."""
-    if not hasattr(source, "locate"):
+    place = source.locate(i) if hasattr(source, "locate") else None
+    if place is None:
         return f"record {i}"
-    path, offset, line = source.locate(i)
+    path, offset, line = place
     return f"{path}:{line}" if line is not None else f"{path} (byte {offset})"
 
 
@@ -148,14 +153,8 @@ def open_split(scheme: str, target: str, split: str | None, index_dir: str | Non
     where = f"{scheme}:{target}"
     files = split_files(target) if scheme == "jsonl" else {}
     if files:
-        corpora = {name: corpus_lib.open_files(path, scheme, index_dir)
-                   for name, path in files.items()}
-        # Record indices of every split, each file's offset by the files before it.
-        starts = dict(zip(corpora, np.cumsum([0] + [len(c) for c in corpora.values()])))
-        parts = _select_parts(split, tuple(corpora),
-                              lambda n: np.arange(len(corpora[n])) + starts[n], where)
-        joined = SplitSource([(c, np.arange(len(c))) for c in corpora.values()])
-        return SplitSource([(joined, ix) for _, ix in parts])
+        return _named({name: corpus_lib.open_files(path, scheme, index_dir)
+                       for name, path in files.items()}, split, where)
     corpus = corpus_lib.open_files(target, scheme, index_dir)
     if not len(corpus):
         return SplitSource([(corpus, [])])  # The caller says "empty corpus".
@@ -164,11 +163,49 @@ def open_split(scheme: str, target: str, split: str | None, index_dir: str | Non
         available = ("train",) if scheme == "text" else ("records",)
         parts = _select_parts(split, available, lambda n: np.arange(len(corpus)), where)
         return SplitSource([(corpus, ix) for _, ix in parts])
-    names = _assignment(corpus, where)
+    return SplitSource([(corpus, ix) for ix in _by_assignment(corpus, split, where)])
+
+
+def _named(sources: dict, split: str, where: str) -> SplitSource:
+    """`split` of a source whose splits are separate random-access sources {name: source}."""
+    # Joined as one, each split a range of record indices.
+    starts = dict(zip(sources, np.cumsum([0] + [len(c) for c in sources.values()])))
+    parts = _select_parts(split, tuple(sources),
+                          lambda n: np.arange(len(sources[n])) + starts[n], where)
+    joined = SplitSource([(c, np.arange(len(c))) for c in sources.values()])
+    return SplitSource([(joined, ix) for _, ix in parts])
+
+
+def _by_assignment(records, split: str, where: str, key=None) -> list[np.ndarray]:
+    """The record indices of each '+' part of `split`, by `_assignment`."""
+    names = _assignment(records, where, key)
     available = tuple(s for s in SPLITS if s in set(names))
     by_name = {s: np.flatnonzero(names == s) for s in available}
-    return SplitSource([(corpus, ix) for _, ix in _select_parts(
-        split, available, lambda n: by_name[n], where)])
+    return [ix for _, ix in _select_parts(split, available, lambda n: by_name[n], where)]
+
+
+# ============================ HF datasets (optional) ==========================
+
+
+def open_hf(path: str, split: str | None):
+    """The records of `split` (default `train`) of `hf:PATH`, as a random-access source."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"hf: sources need HF datasets (pip install -e '.[hf]'): {e}") from e
+    split, where = split or "train", f"hf:{path}"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: no such file or directory")
+    try:
+        dataset = datasets.load_from_disk(path)
+    except FileNotFoundError:  # Not a saved dataset: data files, split by their names.
+        dataset = datasets.load_dataset(path)
+    if isinstance(dataset, datasets.DatasetDict):
+        return _named(dict(dataset), split, where)
+    if _only_all(split):
+        return SplitSource([(dataset, np.arange(len(dataset)))])
+    key = (where, dataset._fingerprint)  # (The dataset's content hash, as HF caches by.)
+    return SplitSource([(dataset, ix) for ix in _by_assignment(dataset, split, where, key)])
 
 
 def _only_all(split: str) -> bool:
@@ -194,10 +231,10 @@ def _select_parts(split, available, items_of, where):
     return out
 
 
-def _assignment(corpus, where: str) -> np.ndarray:
+def _assignment(corpus, source: str, key=None) -> np.ndarray:
     """Each record's split name: its "split" field if the first record has one (then every
     record must), else `hash_split` of its text (said once). Cached per file version."""
-    key = (tuple(corpus.paths), tuple(map(json.dumps, corpus._stamps)))
+    key = key or (tuple(corpus.paths), tuple(map(json.dumps, corpus._stamps)))
     if key in _assignments:
         return _assignments[key]
     first = corpus[0] if len(corpus) else {}
@@ -208,16 +245,15 @@ def _assignment(corpus, where: str) -> np.ndarray:
         if by_field:
             name = record.get("split")
             if name not in SPLITS:
-                path, _, line = corpus.locate(i)
                 got = "no 'split' field" if "split" not in record else f"split {name!r}"
-                raise ValueError(f"{path}:{line}: {got}; the first record has one, so every "
-                                 f"record needs one of {', '.join(SPLITS)}")
+                raise ValueError(f"{where(corpus, i)}: {got}; the first record has one, so "
+                                 f"every record needs one of {', '.join(SPLITS)}")
         else:
             name = hash_split(record_text(record))
         names.append(name)
-    if not by_field and where not in _said:
-        _said.add(where)
-        print(f"{where}: no 'split' field and not a directory of train/validation/test.jsonl: "
+    if not by_field and source not in _said:
+        _said.add(source)
+        print(f"{source}: no 'split' field and no file per split: "
               f"split by a hash of each record's text, 70 % train, 10 % validation, 20 % test",
               file=sys.stderr, flush=True)
     _assignments[key] = np.asarray(names, dtype=object)
