@@ -97,7 +97,9 @@ class SplitSource:
     `locate(i)` gives record `i`'s place (`where` formats it), for errors about its fields."""
 
     def __init__(self, parts):
-        self._parts = [(c, np.asarray(ix, np.int64)) for c, ix in parts]
+        # A range stays a range: a whole corpus costs no memory per record.
+        self._parts = [(c, ix if isinstance(ix, range) else np.asarray(ix, np.int64))
+                       for c, ix in parts]
         self._offsets = np.cumsum([0] + [len(ix) for _, ix in self._parts])
 
     def __len__(self) -> int:
@@ -161,7 +163,7 @@ def open_split(scheme: str, target: str, split: str | None, index_dir: str | Non
     if scheme == "text" or _only_all(split):
         # One split (text), or every record: nothing to read ahead.
         available = ("train",) if scheme == "text" else ("records",)
-        parts = _select_parts(split, available, lambda n: np.arange(len(corpus)), where)
+        parts = _select_parts(split, available, lambda n: range(len(corpus)), where)
         return SplitSource([(corpus, ix) for _, ix in parts])
     return SplitSource([(corpus, ix) for ix in _by_assignment(corpus, split, where)])
 
@@ -214,7 +216,7 @@ def _only_all(split: str) -> bool:
 
 def _select_parts(split, available, items_of, where):
     """[(name, items)] for each '+' part of `split`, sliced; `items_of(name)`: a split's
-    records (a list) or record indices (an int array)."""
+    records (a list) or record indices (an int array or a range)."""
     out = []
     for name, start, end in parse(split):
         if name == ALL:
@@ -225,8 +227,12 @@ def _select_parts(split, available, items_of, where):
             raise ValueError(f"{where} has no split {name!r}; its splits: "
                              f"{', '.join(available) or 'none'} (and {ALL})")
         chunks = [items_of(n) for n in names]
-        items = (np.concatenate(chunks) if isinstance(chunks[0], np.ndarray)
-                 else [x for chunk in chunks for x in chunk])
+        if len(chunks) == 1:
+            items = chunks[0]
+        elif isinstance(chunks[0], np.ndarray):
+            items = np.concatenate(chunks)
+        else:
+            items = [x for chunk in chunks for x in chunk]
         out.append((name, take(items, start, end)))
     return out
 
