@@ -64,6 +64,25 @@ class _Subset:
         return self._source[int(self._indices[i])]
 
 
+class _Located:
+    """A pre-training source whose bad records name their place ("FILE:LINE: ...") when read:
+    a corpus is not checked ahead, so the check comes with the record."""
+
+    def __init__(self, source, task):
+        self._source, self._task = source, task
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int):
+        record = self._source[i]
+        try:
+            self._task.format(record)
+        except ValueError as e:
+            raise ValueError(f"{splits_lib.where(self._source, i)}: {e}") from None
+        return record
+
+
 def open_source(spec: str, split: str | None = None, data_dir: str | None = None,
                 index_dir: str | None = None):
     """A random-access source (`len`, `[i]` -> example dict) for `spec`, without reading it.
@@ -342,6 +361,8 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
     unlabelled_rows = 0
     if task.kind != "pretrain":  # Supervised sets are checked whole before training.
         data_lib.check_examples(task, source, spec)
+    else:
+        source = _Located(source, task)
     if task.kind == "classification":
         # GLUE test splits have label -1: nothing to learn unless the loss needs no label.
         has_label = np.asarray([task.label_index(source[i]) != -1 for i in range(len(source))])
