@@ -392,11 +392,12 @@ class Pipeline:
         if not steps:
             return {}
         compile_s, step_s = self.measure_step()
-        seconds = sum(steps.values()) * step_s + len(steps) * compile_s
+        # Each stage compiles a train step and an eval step: two compiles a stage.
+        seconds = sum(steps.values()) * step_s + 2 * len(steps) * compile_s
         print(f"Estimate: about {seconds / 60:.0f} min of training for {len(steps)} stage(s) "
               f"({sum(steps.values()):,} steps at {1e3 * step_s:.0f} ms, measured just now on "
-              f"this machine as it is loaded, plus ~{compile_s:.0f} s compiling each), then "
-              f"evaluation; stages finished earlier are skipped.", flush=True)
+              f"this machine as it is loaded, plus two compiles of ~{compile_s:.0f} s each), "
+              f"then evaluation; stages finished earlier are skipped.", flush=True)
         return dict(train_seconds=round(seconds), step_seconds=step_s,
                     compile_seconds=round(compile_s, 1), steps=steps)
 
