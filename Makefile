@@ -54,7 +54,9 @@ serve: $(SERVE_STAMP)
 simulate: install
 	$(PY) -m benchmarks.serve
 
-# The paper's experiment in miniature (benchmarks/quality.py): ~35 min, cached and resumable.
+# The paper's experiment in miniature (benchmarks/quality.py): it prints its time estimate first
+# (README's run: 27 min of training on a 2-core AMD EPYC; more when other jobs share the cores).
+# Cached and resumable.
 reproduce: install
 	$(PY) -m benchmarks.quality
 

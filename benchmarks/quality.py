@@ -1,7 +1,7 @@
 r"""The paper's experiment in miniature: task accuracy against compression ratio, against
 training-free baselines, with the paper's ablations (Variator, Findings of EMNLP 2023, §4).
 
-  python -m benchmarks.quality          # or `make reproduce`: about 35 min on 2 CPU cores
+  python -m benchmarks.quality          # or `make reproduce`; it prints its own time estimate
 
 With no download at all it builds the whole pipeline of docs/DESIGN.md §2 on CPython's own text:
 
@@ -33,7 +33,7 @@ The full-size version is the same command pointed at a real T5 and a real task, 
       --size=base --preset=paper
 
 (--backbone skips (a); --preset=paper takes the released settings of configs/*.py instead
-of the miniature's.) Writes benchmarks/results/quality-<machine>.json, .md and .png.
+of the miniature's.) Writes quality-<task>-<machine>.json, .md and .png to --out.
 """
 from __future__ import annotations
 
@@ -97,19 +97,27 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="", help="where every stage runs (cached, "
                    "resumable); default quality_workdir, demo_workdir for --preset=demo")
-    p.add_argument("--out", default="", help="directory for quality-<machine>.json/.md/.png; "
-                   "default benchmarks/results, WORKDIR/results for --preset=demo and tiny")
+    p.add_argument("--out", default="", help="directory for quality-<task>-<machine>.json/.md/"
+                   ".png; default benchmarks/results for the built-in task at --preset=mini or "
+                   "paper, else WORKDIR/results")
     p.add_argument("--backbone", default="", help="a pre-trained HF T5 dir: skips (a)")
     p.add_argument("--tokenizer", default="", help="tokenizer dir or 'byte' (default: the "
                    "backbone's; for the miniature, a vocabulary trained into WORKDIR/tokenizer)")
     p.add_argument("--size", default="", help="expected variant size of --backbone (base, large...)")
-    p.add_argument("--task", default="stdlib_docs", help="task name (data.TASKS)")
+    p.add_argument("--task", default="stdlib_docs", help="a task name (data.TASKS) or a JSON "
+                   "task file (variator_jax/task_file.py)")
     p.add_argument("--data", default="builtin:stdlib_docs",
-                   help="task source; train/validation/test splits by the source's names")
+                   help="task source: its named splits (tfds, builtin), a jsonl:DIR of train/"
+                   "validation/test[/unlabeled].jsonl, a jsonl file's per-row 'split' field, or "
+                   "else a hash of each row's text (70/10/20 %%), or an hf:PATH dataset "
+                   "(variator_jax/splits.py)")
+    p.add_argument("--train_split", default="train", help="split of --data that (b) trains on")
+    p.add_argument("--validation_split", default="validation",
+                   help="split of --data that (b) validates on")
     p.add_argument("--test_split", default="test", help="split of --data that (e) reports")
     p.add_argument("--adapt_split", default="", help="split of --data that (d) trains on; "
                    "label -1 rows serve its hidden-state loss (default: train+unlabeled for "
-                   "builtin:stdlib_docs, else train)")
+                   "builtin:stdlib_docs and a jsonl:DIR with unlabeled.jsonl, else train)")
     p.add_argument("--corpus", default="", help="pre-training corpus for (a) and (c) "
                    "(default: CPython's docs + the task's training texts, written to WORKDIR)")
     p.add_argument("--ratios", default=None, help="compression ratios k (default 2,4,8; demo: 4)")
@@ -126,12 +134,24 @@ def _parse(argv):
     args.ratios = args.ratios if args.ratios is not None else "4" if demo else "2,4,8"
     args.ablation_ratios = (args.ablation_ratios if args.ablation_ratios is not None
                             else "" if demo else "4")
-    args.adapt_split = args.adapt_split or ("train+unlabeled" if args.data == "builtin:stdlib_docs"
-                                            else "train")
+    args.adapt_split = args.adapt_split or ("train+unlabeled" if _has_unlabeled(args.data)
+                                            else args.train_split)
     args.workdir = args.workdir or os.path.join(_ROOT, "demo_workdir" if demo else "quality_workdir")
-    args.out = args.out or (os.path.join(args.workdir, "results") if args.preset in ("demo", "tiny")
-                            else os.path.join(_ROOT, "benchmarks", "results"))
+    # Only the built-in task's full runs go where the committed results are.
+    builtin = (args.task, args.data) == ("stdlib_docs", "builtin:stdlib_docs")
+    args.out = args.out or (os.path.join(_ROOT, "benchmarks", "results")
+                            if builtin and args.preset in ("mini", "paper")
+                            else os.path.join(args.workdir, "results"))
     return args
+
+
+def _has_unlabeled(spec: str) -> bool:
+    """Whether --data has an `unlabeled` split (label -1 rows for (d)'s hidden-state loss)."""
+    from variator_jax import data as data_lib
+    from variator_jax import splits
+    scheme, target, _ = data_lib.parse_source(spec)
+    return spec == "builtin:stdlib_docs" or (scheme == "jsonl" and
+                                             "unlabeled" in splits.split_files(target))
 
 
 # == Configs of the stages =========================================================================
@@ -233,7 +253,7 @@ class Pipeline:
 
     def _task_data(self, c):
         c.data.train, c.data.eval = self.args.data, self.args.data
-        c.data.train_split, c.data.eval_split = "train", "validation"
+        c.data.train_split, c.data.eval_split = self.args.train_split, self.args.validation_split
         if self.mini is not None:
             c.max_target_length = 4  # Classification reads one decoder position.
 
@@ -282,9 +302,112 @@ class Pipeline:
         with open(path) as f:
             return json.load(f)
 
+    def check_held_out(self) -> dict:
+        """No validation or test text in a training split or the pre-training corpus
+        (`variator_jax.overlap`; raises a one-line UserError). -> every split's size and
+        the overlap count (0), for the results."""
+        from variator_jax import data as data_lib
+        from variator_jax import overlap
+        from variator_jax.errors import user_errors
+        a = self.args
+        task = data_lib.get_task(a.task)
+        with user_errors(f"--data {a.data}"):
+            read = {split: data_lib.read_source(a.data, split) for split in
+                    dict.fromkeys((a.train_split, a.adapt_split, a.validation_split, a.test_split))}
+            corpus = data_lib.read_source(self.corpus(), "all")
+            trained = {split: overlap.input_hashes(task, read[split])
+                       for split in (a.train_split, a.adapt_split)}
+            documents = overlap.document_hashes(corpus)
+            found = 0
+            for held in dict.fromkeys((a.validation_split, a.test_split)):
+                checks = [(overlap.overlapping(task, read[held], hashes), f"training split {split}")
+                          for split, hashes in trained.items()]
+                checks.append((overlap.overlapping(task, read[held], documents, fields=True),
+                               f"the pre-training corpus {self.corpus()}"))
+                for texts, training in checks:
+                    overlap.refuse(texts, f"{a.data} {held}", training)
+                    found += len(texts)
+        return dict(source=a.data, task_file=a.task if task.origin.startswith("task file") else None,
+                    splits={role: dict(split=split, examples=len(read[split])) for role, split in
+                            (("train", a.train_split), ("adapt", a.adapt_split),
+                             ("validation", a.validation_split), ("test", a.test_split))},
+                    corpus=dict(source=self.corpus(), documents=len(corpus)), overlap=found)
+
+    # == The time it will take ======================================================================
+    def steps_to_train(self) -> dict:
+        """{stage: optimizer steps} of the stages `run` has yet to train (finished ones skip)."""
+        configs = {} if self.args.backbone else {"lm": self.lm_config()}
+        configs["finetune"] = self.finetune_config("")
+        for k in self.ratios:
+            configs[f"pretrain-k{k}"] = self.plugin_config("pretrain", "", k)
+            configs[f"adapt-k{k}"] = self.plugin_config("adapt", "", k)
+        for k in self.ablation_ratios:
+            configs[f"adapt-k{k}-no-pretrain"] = configs[f"adapt-k{k}-task-loss"] = \
+                self.plugin_config("adapt", "", k)
+        return {name: c.total_steps for name, c in configs.items()
+                if not os.path.isfile(self.path(name, "result.json"))}
+
+    def measure_step(self, repeats: int = 3) -> tuple[float, float]:
+        """(compile seconds, seconds a step) of a full fine-tuning step (AdamW) of this run's
+        model at stage (b)'s batch and lengths, on this machine now: stage (a)/(b) steps cost
+        about this, plugin steps (teacher forward, plugin-only backward) less."""
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import variator_jax as vj
+        from variator_jax.model import apply_forward
+        c = self.finetune_config("")
+        if self.args.backbone:
+            cfg = vj.T5Config.from_hf(os.path.join(self.args.backbone, "config.json"),
+                                      scan_layers=False)
+        else:
+            cfg = vj.T5Config.variant("t5-v1_1-small", scan_layers=False,
+                                      **(TINY_MODEL if self.tiny else MODEL), vocab_size=self.mini["vocab"])
+        ids = jnp.ones((c.batch_size, c.max_input_length), jnp.int32)
+        targets = jnp.ones((c.batch_size, c.max_target_length), jnp.int32)
+        tx = optax.adamw(1e-3)
+
+        def step(params, opt_state):
+            def loss(p):
+                logits = apply_forward(cfg, p, ids, jnp.ones_like(ids), vj.shift_right(targets))["logits"]
+                return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params = vj.init_t5(jax.random.key(0), cfg)
+        state = (params, tx.init(params))
+        step = jax.jit(step, donate_argnums=(0, 1))
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(step(*state))
+        t1 = time.perf_counter()
+        for _ in range(repeats):
+            state = step(*state)
+        jax.block_until_ready(state)
+        return t1 - t0, (time.perf_counter() - t1) / repeats
+
+    def estimate(self) -> dict:
+        """The training time still ahead, from the preset's steps and a step measured now;
+        printed before stage (a) and kept in the results beside the time it really took."""
+        steps = self.steps_to_train()
+        if not steps:
+            return {}
+        compile_s, step_s = self.measure_step()
+        # Each stage compiles a train step and an eval step: two compiles a stage.
+        seconds = sum(steps.values()) * step_s + 2 * len(steps) * compile_s
+        print(f"Estimate: about {seconds / 60:.0f} min of training for {len(steps)} stage(s) "
+              f"({sum(steps.values()):,} steps at {1e3 * step_s:.0f} ms, measured just now on "
+              f"this machine as it is loaded, plus two compiles of ~{compile_s:.0f} s each), "
+              f"then evaluation; stages finished earlier are skipped.", flush=True)
+        return dict(train_seconds=round(seconds), step_seconds=step_s,
+                    compile_seconds=round(compile_s, 1), steps=steps)
+
     def run(self):
         from variator_jax import train_lib
         stages = []
+        if self.mini is None and not self.args.backbone:
+            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
+        data_report = self.check_held_out()  # Before anything trains.
+        estimate = self.estimate()
 
         def stage(name, config):
             stages.append(name)
@@ -292,8 +415,6 @@ class Pipeline:
 
         if self.args.backbone:
             lm_dir, lm = self.args.backbone, None
-        elif self.mini is None:
-            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
         else:
             lm = stage("lm", self.lm_config())
             lm_dir = lm["backbone_dir"]
@@ -320,6 +441,8 @@ class Pipeline:
         results["examples"] = self.examples_report(ft_dir, plugins[("variator", k)], k)
         results["by_length"] = self.length_report(ft_dir, plugins)
         results["finetune_validation"] = ft.get("eval", {})
+        results["data"] = data_report
+        results["estimate"] = estimate  # Against pipeline_seconds: how honest it was.
         # Training summed over every invocation that ran a part of it (stage_seconds.json);
         # stages finished before that file existed are listed, not guessed.
         results["pipeline_seconds"] = {"train": round(sum(seconds.get(name, 0) for name in stages)),
@@ -362,7 +485,7 @@ class Pipeline:
         from variator_jax import data as data_lib
         cfg, backbone = vj.load_hf_t5(lm_dir)
         tok = data_lib.load_tokenizer(self.vocabulary(), lm_dir)
-        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
+        texts = self._texts(self.args.validation_split)[:count]
         rng = np.random.default_rng(0)
         samples = []
         for text in texts:
@@ -374,6 +497,13 @@ class Pipeline:
         return dict(backbone=lm_dir, eval=lm.get("eval", {}), samples=samples,
                     encoder_use=self.encoder_use(cfg, backbone, tok),
                     encoder_use_held_out=self.encoder_use_held_out(cfg, backbone, tok))
+
+    def _texts(self, split) -> list[str]:
+        """The texts of a split of --data: each row's "text", else its formatted input."""
+        from variator_jax import data as data_lib
+        task = data_lib.get_task(self.args.task)
+        return [e["text"] if isinstance(e.get("text"), str) else task.format(e)[0]
+                for e in data_lib.read_source(self.args.data, split)]
 
     def _corrupted(self, tok, text, rng):
         """One validation text, span-corrupted as (a) was trained: (inputs, targets)."""
@@ -388,8 +518,7 @@ class Pipeline:
         real encoder inputs, and with each example's encoder input swapped for the next one's.
         A gap near 0 means an unconditional decoder, a poor start for fine-tuning (issue 12)."""
         import numpy as np
-        from variator_jax import data as data_lib
-        texts = [e["text"] for e in data_lib.read_source(self.args.data, "validation")][:count]
+        texts = self._texts(self.args.validation_split)[:count]
         n, m = self.mini["n"], self.mini["target"] + 8
         rng = np.random.default_rng(0)
         inputs, targets = np.zeros((len(texts), n), np.int32), np.zeros((len(texts), m), np.int32)
@@ -607,7 +736,8 @@ def plot(results: dict, path: str) -> None:
 def write(results: dict, out_dir: str) -> str:
     from variator_jax.fileio import atomic_write, write_text
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"quality-{machine_slug(results['machine'])}"
+    # Named by task: a run on another task never overwrites the committed results.
+    stem = f"quality-{results['task']}-{machine_slug(results['machine'])}"
     table = format_table(results)
     atomic_write(out_dir, f"{stem}.json", lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
     atomic_write(out_dir, f"{stem}.md", lambda tmp: write_text(tmp, table + "\n"))

@@ -315,8 +315,13 @@ def test_builtin_pydoc_and_slices():
     assert docs[0]["text"] == topics[sorted(topics)[0]].strip()
     assert len(docs) == sum(1 for v in topics.values() if v.strip())
     assert data.read_source("builtin:pydoc", split="train[:10]") == docs[:10]
-    assert data.read_source("builtin:pydoc", split="validation[90%:]") == \
+    assert data.read_source("builtin:pydoc", split="train[90%:]") == \
         docs[round(len(docs) * 0.9):]
+    assert data.read_source("builtin:pydoc", split="all[-3:]+train[:2]") == docs[-3:] + docs[:2]
+    # A split the source does not have is an error, never the whole corpus.
+    with pytest.raises(ValueError, match="builtin:pydoc has no split 'validation'; its splits: "
+                                         "train"):
+        data.read_source("builtin:pydoc", split="validation[90%:]")
 
 
 def test_text_and_jsonl_sources(tmp_path):
@@ -325,7 +330,7 @@ def test_text_and_jsonl_sources(tmp_path):
                                                  {"text": "second"}]
     rows = [{"sentence": "s", "label": 1}, {"sentence": "t", "label": 0}]
     path = _write(tmp_path / "j.jsonl", json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
-    assert data.read_source(f"jsonl:{path}") == rows
+    assert data.read_source(f"jsonl:{path}", "all") == rows
 
 
 def test_source_errors(tmp_path):
@@ -377,7 +382,7 @@ def test_batch_layout_and_truncation(tmp_path, tok):
     rows = [{"sentence": "x" * 100, "label": 1}, {"sentence": "ok", "label": 0}]
     path = _write_jsonl(tmp_path / "s.jsonl", rows)
     it = data.eval_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=2,
-                           max_input_length=32, max_target_length=8)
+                           max_input_length=32, max_target_length=8, split="all")
     (b,) = list(it)
     assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
         "input_ids": ((2, 32), "int32"), "attention_mask": ((2, 32), "int32"),
@@ -401,19 +406,21 @@ def test_unlabelled_examples_are_dropped(tmp_path, tok):
     rows = [{"sentence": "a", "label": -1}, {"sentence": "b", "label": 1},
             {"sentence": "c", "label": -1}]
     it = data.eval_batches(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', rows)}", "sst2", tok,
-                           global_batch_size=4, max_input_length=16, max_target_length=4)
+                           global_batch_size=4, max_input_length=16, max_target_length=4,
+                           split="all")
     assert it.num_examples == 1 and it.references == [["positive"]]
     path = _write_jsonl(tmp_path / "t.jsonl", [rows[0]])
     with pytest.raises(ValueError, match="no labelled examples"):
         data.train_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=2,
-                           max_input_length=16, max_target_length=4, seed=0)
+                           max_input_length=16, max_target_length=4, seed=0, split="all")
 
 
 def test_unlabelled_examples_train_a_loss_that_needs_no_label(tmp_path, tok):
     rows = [{"sentence": "a", "label": -1}, {"sentence": "b", "label": 1},
             {"sentence": "c", "label": -1}]
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
-    kw = dict(global_batch_size=3, max_input_length=32, max_target_length=4, seed=0, prefetch=0)
+    kw = dict(global_batch_size=3, max_input_length=32, max_target_length=4, seed=0, prefetch=0,
+              split="all")
     it = data.train_batches(f"jsonl:{path}", "sst2", tok, unlabelled=True, **kw)
     assert it.checks["num_examples"] == 3 and it.checks["unlabelled"] == 2
     b = next(it)  # One epoch, shuffled: the rows by their input's first byte.
@@ -434,7 +441,7 @@ def test_epochs_cover_every_example_once(tmp_path, tok):
 
     def epoch_order(seed):
         it = data.train_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=4,
-                                max_input_length=48, max_target_length=4, seed=seed)
+                                max_input_length=48, max_target_length=4, seed=seed, split="all")
         return [tok.decode(ids, skip_special_tokens=True)
                 for _ in range(6) for ids in next(it)["input_ids"]]
 
@@ -499,7 +506,7 @@ def test_resume_from_state_gives_the_same_batches(tmp_path, tok):
 
 def test_eval_pads_last_batch_with_zero_weight(tmp_path, tok):
     spec = f"jsonl:{_write_jsonl(tmp_path / 's.jsonl', _sst2_rows(10))}"
-    kw = dict(global_batch_size=4, max_input_length=48, max_target_length=4)
+    kw = dict(global_batch_size=4, max_input_length=48, max_target_length=4, split="all")
     it = data.eval_batches(spec, "sst2", tok, **kw)
     batches = list(it)
     assert len(batches) == len(it) == 3

@@ -62,6 +62,17 @@ def test_a_malformed_jsonl_line_names_its_file_and_line(tmp_path, tok):
     assert _first_error(it).startswith(f"{path}:5: invalid JSON")  # Line 5: a blank line above.
 
 
+def test_a_pretraining_record_without_text_names_its_file_and_line(tmp_path, tok):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"text": d} for d in _docs(6)]
+    rows[4] = {"body": "no text field"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    it = data.train_batches(f"jsonl:{path}", "pretrain", tok, global_batch_size=2,
+                            max_input_length=32, max_target_length=8, seed=0, prefetch=0)
+    message = _first_error(it)
+    assert message.startswith(f"{path}:5: pretrain example lacks field 'text'"), message
+
+
 def test_an_undecodable_byte_names_its_file_and_offset(tmp_path):
     raw = "\n\n".join(_docs(3)).encode() + b"\n\nbad \xff byte\n\n" + b"last doc\n"
     path = tmp_path / "bad.txt"

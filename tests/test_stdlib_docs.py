@@ -49,10 +49,14 @@ def test_task_is_text_to_text_with_distinct_byte_verbalizers():
     ids = task.verbalizer_ids(transformers.ByT5Tokenizer())
     assert len(set(ids.tolist())) == 8  # First bytes a e i l m t u x, each + 3 (ByT5 offset).
     assert ids.tolist() == [ord(label[0]) + 3 for label in stdlib_docs.LABELS]
-    with pytest.raises(ValueError, match="splits train, validation, test, unlabeled .* not 'dev'"):
+    with pytest.raises(ValueError, match="has no split 'dev'; its splits: train, validation, "
+                                         "test, unlabeled"):
         data.read_source("builtin:stdlib_docs", "dev")
-    with pytest.raises(ValueError, match="not 'train\\+dev'"):
+    with pytest.raises(ValueError, match="has no split 'dev'"):
         data.read_source("builtin:stdlib_docs", "train+dev")
+    validation = data.read_source("builtin:stdlib_docs", "validation")
+    assert data.read_source("builtin:stdlib_docs", "validation[:50%]") == \
+        validation[:round(len(validation) / 2)]  # Slices work here too.
 
 
 def test_unlabeled_split_is_other_training_bucket_text_and_joins_with_train():
@@ -79,12 +83,21 @@ def test_quality_command_writes_every_row(tmp_path):
     quality.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=2", "--speed_repeats=1",
                   f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"])
     (path,) = [p for p in os.listdir(tmp_path / "out") if p.endswith(".json")]
-    assert path.startswith("quality-cpu-")
+    assert path.startswith("quality-stdlib_docs-cpu-")
     with open(tmp_path / "out" / path) as f:
         results = json.load(f)
     test = data.read_source("builtin:stdlib_docs", "test")
     assert results["task"] == "stdlib_docs" and results["num_classes"] == 8
     assert results["test_examples"] == len(test)
+    # Every split's size, and no held-out text in training (checked before training).
+    sizes = {role: split["examples"] for role, split in results["data"]["splits"].items()}
+    assert sizes == {role: len(data.read_source("builtin:stdlib_docs", split)) for role, split in
+                     (("train", "train"), ("adapt", "train+unlabeled"),
+                      ("validation", "validation"), ("test", "test"))}
+    corpus = results["data"]["corpus"]
+    assert corpus["source"] == f"text:{tmp_path / 'work' / 'corpus.txt'}"
+    assert results["data"]["overlap"] == 0 and corpus["documents"] == len(
+        data.read_source(corpus["source"], "all")) > 40
     majority = collections.Counter(e["label"] for e in test).most_common(1)[0][1]
     assert results["chance"] == pytest.approx(majority / len(test))
     assert [(r["method"], r["k"]) for r in results["rows"]] == [

@@ -1,4 +1,5 @@
 """Losses, the train step, and `train_and_evaluate` end to end on tiny models."""
+import json
 import os
 import time
 
@@ -169,6 +170,12 @@ def test_demo_chain_then_adapt_on_sst2(tmp_path):
 
     adapt = tu.tiny_plugin_config(backbone_dir, "stage=adapt,task=sst2", loss="task+hidden",
                                   init_plugin=result["plugin_dir"], total_steps=12, lr=1e-2)
+    # tfds's mock data repeats one set of rows in every split, and training refuses to
+    # evaluate on its own training texts: the eval rows are a file of other sentences.
+    eval_rows = tmp_path / "sst2-eval.jsonl"
+    eval_rows.write_text("".join(json.dumps({"sentence": f"an eval sentence {i}", "label": i % 2})
+                                 + "\n" for i in range(8)))
+    adapt.data.eval, adapt.data.eval_split = f"jsonl:{eval_rows}", "all"
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
         adapted = train_lib.train_and_evaluate(adapt, str(tmp_path / "sst2"))
     first, last = _first_last_loss(str(tmp_path / "sst2"))

@@ -25,12 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from variator_jax import stdlib_docs
+from variator_jax import splits, stdlib_docs, task_file
 
 # T5 span corruption (Raffel et al. 2020, §3.1.4); Variator pre-trains its
 # plugins with the same objective (docs/DESIGN.md §2).
@@ -41,9 +40,9 @@ NOISE = (NOISE_DENSITY, MEAN_NOISE_SPAN_LENGTH)  # The `noise=` default of the b
 PAD_ID = 0
 DECODER_START_ID = 0
 
-KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin")
+KNOWN_SCHEMES = ("text", "jsonl", "tfds", "builtin", "hf")
 _SOURCE_FORMS = ("text:PATH, jsonl:PATH, tfds:NAME[/CONFIG][:SPLIT], builtin:pydoc, "
-                 "builtin:stdlib_docs")
+                 "builtin:stdlib_docs, hf:PATH")
 _BUILTINS = ("pydoc", "stdlib_docs")
 # The per-example noise draws from its own random stream, never the shuffle's.
 _NOISE_STREAM = 1
@@ -131,7 +130,7 @@ def parse_source(spec: str) -> tuple[str, str, str | None]:
 
 
 def read_source(spec: str, split: str | None = None, data_dir: str | None = None) -> list[dict]:
-    """Reads a whole source into memory as a list of example dicts.
+    """Reads one split of a source into memory as a list of example dicts.
 
     Args:
       spec: `text:PATH` (documents separated by blank lines -> {"text"}),
@@ -139,12 +138,15 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
         files, plain or gzip (see `corpus`); `tfds:NAME[/CONFIG][:SPLIT]`
         (a prepared tfds dataset under `data_dir`; strings decoded to str,
         arrays to lists), `builtin:pydoc` (CPython's `pydoc_data.topics`,
-        values in sorted-key order -> {"text"}) or `builtin:stdlib_docs` (the
+        values in sorted-key order -> {"text"}), `builtin:stdlib_docs` (the
         standard library's docstrings labelled by package, splits train /
-        validation / test: `variator_jax.stdlib_docs`).
-      split: overrides the spec's split; default "train". Files have a single
-        split, so for them only a tfds-style slice counts ("train[:90%]",
-        "validation[-100:]"); the name before it is ignored.
+        validation / test / unlabeled: `variator_jax.stdlib_docs`) or `hf:PATH` (an
+        HF `datasets` dataset saved to disk, or a directory of data files).
+      split: overrides the spec's split; default "train". A name, a tfds-style slice
+        ("train[:90%]", "validation[-100:]"), several joined by "+", or "all". Where
+        file sources get their splits (a `jsonl:DIR` of train/validation/test.jsonl, a
+        "split" field, a hash of the text; `text:` has `train` only): `splits`. A split
+        the source does not have is an error.
       data_dir: tfds data directory.
 
     Returns:
@@ -155,13 +157,15 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
     if scheme == "tfds":
         examples = _read_tfds(target, split or "train", data_dir)
     elif (scheme, target) == ("builtin", "stdlib_docs"):  # Has named splits, as tfds does.
-        examples = stdlib_docs.read(split)
+        examples = splits.select(split or "train", stdlib_docs.SPLITS + (stdlib_docs.UNLABELED,),
+                                 stdlib_docs.read, spec)
     elif scheme == "builtin":
-        examples = _slice(_read_builtin(target), split)
+        examples = splits.select(split or "train", ("train",),
+                                 lambda _: _read_builtin(target), spec)
     else:  # Eval sets are small: the indexed files' records, all in memory.
-        from variator_jax import corpus
-        records = corpus.open_files(target, scheme)
-        examples = [records[i] for i in _slice(range(len(records)), split)]
+        records = (splits.open_hf(target, split) if scheme == "hf"
+                   else splits.open_split(scheme, target, split))
+        examples = [records[i] for i in range(len(records))]
     if not examples:
         where = f" (split {split!r})" if split else ""
         raise ValueError(f"empty corpus: {spec}{where} has no examples")
@@ -174,26 +178,6 @@ def _read_builtin(name: str) -> list[dict]:
     # English prose that ships with every CPython: a corpus needing no download.
     from pydoc_data.topics import topics
     return [{"text": topics[k].strip()} for k in sorted(topics) if topics[k].strip()]
-
-
-_SLICE = re.compile(r"^[\w.-]*(?:\[(?P<start>-?\d+%?)?:(?P<end>-?\d+%?)?\])?$")
-
-
-def _slice(examples: list, split: str | None) -> list:
-    """Applies a tfds-style slice ("train[10:]", "x[:90%]") to a file's examples."""
-    if not split:
-        return examples
-    m = _SLICE.match(split)
-    if not m:
-        raise ValueError(f"bad split {split!r}; expected NAME or NAME[start:end] "
-                         f"(ints or percents)")
-
-    def bound(b):
-        if b is None:
-            return None
-        return round(len(examples) * int(b[:-1]) / 100) if b.endswith("%") else int(b)
-
-    return examples[bound(m["start"]):bound(m["end"])]
 
 
 def _read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
@@ -271,44 +255,50 @@ def _to_python(x: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A text-to-text task.
+    """A text-to-text task, as a declaration gives it (`task_file`: a JSON file or a built-in).
 
     Attributes:
-      name: task name (also the T5 input prefix of GLUE tasks).
+      name: task name (also the T5 input prefix, unless `prefix` says otherwise).
       kind: "pretrain", "classification" or "generation".
       labels: label strings in tfds's ClassLabel order; None unless classification.
       features: text fields joined into the input, in T5's order.
       eval_split: default split for evaluation.
+      prefix: what starts the input; None: the name.
+      metrics: classification metrics ("accuracy", "f1"), the headline first.
+      origin: where it was declared ("built-in task sst2", "task file x.json"), for errors.
     """
     name: str
     kind: str
     labels: list[str] | None = None
     features: tuple[str, ...] = ()
     eval_split: str = "validation"
+    prefix: str | None = None
+    metrics: tuple[str, ...] = ("accuracy",)
+    origin: str = dataclasses.field(default="", compare=False)
 
     def format(self, example: dict) -> tuple[str, str]:
         """Example dict -> (inputs text, targets text).
 
         A generic `{"inputs", "targets"}` example passes through for any task
-        but pretrain. GLUE follows t5's `preprocessors.glue`: the task name,
-        then "key: value" for each feature (sorted keys), labels as words; an
+        but pretrain. Otherwise t5's `preprocessors.glue`: the prefix (the task
+        name), then "key: value" for each feature, labels as words; an
         unlabelled example (label -1) has the empty target (EOS alone once encoded).
+        SQuAD is t5's `preprocessors.squad` (include_context=True) so, with no prefix,
+        minus its punctuation padding: references stay the original answer strings.
         """
         if self.kind == "pretrain":
             return _field(self, example, "text"), ""
         if "inputs" in example and "targets" in example:
-            return str(example["inputs"]), str(example["targets"])
+            return _field(self, example, "inputs"), _field(self, example, "targets")
+        parts = [self.name if self.prefix is None else self.prefix]
+        for key in self.features:
+            parts += [f"{key}:", _field(self, example, key)]
+        inputs = " ".join(p for p in parts if p)
         if self.kind == "classification":
-            parts = [self.name]
-            for key in self.features:
-                parts += [f"{key}:", _field(self, example, key)]
             label = self.label_index(example)
-            return " ".join(parts), self.labels[label] if label >= 0 else ""
-        # SQuAD as t5's `preprocessors.squad` (include_context=True), minus its
-        # punctuation padding: references stay the original answer strings.
-        question, context = _field(self, example, "question"), _field(self, example, "context")
+            return inputs, self.labels[label] if label >= 0 else ""
         answers = self.references(example)
-        return f"question: {question} context: {context}", answers[0] if answers else ""
+        return inputs, answers[0] if answers else ""
 
     def label_index(self, example: dict) -> int:
         """Class index of a classification example; -1 when unlabelled (GLUE test)."""
@@ -324,8 +314,13 @@ class Task:
                 raise ValueError(f"{self.name}: unknown label {label!r}; known: "
                                  f"{', '.join(self.labels)}")
             return self.labels.index(label)
+        # bool is an int in Python and a float would be truncated: both are refused.
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
+            raise ValueError(f"{self.name}: field 'label' must be an integer class index or a "
+                             f"label string, got {type(label).__name__} {label!r}")
         if not -1 <= int(label) < len(self.labels):
-            raise ValueError(f"{self.name}: label {label} out of range [-1, {len(self.labels)})")
+            raise ValueError(f"{self.name}: field 'label' {label} out of range "
+                             f"[-1, {len(self.labels)})")
         return int(label)
 
     def references(self, example: dict) -> list[str]:
@@ -338,7 +333,7 @@ class Task:
             answers = answers["text"] if isinstance(answers, dict) else answers
             return [answers] if isinstance(answers, str) else [str(a) for a in answers]
         if "targets" in example:
-            return [str(example["targets"])]
+            return [_field(self, example, "targets")]
         return []
 
     def verbalizer_ids(self, tokenizer) -> np.ndarray:
@@ -353,45 +348,55 @@ class Task:
         first = [tokenizer.encode(label, add_special_tokens=False)[0] for label in self.labels]
         for i, j in [(i, j) for i in range(len(first)) for j in range(i)]:
             if first[i] == first[j]:
-                raise ValueError(f"{self.name}: labels {self.labels[j]!r} and {self.labels[i]!r} "
-                                 f"share their first token (id {first[i]})")
+                raise ValueError(f"{self.origin or self.name}: labels {self.labels[j]!r} and "
+                                 f"{self.labels[i]!r} share their first token (id {first[i]}); "
+                                 f"the classifier reads one token per label")
         return np.asarray(first, np.int32)
 
 
 def _field(task: Task, example: dict, key: str) -> str:
+    """A text field: present and a string (null, a number or a list is refused, not str()-ed)."""
     if key not in example:
         raise ValueError(f"{task.name} example lacks field {key!r} (has: "
                          f"{', '.join(sorted(example))})")
-    return str(example[key])
+    value = example[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{task.name}: field {key!r} must be a string, got "
+                         f"{'null' if value is None else type(value).__name__} {value!r}"[:200])
+    return value
 
 
-def _glue(name: str, features: tuple[str, ...], labels: list[str], **kw) -> Task:
-    return Task(name, "classification", labels, features, **kw)
+def check_examples(task: Task, source, where: str) -> None:
+    """Formats every example of `source` once (text fields strings, labels valid), so that
+    bad records stop the run before training, with their place: 'FILE:LINE: ...'."""
+    for i in range(len(source)):
+        example = source[i]  # (A corpus error names its place itself.)
+        try:
+            task.format(example)
+            if task.kind == "classification":
+                task.label_index(example)
+        except ValueError as e:
+            place = splits.where(source, i)
+            place = f"{where} {place}" if place.startswith("record") else place
+            raise ValueError(f"{place}: {e}") from None
 
 
-# Label orders are tfds's glue ClassLabels (tensorflow_datasets/text/glue.py);
-# features are sorted as t5's `preprocessors.glue` sorts them.
-TASKS = {
-    "pretrain": Task("pretrain", "pretrain"),
-    "mnli": _glue("mnli", ("hypothesis", "premise"), ["entailment", "neutral", "contradiction"],
-                  eval_split="validation_matched"),
-    "qqp": _glue("qqp", ("question1", "question2"), ["not_duplicate", "duplicate"]),
-    "qnli": _glue("qnli", ("question", "sentence"), ["entailment", "not_entailment"]),
-    "sst2": _glue("sst2", ("sentence",), ["negative", "positive"]),
-    "rte": _glue("rte", ("sentence1", "sentence2"), ["entailment", "not_entailment"]),
-    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ["not_equivalent", "equivalent"]),
-    "squad": Task("squad", "generation", None, ("question", "context")),
-    # CPython's own docstrings labelled by their package (`builtin:stdlib_docs`).
-    "stdlib_docs": Task("stdlib_docs", "classification", list(stdlib_docs.LABELS), ("text",)),
-}
+# The built-in tasks: declarations as a task file holds them (task_file.BUILTIN).
+TASKS = {"pretrain": Task("pretrain", "pretrain", eval_split=splits.ALL, origin="built-in task"),
+         **{name: Task(**task_file.parse(dict(d, name=name), f"built-in task {name}"))
+            for name, d in task_file.BUILTIN.items()}}
 
 
 def get_task(name: str | Task) -> Task:
-    """The task called `name` (a Task passes through)."""
+    """The task called `name`, or declared by the JSON task file at `name` (`task_file`);
+    a Task passes through."""
     if isinstance(name, Task):
         return name
+    if task_file.is_task_file(name):
+        return Task(**task_file.read(name))
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, or a JSON "
+                         f"task file (PATH.json)")
     return TASKS[name]
 
 
@@ -696,6 +701,11 @@ def train_batches(spec: str, task: str | Task, tokenizer, **kwargs):
     return pipeline.train_batches(spec, task, tokenizer, **kwargs)
 
 
+def eval_split(spec: str, task: Task, split: str | None) -> str | None:
+    """The split evaluation reads: `split`, else the spec's, else the task's."""
+    return task.eval_split if split is None and parse_source(spec)[2] is None else split
+
+
 def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
                  max_input_length: int, max_target_length: int, seed: int = 0,
                  data_dir: str | None = None, split: str | None = None,
@@ -705,10 +715,13 @@ def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: i
     `train_batches`, plus `weight` (float32, 0 = padding) and `index` (int32).
     `seed` and `noise` (density, mean span length) only shape `pretrain`'s span corruption.
     """
+    from variator_jax import pipeline  # (It imports this module.)
     task = get_task(task)
-    if split is None and parse_source(spec)[2] is None:
-        split = task.eval_split
-    examples = read_source(spec, split=split, data_dir=data_dir)
+    split = eval_split(spec, task, split)
+    source = pipeline.open_source(spec, split=split, data_dir=data_dir)
+    if task.kind != "pretrain":
+        check_examples(task, source, spec)
+    examples = [source[i] for i in range(len(source))]
     make_row, n, references = _row_maker(task, tokenizer, examples,
                                          max_input_length=max_input_length,
                                          max_target_length=max_target_length, seed=seed,

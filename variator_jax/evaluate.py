@@ -33,7 +33,7 @@ from variator_jax import flops as flops_lib
 from variator_jax import objectives, sharding, timing, trainer
 from variator_jax.errors import UserError, user_errors
 from variator_jax.fileio import atomic_write, write_text
-from variator_jax.metrics import headline_metric, squad_em_f1
+from variator_jax.metrics import squad_em_f1
 from variator_jax.model import forward, generate
 from variator_jax.plugins import Plugin, PluginConfig, init_plugin, load_plugin, plugin_param_count
 from variator_jax.reporting import say
@@ -159,7 +159,7 @@ def run_name(directory: str) -> str:
 # -- Quality --------------------------------------------------------------------------------------
 def _quality_metric(task) -> str:
     if task.kind == "classification":
-        return headline_metric(task.name)
+        return task.metrics[0]  # The declared headline (GLUE's for the GLUE tasks).
     return "f1" if task.kind == "generation" else "agreement"
 
 
@@ -179,7 +179,7 @@ def _distillation_and_task(scored, model, data, mesh, rules, task) -> dict:
     """Training's eval step: classification metrics, CE, distillation errors, agreement."""
     objective, params, frozen = scored
     step = jax.jit(functools.partial(trainer.eval_step, objective=objective))
-    result = trainer.eval_pass(step, params, frozen, data, mesh, rules, task.name)
+    result = trainer.eval_pass(step, params, frozen, data, mesh, rules, task)
     if model.pcfg is None:  # The teacher agrees with itself; its metrics are its own.
         result["agreement"] = 1.0
     return result

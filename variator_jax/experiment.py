@@ -54,6 +54,7 @@ class Experiment:
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.
+    data_report: dict = dataclasses.field(default_factory=dict)  # Split sizes, overlap (0).
     # Raises UserError if the workdir was removed or replaced since the run locked it.
     still_ours: Callable[[], None] = lambda: None
 
@@ -68,19 +69,23 @@ class Experiment:
         return sharding.put_global(self.host_backbone, self.backbone_shardings()[0])
 
     def eval_batches(self):
-        """One pass over `data.eval` per call, sliced for this process; None if unset."""
+        """One pass over `data.eval` per call, sliced for this process; None if unset.
+        When training a task, its texts must not be in `data.train` (`check_held_out`)."""
         config = self.config
         if not config.data.get("eval"):
             return None
         index, count = sharding.data_shard(self.mesh, self.rules)
         with user_errors(f"data.eval {config.data.eval}"):
-            return data_lib.eval_batches(
+            batches = data_lib.eval_batches(
                 config.data.eval, self.task, self.tokenizer,
                 global_batch_size=eval_batch_size(config), seed=config.seed,
                 data_dir=config.data.get("data_dir") or None,
                 split=config.data.get("eval_split") or None, process_index=index,
                 process_count=count, max_input_length=config.max_input_length,
                 max_target_length=config.max_target_length, noise=noise(config))
+        if self.objective is not None and self.task.kind != "pretrain":
+            self.data_report = check_held_out(config, self.task)
+        return batches
 
     def train_batches(self):
         """The endless, resumable training stream of `data.train`, sliced for this process."""
@@ -112,6 +117,24 @@ def noise(config) -> tuple[float, float]:
     `data.mean_noise_span_length`, T5's 0.15 and 3 where a config predates them."""
     return (config.data.get("noise_density", data_lib.NOISE_DENSITY),
             config.data.get("mean_noise_span_length", data_lib.MEAN_NOISE_SPAN_LENGTH))
+
+
+def check_held_out(config, task) -> dict:
+    """No example of `data.eval`'s split is in `data.train`'s (inputs compared, `overlap`):
+    -> the split sizes and the overlap count (0); else a one-line UserError naming both."""
+    from variator_jax import overlap, pipeline
+    data_dir = config.data.get("data_dir") or None
+    train_split = config.data.get("train_split") or None
+    held_split = data_lib.eval_split(config.data.eval, task, config.data.get("eval_split") or None)
+    train_name = f"data.train {config.data.train}" + (f" ({train_split})" if train_split else "")
+    held_name = f"data.eval {config.data.eval}" + (f" ({held_split})" if held_split else "")
+    with user_errors(""):
+        train = pipeline.open_source(config.data.train, split=train_split, data_dir=data_dir)
+        held = pipeline.open_source(config.data.eval, split=held_split, data_dir=data_dir)
+        trained = overlap.input_hashes(task, (train[i] for i in range(len(train))))
+        found = overlap.overlapping(task, (held[i] for i in range(len(held))), trained)
+        overlap.refuse(found, held_name, train_name)
+    return {"train_examples": len(train), "eval_examples": len(held), "overlap": len(found)}
 
 
 # -- The pieces -----------------------------------------------------------------------------------

@@ -123,6 +123,12 @@ def glue_metric(task: str, preds: Any, labels: Any, weights: Any = None,
     `task` may be spelled "sst2", "SST-2", "glue/mnli_matched", ... `positive` is the label
     value of the F1 class (1 for integer labels).
     """
+    return classification_metrics(_GLUE[_glue_task(task)], preds, labels, weights, positive)
+
+
+def classification_metrics(names: Sequence[str], preds: Any, labels: Any, weights: Any = None,
+                           positive: Any = 1) -> dict[str, float]:
+    """The metrics `names` ("accuracy", "f1"), in that order: a task's declared metrics."""
     funcs = {"accuracy": lambda: accuracy(preds, labels, weights),
              "f1": lambda: f1(preds, labels, positive, weights)}
-    return {name: funcs[name]() for name in _GLUE[_glue_task(task)]}
+    return {name: funcs[name]() for name in names}

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from variator_jax import data as data_lib
 from variator_jax.convert import save_hf_t5
 from variator_jax.errors import UserError, user_errors
-from variator_jax.metrics import glue_metric
+from variator_jax.metrics import classification_metrics
 from variator_jax.model import apply_forward as forward  # Un-jitted: steps jit as a whole.
 from variator_jax.plugins import (Plugin, PluginConfig, init_plugin, load_plugin,
                                   plugin_param_count, save_plugin)
@@ -290,9 +291,10 @@ def make(cfg: T5Config, pcfg: PluginConfig | None, loss: str, kind: str,
 
 
 # -- Eval summary ---------------------------------------------------------------------------------
-def eval_summary(task: str, sums: dict, preds: dict) -> dict[str, float]:
+def eval_summary(task, sums: dict, preds: dict) -> dict[str, float]:
     """`eval_sums` outputs summed over batches (`sums`) and concatenated (`preds`) -> means:
-    enc_mse, dec_mse (plugins), ce, teacher_ce, and for classification the GLUE metrics of
+    enc_mse, dec_mse (plugins), ce, teacher_ce, and for classification the metrics of `task`
+    (a `data.Task`, a task name or a task file; GLUE's for the GLUE tasks) of
     the student (and `teacher_*`, and student/teacher `agreement`, with a plugin; for other
     tasks `agreement` is the share of target positions where their argmax tokens agree)."""
     out = {}
@@ -305,10 +307,12 @@ def eval_summary(task: str, sums: dict, preds: dict) -> dict[str, float]:
     if "agree_sum" in sums:  # Span corruption / generation: token-level agreement.
         out["agreement"] = sums["agree_sum"] / max(sums["ce_n"], 1.0)
     if "pred" in preds:
+        names = data_lib.get_task(task).metrics
         real = preds["weight"] > 0
-        out.update(glue_metric(task, preds["pred"][real], preds["label"][real]))
+        out.update(classification_metrics(names, preds["pred"][real], preds["label"][real]))
         if "teacher_pred" in preds:
-            teacher = glue_metric(task, preds["teacher_pred"][real], preds["label"][real])
+            teacher = classification_metrics(names, preds["teacher_pred"][real],
+                                             preds["label"][real])
             out.update({f"teacher_{k}": v for k, v in teacher.items()})
             out["agreement"] = float(np.mean(preds["pred"][real] == preds["teacher_pred"][real]))
     return out

@@ -41,8 +41,8 @@ from typing import Callable, Sequence
 import grain
 import numpy as np
 
-from variator_jax import corpus as corpus_lib
 from variator_jax import data as data_lib
+from variator_jax import splits as splits_lib
 
 _NOISE_STREAM = 1  # As in data.py: the noise draws never share a stream with the shuffle.
 _SHUFFLE_SALT = 0x5EED
@@ -64,6 +64,25 @@ class _Subset:
         return self._source[int(self._indices[i])]
 
 
+class _Located:
+    """A pre-training source whose bad records name their place ("FILE:LINE: ...") when read:
+    a corpus is not checked ahead, so the check comes with the record."""
+
+    def __init__(self, source, task):
+        self._source, self._task = source, task
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int):
+        record = self._source[i]
+        try:
+            self._task.format(record)
+        except ValueError as e:
+            raise ValueError(f"{splits_lib.where(self._source, i)}: {e}") from None
+        return record
+
+
 def open_source(spec: str, split: str | None = None, data_dir: str | None = None,
                 index_dir: str | None = None):
     """A random-access source (`len`, `[i]` -> example dict) for `spec`, without reading it.
@@ -71,14 +90,15 @@ def open_source(spec: str, split: str | None = None, data_dir: str | None = None
     `text:` / `jsonl:` go through `corpus.IndexedCorpus` (files, directories, globs, gzip);
     `tfds:` through `tfds.data_source` when the dataset is stored for random access
     (ArrayRecord), else it is read whole (GLUE-sized sets); `builtin:` is small and in
-    memory. `split` slices as in `data.read_source` ("train[:95%]").
+    memory. `split` names splits and slices as in `data.read_source` ("train[:95%]"), the
+    files' splits as `splits` finds them (default "train").
     """
     scheme, target, spec_split = data_lib.parse_source(spec)
     split = split if split is not None else spec_split
     if scheme in ("text", "jsonl"):
-        source = corpus_lib.open_files(target, scheme, index_dir)
-        indices = data_lib._slice(range(len(source)), split)
-        source = source if len(indices) == len(source) else _Subset(source, indices)
+        source = splits_lib.open_split(scheme, target, split, index_dir)
+    elif scheme == "hf":
+        source = splits_lib.open_hf(target, split)
     elif scheme == "tfds":
         source = _tfds_source(target, split or "train", data_dir)
     else:
@@ -335,8 +355,14 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
         raise ValueError(f"max_input_length and max_target_length must be >= 2, got "
                          f"{max_input_length}, {max_target_length}")
     rows = data_lib._local_rows(global_batch_size, process_index, process_count)
+    if split is None and task.kind == "pretrain" and data_lib.parse_source(spec)[2] is None:
+        split = splits_lib.ALL  # A pre-training corpus is read whole, nothing read ahead.
     source = open_source(spec, split=split, data_dir=data_dir, index_dir=index_dir)
     unlabelled_rows = 0
+    if task.kind != "pretrain":  # Supervised sets are checked whole before training.
+        data_lib.check_examples(task, source, spec)
+    else:
+        source = _Located(source, task)
     if task.kind == "classification":
         # GLUE test splits have label -1: nothing to learn unless the loss needs no label.
         has_label = np.asarray([task.label_index(source[i]) != -1 for i in range(len(source))])

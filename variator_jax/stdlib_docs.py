@@ -36,6 +36,8 @@ import os
 import sys
 import sysconfig
 
+from variator_jax import splits
+
 LABELS = ("asyncio", "email", "importlib", "logging", "multiprocessing", "tkinter",
           "unittest", "xml")
 SPLITS = ("train", "validation", "test")
@@ -50,9 +52,9 @@ def _digest(text: str) -> int:
 
 
 def split_of(text: str) -> str:
-    """The split a docstring belongs to, from its text alone: 20 % test, 10 % validation."""
-    bucket = _digest("split:" + text) % 10
-    return "test" if bucket < 2 else "validation" if bucket == 2 else "train"
+    """The split a docstring belongs to, from its text alone: 20 % test, 10 % validation
+    (the rule of every `jsonl:` file without splits of its own, `splits.hash_split`)."""
+    return splits.hash_split(text)
 
 
 def _docstrings(path: str):

@@ -448,6 +448,8 @@ def _finish(exp: Experiment, state, frozen, last: dict, writer) -> dict:
     result = {"stage": config.stage, "step": step, "workdir": workdir,
               "train": last, "eval": evaluated}
     result[f"{objective.output}_dir"] = os.path.join(workdir, objective.output)
+    if exp.data_report:  # Split sizes and their overlap (0: checked before training).
+        result["data"] = exp.data_report
     if jax.process_index() == 0:
         exp.still_ours()
         say(objective.export(result[f"{objective.output}_dir"], params,

@@ -39,6 +39,20 @@ def tfds_source(task):
     return f"tfds:{TFDS_NAME.get(task, 'glue/' + task)}"
 
 
+def task_sources(task):
+    """A task's default (train, eval) sources: CPython's docs for `pretrain` (no eval), the
+    builtin for `stdlib_docs`, tfds for GLUE and SQuAD; none for a task file (set
+    `data.train` and `data.eval`, e.g. `jsonl:DIR`)."""
+    from variator_jax import task_file
+    if task == "pretrain":
+        return "builtin:pydoc", ""
+    if task == "stdlib_docs":
+        return "builtin:stdlib_docs", "builtin:stdlib_docs"
+    if task_file.is_task_file(task):
+        return "", ""
+    return f"{tfds_source(task)}:train", tfds_source(task)
+
+
 def add_eval_and_mesh(c):
     """The eval.py, mesh and scale fields every training config shares (finetune.py too)."""
     # -- eval.py --------------------------------------------------------------------------------

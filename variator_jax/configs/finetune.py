@@ -29,10 +29,9 @@ from variator_jax.configs import common
 def get_config(arg=None):
     preset = common.parse_preset(arg, ("task", "size"))
     task = preset.get("task", "sst2")
-    tfds = common.tfds_source(task)
     c = ml_collections.ConfigDict()
     c.stage = "finetune"  # Stage 0: every backbone weight is trained.
-    c.task = task  # mnli|qqp|qnli|sst2|rte|mrpc|squad, or "pretrain" (span corruption).
+    c.task = task  # mnli|qqp|qnli|sst2|rte|mrpc|squad|stdlib_docs, a task file PATH.json, or "pretrain".
     c.dropout = True  # Train with the backbone's dropout.
 
     # -- Model ------------------------------------------------------------------------------------
@@ -44,10 +43,11 @@ def get_config(arg=None):
 
     # -- Data -------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()  # Sources: text:, jsonl:, tfds:NAME[:SPLIT], builtin:.
-    c.data.train = f"{tfds}:train" if task != "pretrain" else "builtin:pydoc"  # Training source.
-    c.data.eval = tfds if task != "pretrain" else ""  # Eval source; "" = no evaluation.
+    train, evaluate = common.task_sources(task)
+    c.data.train = train  # Training source (a task file's: yours, e.g. jsonl:DIR).
+    c.data.eval = evaluate  # Eval source; "" = no evaluation.
     c.data.data_dir = placeholder(str)  # tfds data_dir; None: tfds's default.
-    c.data.train_split = placeholder(str)  # Slice of a file source, e.g. "train[:95%]".
+    c.data.train_split = placeholder(str)  # Split or slice, e.g. "train[:95%]"; None: train.
     c.data.eval_split = placeholder(str)  # Eval split or slice; None: the task's eval split.
     c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
     c.data.noise_density = 0.15  # Span corruption: fraction of tokens masked (T5's 0.15).

@@ -45,7 +45,7 @@ def get_config(arg=None):
     adapt = stage == "adapt"
     c = ml_collections.ConfigDict()
     c.stage = stage  # "pretrain" (task-agnostic, §2 step 1) or "adapt" (per task, step 2).
-    c.task = task  # "pretrain" (T5 span corruption) or mnli|qqp|qnli|sst2|rte|mrpc|squad.
+    c.task = task  # "pretrain" (span corruption), mnli|qqp|qnli|sst2|rte|mrpc|squad|stdlib_docs, or PATH.json.
     c.loss = "hidden"  # hidden: MSE of final encoder + decoder hidden; task / task+hidden add CE.
     c.init_plugin = ""  # A plugin dir to start from (adapt: the stage-1 plugin); "" = fresh init.
     c.dropout = False  # Student with the backbone's dropout; off: it only adds noise to the MSE.
@@ -62,11 +62,11 @@ def get_config(arg=None):
 
     # -- Data -------------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()  # Sources: text:, jsonl:, tfds:NAME[:SPLIT], builtin:.
-    tfds = common.tfds_source(task)
-    c.data.train = f"{tfds}:train" if adapt else "builtin:pydoc"  # text:, jsonl:, tfds:, builtin:.
-    c.data.eval = tfds if adapt else ""  # Eval source (split: the task's); "" = no evaluation.
+    train, evaluate = common.task_sources(task)
+    c.data.train = train  # text:, jsonl:, tfds:, builtin: (a task file's: yours, e.g. jsonl:DIR).
+    c.data.eval = evaluate  # Eval source (split: the task's); "" = no evaluation.
     c.data.data_dir = placeholder(str)  # tfds data_dir; None: tfds's default.
-    c.data.train_split = placeholder(str)  # Slice of a file source, e.g. "train[:95%]".
+    c.data.train_split = placeholder(str)  # Split or slice, e.g. "train[:95%]"; None: train.
     c.data.eval_split = placeholder(str)  # Eval split or slice; None: the task's eval split.
     c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
     c.data.noise_density = 0.15  # Span corruption: fraction of tokens masked (T5's 0.15).
