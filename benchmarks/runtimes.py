@@ -3,11 +3,11 @@
     python -m benchmarks.runtimes                 # t5-base widths, 4 layers: see README
     python -m benchmarks.runtimes --quick         # tiny sizes, a smoke test (~1 min)
 
-Runtimes: JAX (`model.encode`, jitted), HF PyTorch eager with `attach_plugin`, the same under
-`torch.compile`, and ONNX Runtime on the graph `python -m variator_jax.convert onnx` writes
-(exported once per plugin, dynamic shapes, checked against JAX when written). On an
-accelerator JAX and PyTorch run there (CUDA when torch has it), ONNX Runtime stays on CPU and
-is left out unless `--dtype float32`.
+Runtimes: JAX (`model.encode`, jitted; layers unrolled unless `--scan-layers`), HF PyTorch
+eager with `attach_plugin`, the same under `torch.compile`, and ONNX Runtime on the graph
+`python -m variator_jax.convert onnx` writes (exported once per plugin, dynamic shapes,
+checked against JAX when written). On an accelerator JAX and PyTorch run there (CUDA when
+torch has it), ONNX Runtime stays on CPU and is left out unless `--dtype float32`.
 
 For every (batch, n), all runtimes and plugins (none, k = 2/4/8) run in interleaved rounds
 (`variator_jax.timing`), so load from other processes hits them alike. Per runtime: the
@@ -63,8 +63,13 @@ def torch_runner(model, device: str, compiled: bool):
 def build_runners(args, backbone_dir, plugin_dirs, device):
     """{(runtime, k or None): (ids, mask) -> numpy}, for the runtimes asked and available."""
     import torch
+    # Unrolled by default, as an inference deployment on CPU would load it: a scanned stack
+    # slices each layer's weights out of the stacked arrays on every call, and XLA:CPU copies
+    # every slice (28 MB per t5-base layer in float32) before its dot. That copy costs the
+    # same with a plugin as without, so it lowers the plugin's fraction of the FLOPs ceiling.
     cfg, backbone = vj.load_hf_t5(backbone_dir, dtype=args.dtype, attention=args.attention,
-                                  attention_block_bytes=host.attention_block_bytes())
+                                  attention_block_bytes=host.attention_block_bytes(),
+                                  scan_layers=args.scan_layers)
     runners = {}
     for k, plugin_dir in plugin_dirs.items():
         plugin = None if plugin_dir is None else vj.load_plugin(plugin_dir, cfg=cfg)
@@ -155,6 +160,9 @@ def parse_args(argv):
     p.add_argument("--attention", default="auto",
                    help="JAX's T5Config.attention: auto (blocked on CPU, dense elsewhere), "
                         "dense, blocked, xla, cudnn (GPU, bfloat16)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="JAX's layers as one nn.scan, as training runs them (default unrolled, "
+                        "per-layer weights, which spares the copy of each layer's weights)")
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds per shape")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch and ONNX Runtime threads (default: all cores, as XLA)")
@@ -206,7 +214,8 @@ def main(argv=None) -> dict:
         f"{speed._fmt_load(info['load_average_start'])}, end "
         f"{speed._fmt_load(info['load_average_end'])}.",
         f"**Model**: {args.variant} widths, {cfg.num_layers} encoder layers, random weights, "
-        f"{args.dtype}, JAX attention `{args.attention}`; plugin bottleneck r = "
+        f"{args.dtype}, JAX attention `{args.attention}`, JAX layers "
+        f"{'scanned' if args.scan_layers else 'unrolled'}; plugin bottleneck r = "
         f"{args.bottleneck}; timed without padding. Speedup: "
         f"median of {args.rounds} interleaved rounds' ratios (interquartile range), fraction "
         "of the FLOPs ceiling in brackets; `/ JAX`: uncompressed time over JAX's; max rel. "

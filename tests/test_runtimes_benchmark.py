@@ -13,6 +13,7 @@ def test_quick_run_covers_every_runtime_with_jax_equal_outputs(tmp_path):
     payload = runtimes.main(["--quick", "--batches", "2", "--ratios", "4", "--rounds", "1",
                              "--out", str(tmp_path), "--name", "t"])
     rows = payload["rows"]
+    assert payload["args"]["scan_layers"] is False  # JAX runs per-layer weights by default.
     assert [r["runtime"] for r in rows] == ["jax", "torch", "torch.compile", "onnx"]
     assert all((r["batch"], r["n"]) == (2, 16) for r in rows)
     # Outputs (with the k = 4 plugin and without) equal JAX's on a padded batch.
