@@ -219,12 +219,15 @@ def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = No
 # -- Command line ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet():
-    """The command's output is its result line: HF's loading progress bar, the exporter's
-    notes on optional operator sets (torchvision's) and its deprecation warnings are left out."""
+    """The command's output is its result line: HF's loading progress bar and load report (an
+    encoder read from a seq2seq checkpoint leaves `lm_head.weight` unused, as it should), the
+    exporter's notes on optional operator sets (torchvision's) and its deprecation warnings
+    are left out."""
     import transformers
     exporter = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = exporter.level
+    level, verbosity = exporter.level, transformers.utils.logging.get_verbosity()
     exporter.setLevel(logging.ERROR)
+    transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
@@ -233,6 +236,7 @@ def _quiet():
             yield
     finally:
         exporter.setLevel(level)
+        transformers.utils.logging.set_verbosity(verbosity)
         transformers.utils.logging.enable_progress_bar()
 
 
