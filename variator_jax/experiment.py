@@ -28,7 +28,7 @@ from variator_jax.objectives import LOSSES, Objective
 from variator_jax.objectives import make as make_objective
 from variator_jax.plugins import PluginConfig, backbone_identity, fingerprint_of
 from variator_jax.reporting import say
-from variator_jax.t5 import T5Config, init_t5, logical_axes
+from variator_jax.t5 import T5Config, check_dtype, init_t5, logical_axes
 
 STAGES = ("finetune", "pretrain", "adapt")
 
@@ -54,6 +54,7 @@ class Experiment:
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.
+    trained: int = 0  # The last step trained, for the line a Ctrl-C gets.
     # Raises UserError if the workdir was removed or replaced since the run locked it.
     still_ours: Callable[[], None] = lambda: None
 
@@ -210,6 +211,8 @@ def check_config(config, backbone_pending: bool = False) -> None:
         # Finite in float32, where the optimizer computes: 1e39 is inf there.
         if not plugin_file.is_finite_number(config[name]) or config[name] < 0:
             raise UserError(f"config.{name} must be a finite number >= 0, got {config[name]!r}")
+    with user_errors(""):
+        check_dtype(config.get("dtype", "float32"), "config.dtype")
     for name in ("train", "eval"):
         spec = config.data.get(name)
         if spec or name == "train":

@@ -216,6 +216,7 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
         f"({jax.devices()[0].platform}), {jax.process_count()} process(es)")
 
     start = checkpointer.latest_step() or 0
+    _say_uncommitted(checkpointer, start)
     # On the devices: the tree each step reads (the teacher), and the trainable tree a fresh
     # run starts from (the backbone to fine-tune; resuming, the checkpoint has it).
     host_frozen = objective.frozen(exp.host_backbone)
@@ -239,12 +240,28 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
     step_fn = make_train_step(objective, tx, schedule, exp.mesh, state_shardings,
                               None if frozen is None else backbone_shardings, exp.rules)
     writer = MetricWriter(exp.workdir, resume_step=start)
+    exp.trained = start
     try:
-        state, last = _loop(exp, state, frozen, step_fn, checkpointer, writer, start)
+        try:
+            state, last = _loop(exp, state, frozen, step_fn, checkpointer, writer, start)
+            # Success means committed: the outputs only once the final checkpoint is on disk,
+            # so that a run killed now resumes from it, not from an older one.
+            checkpointer.wait()
+        except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be unsaved.
+            raise _interrupted(exp.trained, exp.workdir) from None
         result = _finish(exp, state, frozen, last or writer.last(), writer)
     finally:
         writer.close()
     return result
+
+
+def _say_uncommitted(checkpointer: ckpt_lib.Checkpointer, start: int) -> None:
+    """A newer step whose save never completed is not resumed from: say so, not silently."""
+    newer = [s for s in checkpointer.uncommitted if s > start]
+    if newer:
+        where = f"resuming from step {start}" if start else "starting from step 0"
+        say(f"checkpoint {newer[-1]} in {checkpointer.directory} was never committed (the run "
+            f"stopped while saving it) and is discarded; {where}")
 
 
 def _accept(exp: Experiment, step: int) -> None:
@@ -320,11 +337,22 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
                 last_good = done
             if signum and done < total:
                 checkpointer.wait()
-                raise Interrupted(f"interrupted at step {done}; run the same command to "
+                raise Interrupted(f"interrupted at step {done}; rerun the same command to "
                                   "resume", signum)
             if config.get("eval_every") and done % config.eval_every == 0 and done < total:
                 _evaluate(exp, state.params, frozen, writer, done)
+            exp.trained = done
     return state, logged
+
+
+def _interrupted(step: int, workdir: str) -> Interrupted:
+    """A Ctrl-C that stopped the loop at once: says which checkpoint a rerun resumes from."""
+    saved = max(ckpt_lib.finished_steps(workdir), default=0)
+    resume = "resume" if saved == step else (
+        f"resume from step {saved}, the last checkpoint saved" if saved
+        else "start over: no checkpoint was saved")
+    return Interrupted(f"interrupted at step {step}; rerun the same command to {resume}",
+                       signal.SIGINT)
 
 
 class _StopRequests:
