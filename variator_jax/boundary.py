@@ -105,6 +105,81 @@ def _quiet_pipe() -> None:
         pass
 
 
+class _WithoutClosedLoopNoise:
+    """`sys.stderr` without the tracebacks of "RuntimeError: Event loop is closed".
+
+    When a checkpoint save fails (a full disk), tensorstore's writes still in flight finish
+    into the asyncio loop orbax has closed, and its C++ callbacks print each failure with
+    `PyErr_Print`-style output on their own threads (past `sys.excepthook`), while the
+    real error goes on as one line. Each thread's traceback block is held until its last
+    line: dropped if it is that error, written out whole otherwise; other lines pass at once.
+    """
+
+    _NOISE = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        import threading
+        self._stream, self._lock = stream, threading.Lock()
+        self._partial: dict[int, str] = {}  # Per thread: the line being written.
+        self._held: dict[int, list[str]] = {}  # Per thread: the traceback being written.
+
+    def write(self, text: str) -> int:
+        import threading
+        me = threading.get_ident()
+        with self._lock:
+            pending = self._partial.pop(me, "") + text
+            *lines, rest = pending.split("\n")
+            for line in lines:
+                self._line(me, line + "\n")
+            if rest:
+                self._partial[me] = rest
+        return len(text)
+
+    def _line(self, me: int, line: str) -> None:
+        held = self._held.get(me)
+        if held is None and line.startswith("Traceback (most recent call last):"):
+            self._held[me] = [line]
+        elif held is not None and line[:1] in (" ", "\t"):
+            held.append(line)
+        elif held is not None:
+            del self._held[me]
+            if line.strip() != self._NOISE:
+                self._stream.write("".join(held) + line)
+        else:
+            self._stream.write(line)
+
+    def flush(self) -> None:
+        import threading
+        with self._lock:
+            me = threading.get_ident()
+            if me not in self._held and me in self._partial:
+                self._stream.write(self._partial.pop(me))
+            self._stream.flush()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the real stream's.
+        return getattr(self._stream, name)
+
+
+def _print_background_error(exc: BaseException, where: str) -> None:
+    """An exception no caller can catch (a thread's, a library callback's) as one line."""
+    say_error(f"{where}: {type(exc).__name__}: {first_line(exc)} (--debug for the traceback)",
+              prefix="warning: ")
+
+
+def _quiet_background_errors() -> None:
+    """Tracebacks from outside the main flow, too, only when asked for (`debug_requested`):
+    threads report through `threading.excepthook`, a library's callback through
+    `sys.excepthook` (which nothing else reaches inside `guard`); each becomes one line."""
+    import threading
+    if debug_requested():
+        return
+    if not isinstance(sys.stderr, _WithoutClosedLoopNoise):
+        sys.stderr = _WithoutClosedLoopNoise(sys.stderr)
+    sys.excepthook = lambda kind, exc, tb: _print_background_error(exc, "in a callback")
+    threading.excepthook = lambda args: _print_background_error(
+        args.exc_value, f"in thread {getattr(args.thread, 'name', '?')}")
+
+
 def guard(fn: Callable, *args, interrupted: Callable[[], str] | None = None):
     """`fn(*args)` inside the boundary (module docstring); returns what it returns.
 
@@ -112,6 +187,7 @@ def guard(fn: Callable, *args, interrupted: Callable[[], str] | None = None):
     (say "interrupted at step 40; rerun the same command to resume")."""
     from variator_jax.errors import Interrupted
     _take_debug_flag()
+    _quiet_background_errors()
     try:
         result = fn(*args)
         sys.stdout.flush()  # A reader that went away shows here, not at interpreter exit.

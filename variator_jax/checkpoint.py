@@ -58,10 +58,14 @@ def read_identity(workdir: str) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RestoreError(f"{path}: unreadable ({e}); this workdir's run cannot be identified, "
                            "use another --workdir") from None
+    if not isinstance(saved, dict):  # Its fields are compared one by one (check_workdir).
+        raise RestoreError(f"{path}: not a JSON object (a {type(saved).__name__}); this "
+                           "workdir's run cannot be identified, use another --workdir")
+    return saved
 
 
 def check_workdir(workdir: str, identity: dict) -> None:

@@ -51,6 +51,7 @@ class Experiment:
     identity: dict = dataclasses.field(default_factory=dict)  # What must match to resume.
     record: dict | None = None  # The config as JSON (config.json), once accepted.
     changes: dict = dataclasses.field(default_factory=dict)  # Overridden fields, accepted.
+    sources: dict = dataclasses.field(default_factory=dict)  # Data fingerprints (data.json).
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.

@@ -34,6 +34,8 @@ flags.DEFINE_bool("dry_run", False, "Compile the train step against abstract par
                   "per-device memory and compile time, write WORKDIR/fit.json; train nothing.")
 flags.DEFINE_list("override", [], "Config fields a resume may change (e.g. lr,total_steps); "
                   "each change is recorded in WORKDIR/changes.jsonl.")
+flags.DEFINE_bool("accept_data_change", False, "Resume although a data file changed since the "
+                  "run began (recorded in WORKDIR/changes.jsonl); refused otherwise.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -72,7 +74,8 @@ def main(argv):
         fit.dry_run(FLAGS.config, FLAGS.workdir)
         return
     # Errors, signals and Ctrl-C end in one line: the boundary around `run` (boundary.py).
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, override=FLAGS.override)
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, override=FLAGS.override,
+                                 accept_data_change=FLAGS.accept_data_change)
 
 
 def _interrupted() -> str:

@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import integrity, pipeline, sharding
 from variator_jax import workdir as workdir_lib
-from variator_jax.errors import Interrupted, NonFiniteLoss, user_errors
+from variator_jax.errors import Interrupted, NonFiniteLoss, check_writable, user_errors
 from variator_jax.experiment import Experiment
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.objectives import Objective, eval_summary
@@ -228,10 +228,14 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
         host_start, trainable_shardings(exp)[0])
     del host_frozen, host_start
     abstract, state_shardings, make_state = initial_state(exp, tx, loaded)
+    # Room for a checkpoint being written and the exported output, roughly, before training.
+    check_writable(exp.workdir, need_bytes=2 * sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
     del loaded  # Donated into the fresh state.
     if start:
         with user_errors(""):  # A corrupt newest checkpoint falls back to the one before.
             start, state, data_state = checkpointer.restore_latest(abstract, say)
+        with user_errors(f"data.train {exp.config.data.train}"):  # Names the data.
             exp.train_data.set_state(data_state)
         say(f"Resumed from {checkpointer.directory}/{start}")
     else:
@@ -265,12 +269,14 @@ def _say_uncommitted(checkpointer: ckpt_lib.Checkpointer, start: int) -> None:
 
 
 def _accept(exp: Experiment, step: int) -> None:
-    """The start is accepted (checkpoint restored or fresh state made): only now is the run
-    record written. Extending a finished run keeps its old output and result aside."""
+    """The start is accepted (checkpoint restored or fresh state made): only now are the run's
+    identity (`run.json`) and record written, so that a refused start leaves no trace. Extending a finished run keeps its old output and result aside."""
     if jax.process_index() != 0:
         return
+    ckpt_lib.claim_workdir(exp.workdir, exp.identity)  # run.json: only a start accepted.
     workdir_lib.write_record(exp.workdir, json.dumps(exp.record, indent=2) + "\n",
                              exp.changes, step)
+    workdir_lib.write_data(exp.workdir, exp.sources)
     if not 0 < step < exp.config.total_steps:
         return
     try:  # The step the outputs are from (a corrupt final checkpoint may resume earlier).
