@@ -75,6 +75,8 @@ def describe_os_error(e: OSError) -> str:
 
 def describe(e: BaseException) -> str:
     """The one line a user sees for `e` (without the `error: ` prefix)."""
+    # Here, not above: errors.py imports this module (a cycle), and cli.py imports this one
+    # before NumPy and JAX may load (host.py), which convert.py would load.
     from variator_jax.convert import CheckpointError
     from variator_jax.errors import UserError
     if isinstance(e, (UserError, CheckpointError)):
@@ -185,7 +187,7 @@ def guard(fn: Callable, *args, interrupted: Callable[[], str] | None = None):
 
     `interrupted()` gives the line for a Ctrl-C: where the work stopped and how to go on
     (say "interrupted at step 40; rerun the same command to resume")."""
-    from variator_jax.errors import Interrupted
+    from variator_jax.errors import Interrupted  # Here: errors.py imports this module (cycle).
     _take_debug_flag()
     _quiet_background_errors()
     try:
