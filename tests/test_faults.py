@@ -279,6 +279,13 @@ def test_a_data_file_edited_in_place_is_refused_naming_it(outcomes, trained):
             f.write(original.replace("e", "E"))
         rc, _, err = _run_case(dict(argv=_train_flags(trained, workdir, total_steps=12)
                                     + ["--override=total_steps"]))
+        refused = _snapshot(workdir)
+        # Accepted when asked (train.py's --accept_data_change), and recorded.
+        accepted = _copy(trained, "accepted")
+        config = tu.tiny_plugin_config(trained["hf"], **{
+            "data__train": f"text:{corpus}", "data__train_split": "", "total_steps": 12})
+        result = train_lib.train_and_evaluate(config, accepted, override=["total_steps"],
+                                              accept_data_change=True)
     finally:
         with open(corpus, "w") as f:
             f.write(original)
@@ -288,7 +295,11 @@ def test_a_data_file_edited_in_place_is_refused_naming_it(outcomes, trained):
                         "this run began; it trained to step 8 on the old data, and resuming "
                         "would train on both: pass --accept_data_change to accept and record "
                         "that, or use another --workdir"), lines[0]
-    assert _snapshot(workdir) == before
+    assert refused == before
+    assert result["step"] == 12
+    recorded = [c for c in workdir_lib.read_changes(accepted) if c["field"] != "total_steps"]
+    assert [(c["step"], c["field"]) for c in recorded] == [(8, "data.train content")]
+    assert recorded[0]["to"]["files"][0]["sha256"] != recorded[0]["from"]["files"][0]["sha256"]
 
 
 # -- The pieces, in process (fast) ---------------------------------------------------------------
