@@ -144,6 +144,10 @@ def _cases(t) -> dict[str, dict]:
     cases["eval: a file-size limit (a full disk) before evaluating"] = dict(
         argv=_eval_flags(t, w), fsize=0, rc=1,
         line=f"{w}/eval: File too large; a file-size limit", same=w)
+    w = _copy(t, "eval_dtype")
+    cases["eval: --config.dtype=bogus"] = dict(
+        argv=_eval_flags(t, w, "--config.dtype=bogus"), rc=1,
+        line="error: config.dtype 'bogus' is not a floating-point type", same=w)
     w = _copy(t, "eval_sigint")
     cases["eval: Ctrl-C while evaluating"] = dict(
         argv=_eval_flags(t, w), signal_on="evaluating ", rc=130,
@@ -227,7 +231,8 @@ CASE_NAMES = [
     "train: a file-size limit at the first save (stops at that step)",
     "train: extending a run whose last save never committed",
     "train: --help into a closed pipe",
-    "eval: a file-size limit (a full disk) before evaluating", "eval: Ctrl-C while evaluating",
+    "eval: a file-size limit (a full disk) before evaluating", "eval: --config.dtype=bogus",
+    "eval: Ctrl-C while evaluating",
     "eval: plugin_config.json with a typo 'ratiio'", "convert: random bytes as a released plugin",
     "serve: --lengths=-5 --batch-sizes=0", "eval: a read-only workdir (bind mount)",
     "train: a full disk (a 64 KiB tmpfs) before training",

@@ -145,6 +145,8 @@ def load_backbone(config, backbone_dir: str | None, tokenizer):
     """-> (T5Config, numpy tree): an HF T5 directory, or with none, `config.variant` and no
     tree (a random init, sized by `model_overrides` and the tokenizer)."""
     runtime = runtime_fields(config)
+    with user_errors(""):  # Named as the user sets it (evaluation skips check_config).
+        check_dtype(runtime["dtype"], "config.dtype")
     with user_errors("config"):
         T5Config(**runtime)  # A bad remat name fails here, in one line.
     if backbone_dir:
