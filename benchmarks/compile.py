@@ -273,4 +273,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from variator_jax import cli
+    cli.run_main(main)  # Errors, Ctrl-C, a closed pipe: one line (boundary.py).

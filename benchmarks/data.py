@@ -167,4 +167,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))))
     else:
-        main()
+        from variator_jax import cli
+        cli.run_main(main)  # Errors, Ctrl-C, a closed pipe: one line (boundary.py).

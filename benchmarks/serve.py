@@ -175,8 +175,41 @@ def build_bank(args):
     return cfg, backbone, plugins
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _ints(text: str, flag: str = "a list") -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; anything but positive integers is a one-line error."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers >= 1")
+    return values
+
+
+def check_args(args) -> LatencyProfile | None:
+    """Every flag checked before anything is built or compiled -> the --profile file's
+    profile (None without one): a bad flag or file is one line at once, not a JAX error (or
+    a missing file after a minute of compiling)."""
+    for name in ("batch_sizes", "lengths", "ratios", "fixed"):
+        _ints(getattr(args, name), "--" + name.replace("_", "-"))
+    for name in ("bottleneck", "max_new_tokens", "repeats", "max_len", "flops_per_s",
+                 "budget_x", "budget_ms"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: expected a number > 0")
+    if not args.margin >= 0 or not 0 < args.max_utilization <= 1:
+        raise ValueError(f"--margin {args.margin} must be >= 0 and --max-utilization "
+                         f"{args.max_utilization} in (0, 1]")
+    if not args.profile:
+        return None
+    try:
+        with open(args.profile) as f:
+            return LatencyProfile.from_dict(json.load(f)["profile"])
+    except OSError as e:
+        raise ValueError(f"--profile {args.profile}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--profile {args.profile}: not a saved serve.json profile "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def parse_args(argv):
@@ -211,6 +244,7 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    saved_profile = check_args(args)
     cfg, backbone, plugins = build_bank(args)
     buckets = serving.bucket_grid(_ints(args.batch_sizes), _ints(args.lengths))
     engine = None
@@ -219,7 +253,8 @@ def main(argv=None) -> dict:
                                         max_new_tokens=args.max_new_tokens)
         print(f"compiled {len(engine.ratios)} ratios x {len(buckets)} buckets "
               f"({engine.compile_count} traces/compiles) in {engine.compile_seconds:.1f} s")
-    profile = load_or_measure_profile(args, cfg, sorted([OFF, *plugins]), buckets, engine)
+    profile = saved_profile or load_or_measure_profile(args, cfg, sorted([OFF, *plugins]),
+                                                     buckets, engine)
     print(f"\nlatency profile, {profile.source}:\n{profile.format_table()}\n")
     quality = (serving.load_quality(args.results, args.quality_key) if args.results
                else engine.teacher_agreement())
@@ -244,8 +279,7 @@ def main(argv=None) -> dict:
 def load_or_measure_profile(args, cfg, ratios, buckets, engine) -> LatencyProfile:
     """--profile FILE (a saved serve.json), --flops-per-s (analytic), else measured now."""
     if args.profile:
-        with open(args.profile) as f:
-            return LatencyProfile.from_dict(json.load(f)["profile"])
+        return check_args(args)
     if args.flops_per_s:
         return LatencyProfile.from_flops(
             cfg, ratios, buckets, flops_per_s=args.flops_per_s, bottleneck=args.bottleneck,

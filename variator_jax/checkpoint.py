@@ -40,6 +40,7 @@ from variator_jax.fileio import atomic_write, flatten, get_path, set_path, write
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
+_UNCOMMITTED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 class WorkdirMismatch(ValueError):
@@ -57,10 +58,14 @@ def read_identity(workdir: str) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RestoreError(f"{path}: unreadable ({e}); this workdir's run cannot be identified, "
                            "use another --workdir") from None
+    if not isinstance(saved, dict):  # Its fields are compared one by one (check_workdir).
+        raise RestoreError(f"{path}: not a JSON object (a {type(saved).__name__}); this "
+                           "workdir's run cannot be identified, use another --workdir")
+    return saved
 
 
 def check_workdir(workdir: str, identity: dict) -> None:
@@ -102,6 +107,13 @@ def finished_steps(workdir: str) -> list[int]:
                   and os.path.exists(os.path.join(root, s, "_CHECKPOINT_METADATA")))
 
 
+def uncommitted_steps(workdir: str) -> list[int]:
+    """Steps whose save was begun and never committed (orbax's `N.orbax-checkpoint-tmp*`)."""
+    root = os.path.join(workdir, CHECKPOINT_DIR)
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted({int(m.group(1)) for m in map(_UNCOMMITTED.match, names) if m})
+
+
 @contextlib.contextmanager
 def _absl_quiet():
     level = absl_logging.get_verbosity()
@@ -116,12 +128,16 @@ def _absl_quiet():
 class Checkpointer:
     """Saves and restores (train state, data state) pairs under `workdir/checkpoints`.
 
-    Saving is asynchronous (orbax copies the arrays to host memory, then writes in the
-    background); `close()` waits for the last write. All processes must call every method.
+    `save` returns once the checkpoint is committed (orbax writes in a background thread;
+    waiting for it makes a failed save stop the run at its step). All processes must call
+    every method.
     """
 
     def __init__(self, workdir: str, keep: int):
         self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        # Steps a run stopped while saving: orbax removes their temporary directories when
+        # the manager opens, and a resume from an older step must say why.
+        self.uncommitted = uncommitted_steps(workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
                                                cleanup_tmp_directories=True)
         with _absl_quiet():  # A corrupt step's metadata is reported by `restore`.
@@ -143,6 +159,11 @@ class Checkpointer:
         with _save_errors(self.directory, step), _absl_quiet():
             self._manager.save(int(step), args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+            # Wait for the write: a save that fails (a full disk, a file-size limit) stops
+            # the run at its own step, not steps later when the background write gives up,
+            # and no step runs ahead of the last checkpoint. Costs the write's time.
+            self._manager.wait_until_finished()
+        self._write_manifests()
 
     def check_for_errors(self) -> None:
         """Raises `SaveError` if a background save has failed (a full disk, say), so that
@@ -312,7 +333,7 @@ def _errno_text(e: BaseException) -> str:
             return f"[Errno {seen.errno}] {seen.strerror}"
         seen = seen.__cause__ or seen.__context__
     match = re.search(r"No space left on device|Permission denied|Read-only file system|"
-                      r"Disk quota exceeded", str(e))
+                      r"Disk quota exceeded|File too large", str(e))
     return match.group(0) if match else _clean(e)
 
 

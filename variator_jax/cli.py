@@ -10,19 +10,21 @@ parse flags through `parse_flags`, which
         error: no config field 'plugin.bottlenek'; did you mean 'plugin.bottleneck'?
   - turns absl's own errors (unknown flags, bad values) into one line as well.
 
-Modules with a `main(argv)` over argparse (`variator_jax.flops`, `benchmarks/*`) wrap it in
-`run_main`, which prints a `UserError` or a bad-input `ValueError` as one line
-(`VARIATOR_TRACEBACK=1` shows the whole traceback instead).
+Both run inside the error boundary (boundary.py), and so do the modules with a `main(argv)`
+over argparse (`variator_jax.flops`, `variator_jax.convert`, `benchmarks/*`), through
+`run_main`: bad input, a full disk, Ctrl-C and a closed pipe end in one line, not a
+traceback (`--debug` or `VARIATOR_DEBUG=1` shows the traceback instead).
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib.util
 import os
 import re
 import sys
 from typing import Callable, Sequence
+
+from variator_jax import boundary
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 _COMMENTS: dict[str, str] = {}  # Field comments of the config parse_flags loaded.
@@ -32,8 +34,7 @@ _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=|$)")
 
 def fail(message: str, code: int = 1):
     """Prints `error: MESSAGE` (one line) to stderr and exits with `code`."""
-    first = " ".join(str(message).split())  # One line, whatever the message held.
-    print(f"error: {first}", file=sys.stderr, flush=True)
+    boundary.say_error(message)  # One line, whatever the message held.
     sys.exit(code)
 
 
@@ -181,7 +182,7 @@ def parse_flags(argv: list[str]) -> list[str]:
                 config = load_config(match.group(2), _COMMENTS)
                 check_overrides(config, argv)
             except Exception as e:  # A bad preset, a typo'd field, a broken config file.
-                fail(f"{_one_line(e)} (in --config={match.group(2)})", 2)
+                fail(f"{boundary.first_line(e)} (in --config={match.group(2)})", 2)
     # ml_collections reads the overrides from sys.argv itself: keep it in step with argv.
     sys.argv[:] = argv
     if any(arg in ("--help", "-h", "-?", "--helpshort", "--helpfull") for arg in argv[1:]):
@@ -197,19 +198,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         getattr(flags.FLAGS.config, "stage", None)  # A config that failed to load raises here.
         return argv
     except Exception as e:  # flags.Error and a config field's bad value.
-        fail(_one_line(e), 2)
+        fail(boundary.first_line(e), 2)
 
 
-def _one_line(e: BaseException) -> str:
-    """The informative line of an exception: absl and ml_collections wrap the cause in
-    tracebacks and repr()s, whose last non-empty line is the message."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
-def run_absl(main: Callable, doc: str, module: str) -> None:
-    """app.run(main) with `parse_flags`; `doc` is the usage text `--help` prints, and the
-    flags defined by `module` (the entry point's __name__) are listed with it.
+def run_absl(main: Callable, doc: str, module: str,
+             interrupted: Callable[[], str] | None = None) -> None:
+    """app.run(main) with `parse_flags`, inside the error boundary (boundary.py, which
+    `interrupted()` tells what a Ctrl-C stopped); `doc` is the usage text `--help` prints,
+    and the flags defined by `module` (the entry point's __name__) are listed with it.
 
     On CPU it first keeps freed memory (host.py), before parsing flags: loading the config
     imports NumPy and JAX, whose threads could otherwise take malloc arenas of their own."""
@@ -223,7 +219,7 @@ def run_absl(main: Callable, doc: str, module: str) -> None:
     for flag in flags.FLAGS.get_flags_for_module(sys.argv[0] if module == "__main__" else module):
         if flag not in shown:
             flags.FLAGS.register_flag_by_module(sys.argv[0], flag)
-    app.run(main, flags_parser=parse_flags)
+    boundary.guard(lambda: app.run(main, flags_parser=parse_flags), interrupted=interrupted)
 
 
 def start(argv: Sequence[str], flag_values) -> bool:
@@ -244,22 +240,8 @@ def start(argv: Sequence[str], flag_values) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def one_line_errors(*kinds: type):
-    """Inside, an `errors.UserError` (or one of `kinds`) ends the program with its
-    one-line message and exit status 1, instead of a traceback."""
-    try:
-        yield
-    except Exception as e:
-        from variator_jax.errors import UserError
-        if not isinstance(e, (UserError, *kinds)) or os.environ.get("VARIATOR_TRACEBACK"):
-            raise  # A bug, or a traceback asked for (VARIATOR_TRACEBACK=1).
-        fail(str(e) if isinstance(e, UserError) else _one_line(e))
-
-
-def run_main(main: Callable, argv: Sequence[str] | None = None):
-    """Runs an argparse `main(argv)`; bad input (UserError, ValueError, a missing file)
-    becomes `error: ...` on one line and exit status 1 instead of a traceback."""
-    from variator_jax.convert import CheckpointError
-    with one_line_errors(CheckpointError, ValueError, FileNotFoundError, NotADirectoryError):
-        return main(argv)
+def run_main(main: Callable, argv: Sequence[str] | None = None,
+             interrupted: Callable[[], str] | None = None):
+    """Runs an argparse `main(argv)` inside the error boundary (boundary.py): bad input, a
+    full disk, Ctrl-C or a closed pipe end in one line (or none) instead of a traceback."""
+    return boundary.guard(main, argv, interrupted=interrupted)

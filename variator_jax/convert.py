@@ -123,6 +123,14 @@ def torch_load_weights_only(file: str) -> dict:
                               "(pip install 'variator_jax[torch]'), or convert it to safetensors") from None
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: no such file")
+    with open(file, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol opcode 0x80).
+    # Anything else is not a checkpoint at all, and torch.load's error would misname it.
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(f"{file}: not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle; it begins with {head!r}): truncated, corrupt or another "
+                              "format")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -318,4 +326,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from variator_jax import cli
+    raise SystemExit(cli.run_main(main))  # Errors, Ctrl-C, a closed pipe: one line (boundary.py).

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 
+from variator_jax import boundary, fileio
 from variator_jax.convert import CheckpointError
 
 
@@ -43,3 +44,13 @@ def user_errors(what: str):
     except _INPUT_ERRORS as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{what}: {msg}" if what else msg) from None
+
+
+def check_writable(path: str, need_bytes: int = 0) -> None:
+    """`fileio.check_writable` as a one-line `UserError` naming the path ("PATH: Read-only
+    file system; use a writable directory"): checked before training or evaluating, so that
+    a read-only or full disk stops the command at once, not after the work is done."""
+    try:
+        fileio.check_writable(path, need_bytes)
+    except OSError as e:
+        raise UserError(boundary.describe_os_error(e)) from None

@@ -27,13 +27,13 @@ def main(argv):
     if not cli.start(argv, FLAGS):  # --show_config: printed, nothing to evaluate.
         return
     from variator_jax import evaluate
-    with cli.one_line_errors():
-        evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir)  # Errors: one line (boundary.py).
 
 
 def run():
     """The `variator-eval` console script."""
-    cli.run_absl(main, __doc__, __name__)
+    cli.run_absl(main, __doc__, __name__, interrupted=lambda: (
+        "interrupted before the results were written; rerun the same command to evaluate"))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from variator_jax import compressors
 from variator_jax import experiment as experiment_lib
 from variator_jax import flops as flops_lib
 from variator_jax import objectives, sharding, timing, trainer
-from variator_jax.errors import UserError, user_errors
+from variator_jax.errors import UserError, check_writable, user_errors
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.metrics import squad_em_f1
 from variator_jax.model import forward, generate
@@ -67,6 +67,8 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     """Evaluates the teacher and `plugin_dirs` (default: `config.eval.plugins`, else
     WORKDIR/plugin). Returns the results dict also written to WORKDIR/eval/results.json."""
     workdir = os.path.abspath(workdir)
+    # The results must be writable before minutes of evaluating, not after (about 1 MB).
+    check_writable(os.path.join(workdir, "eval"), need_bytes=1 << 20)
     backbone_dir = _backbone_dir(config, workdir)
     exp = experiment_lib.setup(config, backbone_dir)
     cfg, host_backbone, task, tokenizer = exp.cfg, exp.host_backbone, exp.task, exp.tokenizer

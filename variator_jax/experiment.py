@@ -28,7 +28,7 @@ from variator_jax.objectives import LOSSES, Objective
 from variator_jax.objectives import make as make_objective
 from variator_jax.plugins import PluginConfig, backbone_identity, fingerprint_of
 from variator_jax.reporting import say
-from variator_jax.t5 import T5Config, init_t5, logical_axes
+from variator_jax.t5 import T5Config, check_dtype, init_t5, logical_axes
 
 STAGES = ("finetune", "pretrain", "adapt")
 
@@ -51,10 +51,12 @@ class Experiment:
     identity: dict = dataclasses.field(default_factory=dict)  # What must match to resume.
     record: dict | None = None  # The config as JSON (config.json), once accepted.
     changes: dict = dataclasses.field(default_factory=dict)  # Overridden fields, accepted.
+    sources: dict = dataclasses.field(default_factory=dict)  # Data fingerprints (data.json).
     train_data: Any = None
     eval_data: Any = None
     eval_step: Any = None  # Compiled on first use.
     data_report: dict = dataclasses.field(default_factory=dict)  # Split sizes, overlap (0).
+    trained: int = 0  # The last step trained, for the line a Ctrl-C gets.
     # Raises UserError if the workdir was removed or replaced since the run locked it.
     still_ours: Callable[[], None] = lambda: None
 
@@ -168,6 +170,8 @@ def load_backbone(config, backbone_dir: str | None, tokenizer):
     """-> (T5Config, numpy tree): an HF T5 directory, or with none, `config.variant` and no
     tree (a random init, sized by `model_overrides` and the tokenizer)."""
     runtime = runtime_fields(config)
+    with user_errors(""):  # Named as the user sets it (evaluation skips check_config).
+        check_dtype(runtime["dtype"], "config.dtype")
     with user_errors("config"):
         T5Config(**runtime)  # A bad remat name fails here, in one line.
     if backbone_dir:
@@ -235,6 +239,8 @@ def check_config(config, backbone_pending: bool = False) -> None:
         # Finite in float32, where the optimizer computes: 1e39 is inf there.
         if not plugin_file.is_finite_number(config[name]) or config[name] < 0:
             raise UserError(f"config.{name} must be a finite number >= 0, got {config[name]!r}")
+    with user_errors(""):
+        check_dtype(config.get("dtype", "float32"), "config.dtype")
     for name in ("train", "eval"):
         spec = config.data.get(name)
         if spec or name == "train":

@@ -1,7 +1,9 @@
 """Atomic file writes and nested-dict paths, shared by the checkpoint and plugin converters."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -20,6 +22,32 @@ def atomic_write(directory: str, name: str, write: Callable[[str], object]) -> N
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(path: str, need_bytes: int = 0) -> None:
+    """Raises an OSError naming `path` unless files can be written there, before any long
+    work: the nearest existing directory on the way to `path` gets a small temporary file
+    (removed again: nothing is left behind, and a missing `path` stays missing), and, with
+    `need_bytes`, its file system must have about that much free space."""
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe):
+        if os.path.lexists(probe):  # A file where a directory should be (or on the way).
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory (a file is in the way)",
+                                     probe)
+        probe = os.path.dirname(probe)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-probe.")
+        try:
+            os.write(fd, bytes(4096))  # A full disk or a file-size limit fails here.
+        finally:
+            os.close(fd)
+            os.remove(tmp)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from None
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise OSError(errno.ENOSPC, f"No space left on device (about {need_bytes / 1e6:.1f} MB "
+                      f"needed, {free / 1e6:.1f} MB free)", path)
 
 
 def write_text(path: str, text: str) -> None:

@@ -9,6 +9,8 @@
   a finished checkpoint directory, written after the save completes and checked before a
   restore. orbax itself checksums nothing but the zarr3 shard index (its default zarr2 +
   zstd has no checksum), so a flipped bit in a data file would restore silently.
+- `source_fingerprint` / `source_change`: what identifies a data source's content (files'
+  sizes and hashes), kept in the run record so that a resume on edited data is refused.
 - `tree_is_finite`: every float leaf finite and of finite float32 norm (a state of size
   3.7e34 is finite, but nothing can be trained from it: its squared norm overflows).
 """
@@ -25,6 +27,8 @@ import numpy as np
 
 MANIFEST_FILE = "manifest.sha256.json"
 _CHUNK = 64 << 20  # Hash big files and tensors in 64 MiB pieces (bounded memory).
+_WHOLE = 256 << 20  # Data files up to this size are hashed whole (~0.2 s at 1.66 GB/s).
+_SAMPLES = 256  # Blocks of 1 MiB hashed from a bigger data file.
 
 
 def _sha256_array(x) -> str:
@@ -55,6 +59,67 @@ def _sha256_file(path: str) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256_sampled(path: str, size: int) -> str:
+    """SHA-256 of a whole file up to `_WHOLE` bytes; of a bigger one, `_SAMPLES` evenly
+    spaced blocks of 1 MiB (its end included): a few hundred MB read for any size, so that
+    a resume of a run on a 100 GB corpus starts in seconds. An edit that keeps the size and
+    falls between the blocks of such a file goes unseen; any other is caught."""
+    if size <= _WHOLE:
+        return _sha256_file(path)
+    h = hashlib.sha256()
+    block = 1 << 20
+    with open(path, "rb") as f:
+        for i in range(_SAMPLES):
+            f.seek((size - block) * i // (_SAMPLES - 1))
+            h.update(f.read(block))
+    return h.hexdigest()
+
+
+def source_fingerprint(spec: str) -> dict:
+    """What identifies the data of a source spec (data.py's forms), to refuse a resume on
+    data that changed since the run began: for `text:`/`jsonl:` each file's path, size,
+    mtime and SHA-256 (`_sha256_sampled`; mtime is kept to show, not compared); for
+    `builtin:` the Python version whose library it is read from; `tfds:` datasets are
+    versioned by tfds itself and recorded by name."""
+    import platform
+    from variator_jax import corpus
+    scheme, _, rest = spec.partition(":")
+    if scheme in ("text", "jsonl"):
+        files = []
+        for path in corpus.expand(rest, scheme):
+            st = os.stat(path)
+            files.append({"path": os.path.abspath(path), "size": st.st_size,
+                          "mtime_ns": st.st_mtime_ns,
+                          "sha256": _sha256_sampled(path, st.st_size)})
+        return {"spec": spec, "files": files}
+    if scheme == "builtin":
+        return {"spec": spec, "python": platform.python_version()}
+    return {"spec": spec}
+
+
+def source_change(old: dict, new: dict) -> str | None:
+    """None if two `source_fingerprint`s name the same data, else what changed, naming the
+    file ("FILE changed (size 1,234 -> 1,240 bytes)")."""
+    if old.get("spec") != new.get("spec"):
+        return f"the source changed from {old.get('spec')} to {new.get('spec')}"
+    if old.get("python") != new.get("python"):
+        return (f"{new['spec']} is read from Python {new.get('python')}'s library, the run "
+                f"began on Python {old.get('python')}'s")
+    before = {f["path"]: f for f in old.get("files", [])}
+    now = {f["path"]: f for f in new.get("files", [])}
+    for path in sorted(set(before) | set(now)):
+        if path not in now:
+            return f"{path} is gone"
+        if path not in before:
+            return f"{path} is new"
+        a, b = before[path], now[path]
+        if a["size"] != b["size"]:
+            return f"{path} changed (size {a['size']:,} -> {b['size']:,} bytes)"
+        if a["sha256"] != b["sha256"]:
+            return f"{path} changed (same size, other content)"
+    return None
 
 
 def _files(directory: str) -> list[str]:

@@ -287,8 +287,11 @@ class TrainBatches:
         """Continues from `state`; refuses one taken on other data or settings."""
         for key, mine in self._checks.items():
             if key in state and state[key] != mine:
-                raise ValueError(f"data state mismatch: {key} is {mine} here but "
-                                 f"{state[key]} in the state being restored")
+                raise ValueError(f"data state mismatch: {key} is {mine} now but "
+                                 f"{state[key]} in the checkpoint being resumed: the data or "
+                                 "its batching changed since the run began, and the saved "
+                                 "position means nothing on it; restore the data as it was, "
+                                 "or use another --workdir")
         if "grain" not in state:
             raise ValueError("data state has no grain iterator state (a checkpoint of an "
                              "older version?); use another --workdir")

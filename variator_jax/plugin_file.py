@@ -5,12 +5,14 @@ safetensors only, no JAX, no torch.
 
 A plugin file that loads must be one `save_plugin` could have written: `plugin_config.json`
 is a JSON object whose fields have their exact types (`"mask_aware": "false"`, a string,
-is refused rather than read as True), and every tensor is float32 and finite (an int32
+is refused rather than read as True) and no field it does not know (a typo `ratiio` is
+refused by name, not ignored), and every tensor is float32 and finite (an int32
 tensor is refused rather than cast, a NaN is refused rather than turned into NaN logits).
 Each error is one line naming the file and the key.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -30,6 +32,8 @@ _CONFIG_TYPES = {
     "scope": (str, "a string"),
 }
 REQUIRED_FIELDS = tuple(_CONFIG_TYPES)
+# Every field `save_plugin` writes; any other (a typo such as `ratiio`) is refused by name.
+KNOWN_FIELDS = REQUIRED_FIELDS + ("compressor", "backbone", "format")
 
 
 def _describe(value) -> str:
@@ -44,6 +48,12 @@ def check_config(config, path: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a valid plugin config (a JSON object is expected, got "
                          f"{type(config).__name__})")
+    unknown = sorted(set(config) - set(KNOWN_FIELDS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], KNOWN_FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{path}: unknown field {unknown[0]!r}{hint}; a plugin config holds "
+                         f"only {', '.join(KNOWN_FIELDS)}")
     missing = [name for name in REQUIRED_FIELDS if name not in config]
     if missing:
         raise ValueError(f"{path}: not a valid plugin config: lacks field(s) {missing}")
@@ -60,6 +70,9 @@ def check_config(config, path: str) -> dict:
             ok = value >= 1
         if not ok:
             raise ValueError(f"{path}: field {name!r} must be {what}, got {_describe(value)}")
+    if not isinstance(config.get("format", ""), str):
+        raise ValueError(f"{path}: field 'format' must be a string, got "
+                         f"{_describe(config['format'])}")
     backbone = config.get("backbone")
     if backbone is not None and not isinstance(backbone, dict):
         raise ValueError(f"{path}: field 'backbone' must be an object or null, got "

@@ -154,4 +154,5 @@ def describe() -> dict:
 
 if __name__ == "__main__":
     import json
-    print(json.dumps(describe(), indent=2))
+    from variator_jax import cli
+    cli.run_main(lambda _: print(json.dumps(describe(), indent=2)))  # Errors: one line.

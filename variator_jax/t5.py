@@ -110,6 +110,7 @@ class T5Config:
             if getattr(self, field) <= 0:
                 raise ValueError(f"T5Config.{field} must be positive, got {getattr(self, field)}")
         remat_policy(self.remat)  # Raises for an unknown name.
+        check_dtype(self.dtype)
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"T5Config.attention {self.attention!r} is not one of "
                              f"{', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
@@ -213,6 +214,18 @@ RUNTIME_FIELDS = ("dtype", "name", "scan_layers", "remat", "attention", "attenti
 # jax.checkpoint_policies that are policies themselves (the others are factories of policies).
 _READY_POLICIES = ("dots_with_no_batch_dims_saveable", "dots_saveable", "checkpoint_dots",
                    "checkpoint_dots_with_no_batch_dims", "nothing_saveable", "everything_saveable")
+
+
+def check_dtype(name, field: str = "T5Config.dtype") -> None:
+    """Raises a one-line ValueError naming `field` unless `name` is a floating-point dtype
+    (a compute dtype), before a bad one fails deep inside Flax."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(name), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{field} {name!r} is not a floating-point type: use 'float32', "
+                         "'bfloat16' or 'float16'")
 
 
 def remat_policy(name: str):

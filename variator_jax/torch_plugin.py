@@ -273,7 +273,7 @@ def attach_plugin(hf_model, plugin_dir, *, mask_aware=None):
       mask_aware: overrides the file's `mask_aware` when not None.
 
     Returns:
-      The plugin config (dict from `plugin_config.json`, unknown fields kept,
+      The plugin config (dict from `plugin_config.json`, checked by `plugin_file`,
       `mask_aware` as used).
 
     Raises:

@@ -16,7 +16,6 @@ jax.distributed.initialize() finds them.
 """
 import logging as py_logging
 import os
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -35,6 +34,8 @@ flags.DEFINE_bool("dry_run", False, "Compile the train step against abstract par
                   "per-device memory and compile time, write WORKDIR/fit.json; train nothing.")
 flags.DEFINE_list("override", [], "Config fields a resume may change (e.g. lr,total_steps); "
                   "each change is recorded in WORKDIR/changes.jsonl.")
+flags.DEFINE_bool("accept_data_change", False, "Resume although a data file changed since the "
+                  "run began (recorded in WORKDIR/changes.jsonl); refused otherwise.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -68,26 +69,33 @@ def main(argv):
         lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     _init_distributed()
     from variator_jax import train_lib  # After distributed init: it may touch devices.
+    if FLAGS.dry_run:
+        from variator_jax import fit
+        fit.dry_run(FLAGS.config, FLAGS.workdir)
+        return
+    # Errors, signals and Ctrl-C end in one line: the boundary around `run` (boundary.py).
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, override=FLAGS.override,
+                                 accept_data_change=FLAGS.accept_data_change)
+
+
+def _interrupted() -> str:
+    """The line for a Ctrl-C outside the training loop (inside it, the loop says where it
+    stopped): loading, compiling, or a second Ctrl-C while the first one's checkpoint saved."""
     try:
-        with cli.one_line_errors():
-            try:
-                if FLAGS.dry_run:
-                    from variator_jax import fit
-                    fit.dry_run(FLAGS.config, FLAGS.workdir)
-                    return
-                train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir, override=FLAGS.override)
-            except train_lib.Interrupted as e:  # A checkpoint was saved: not an error.
-                print(e, file=sys.stderr, flush=True)
-                sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # Before training started (or a second Ctrl-C): nothing saved.
-        print("interrupted before a step was trained; run the same command to resume",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
+        workdir = FLAGS.workdir
+        from variator_jax.checkpoint import finished_steps
+        steps = finished_steps(workdir) if workdir else []
+    except Exception:  # Flags not parsed yet: nothing can have been saved.
+        steps = []
+    if steps:
+        return (f"interrupted at step {steps[-1]} (the last checkpoint saved); rerun the same "
+                "command to resume")
+    return "interrupted before a step was trained; rerun the same command to start"
 
 
 def run():
     """The `variator-train` console script."""
-    cli.run_absl(main, __doc__, __name__)
+    cli.run_absl(main, __doc__, __name__, interrupted=_interrupted)
 
 
 if __name__ == "__main__":

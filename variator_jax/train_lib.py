@@ -34,9 +34,10 @@ import jax
 import ml_collections
 
 from variator_jax import checkpoint as ckpt_lib
-from variator_jax import trainer
+from variator_jax import integrity, trainer
 from variator_jax import workdir as workdir_lib
-from variator_jax.errors import Interrupted, NonFiniteLoss, UserError, user_errors
+from variator_jax.errors import (Interrupted, NonFiniteLoss, UserError, check_writable,
+                                 user_errors)
 from variator_jax.experiment import (STAGES, Experiment, check_config, prepare,
                                      runtime_fields)
 from variator_jax.objectives import (LOSSES, Distill, Finetune, Objective, class_logits,
@@ -68,13 +69,15 @@ def loss_terms(setup: Objective, params, frozen, batch, dropout_rng, determinist
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       override=()) -> dict:
+                       override=(), accept_data_change: bool = False) -> dict:
     """Trains as `config` says, in `workdir`; resumes from the latest checkpoint there.
 
     One run per workdir (a lock; a second one raises `UserError` naming the holder's PID).
     A resume whose result-changing fields (lr, schedule, batch, total_steps, data, ...)
     differ from the run's `config.json` is refused, unless each changed field is named in
     `override`; accepted changes go to `WORKDIR/changes.jsonl` with the step they start at.
+    So is a resume on a data file that changed since the run began (its fingerprint is in
+    `WORKDIR/data.json`), unless `accept_data_change`.
 
     Returns (and writes to `WORKDIR/result.json`): `stage`, `step`, `train` (the last logged
     training metrics), `eval` (final eval metrics, if `data.eval` is set), and `plugin_dir`
@@ -82,6 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     `Interrupted` after saving a checkpoint on SIGINT / SIGTERM.
     """
     workdir = os.path.abspath(workdir)
+    check_writable(workdir)  # A read-only, full or file-blocked workdir: one line, now.
     config = _run_backbone_stage(config, workdir)
     exp = prepare(config, workdir)
     with user_errors(""):
@@ -99,10 +103,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 return done
             exp.record = json.loads(config.to_json_best_effort())
             workdir_lib.check_diverged(workdir, exp.record)
-            exp.changes = workdir_lib.check_record(
-                workdir, exp.record, max(ckpt_lib.finished_steps(workdir), default=0),
-                override)
-            ckpt_lib.claim_workdir(workdir, exp.identity)
+            resume_step = max(ckpt_lib.finished_steps(workdir), default=0)
+            exp.changes = workdir_lib.check_record(workdir, exp.record, resume_step, override)
+            exp.sources = {f"data.{name}": integrity.source_fingerprint(config.data[name])
+                           for name in ("train", "eval") if config.data.get(name)}
+            exp.changes.update(workdir_lib.check_data(workdir, exp.sources, resume_step,
+                                                      accept_data_change, override))
         exp.still_ours = still_ours
         checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
         try:

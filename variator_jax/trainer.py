@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import integrity, pipeline, sharding
 from variator_jax import workdir as workdir_lib
-from variator_jax.errors import Interrupted, NonFiniteLoss, user_errors
+from variator_jax.errors import Interrupted, NonFiniteLoss, check_writable, user_errors
 from variator_jax.experiment import Experiment
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.objectives import Objective, eval_summary
@@ -216,6 +216,7 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
         f"({jax.devices()[0].platform}), {jax.process_count()} process(es)")
 
     start = checkpointer.latest_step() or 0
+    _say_uncommitted(checkpointer, start)
     # On the devices: the tree each step reads (the teacher), and the trainable tree a fresh
     # run starts from (the backbone to fine-tune; resuming, the checkpoint has it).
     host_frozen = objective.frozen(exp.host_backbone)
@@ -227,10 +228,14 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
         host_start, trainable_shardings(exp)[0])
     del host_frozen, host_start
     abstract, state_shardings, make_state = initial_state(exp, tx, loaded)
+    # Room for a checkpoint being written and the exported output, roughly, before training.
+    check_writable(exp.workdir, need_bytes=2 * sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract)))
     del loaded  # Donated into the fresh state.
     if start:
         with user_errors(""):  # A corrupt newest checkpoint falls back to the one before.
             start, state, data_state = checkpointer.restore_latest(abstract, say)
+        with user_errors(f"data.train {exp.config.data.train}"):  # Names the data.
             exp.train_data.set_state(data_state)
         say(f"Resumed from {checkpointer.directory}/{start}")
     else:
@@ -239,21 +244,39 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
     step_fn = make_train_step(objective, tx, schedule, exp.mesh, state_shardings,
                               None if frozen is None else backbone_shardings, exp.rules)
     writer = MetricWriter(exp.workdir, resume_step=start)
+    exp.trained = start
     try:
-        state, last = _loop(exp, state, frozen, step_fn, checkpointer, writer, start)
+        try:
+            state, last = _loop(exp, state, frozen, step_fn, checkpointer, writer, start)
+            # Success means committed: the outputs only once the final checkpoint is on disk,
+            # so that a run killed now resumes from it, not from an older one.
+            checkpointer.wait()
+        except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be unsaved.
+            raise _interrupted(exp.trained, exp.workdir) from None
         result = _finish(exp, state, frozen, last or writer.last(), writer)
     finally:
         writer.close()
     return result
 
 
+def _say_uncommitted(checkpointer: ckpt_lib.Checkpointer, start: int) -> None:
+    """A newer step whose save never completed is not resumed from: say so, not silently."""
+    newer = [s for s in checkpointer.uncommitted if s > start]
+    if newer:
+        where = f"resuming from step {start}" if start else "starting from step 0"
+        say(f"checkpoint {newer[-1]} in {checkpointer.directory} was never committed (the run "
+            f"stopped while saving it) and is discarded; {where}")
+
+
 def _accept(exp: Experiment, step: int) -> None:
-    """The start is accepted (checkpoint restored or fresh state made): only now is the run
-    record written. Extending a finished run keeps its old output and result aside."""
+    """The start is accepted (checkpoint restored or fresh state made): only now are the run's
+    identity (`run.json`) and record written, so that a refused start leaves no trace. Extending a finished run keeps its old output and result aside."""
     if jax.process_index() != 0:
         return
+    ckpt_lib.claim_workdir(exp.workdir, exp.identity)  # run.json: only a start accepted.
     workdir_lib.write_record(exp.workdir, json.dumps(exp.record, indent=2) + "\n",
                              exp.changes, step)
+    workdir_lib.write_data(exp.workdir, exp.sources)
     if not 0 < step < exp.config.total_steps:
         return
     try:  # The step the outputs are from (a corrupt final checkpoint may resume earlier).
@@ -320,11 +343,22 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
                 last_good = done
             if signum and done < total:
                 checkpointer.wait()
-                raise Interrupted(f"interrupted at step {done}; run the same command to "
+                raise Interrupted(f"interrupted at step {done}; rerun the same command to "
                                   "resume", signum)
             if config.get("eval_every") and done % config.eval_every == 0 and done < total:
                 _evaluate(exp, state.params, frozen, writer, done)
+            exp.trained = done
     return state, logged
+
+
+def _interrupted(step: int, workdir: str) -> Interrupted:
+    """A Ctrl-C that stopped the loop at once: says which checkpoint a rerun resumes from."""
+    saved = max(ckpt_lib.finished_steps(workdir), default=0)
+    resume = "resume" if saved == step else (
+        f"resume from step {saved}, the last checkpoint saved" if saved
+        else "start over: no checkpoint was saved")
+    return Interrupted(f"interrupted at step {step}; rerun the same command to {resume}",
+                       signal.SIGINT)
 
 
 class _StopRequests:

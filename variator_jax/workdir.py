@@ -13,6 +13,10 @@
   logging, checkpointing, evaluation, the mesh and paths) are compared with it: a changed
   one is refused, unless named in `override`, in which case it is recorded in
   `WORKDIR/changes.jsonl` as a change at the resumed step.
+- `WORKDIR/data.json`: a fingerprint of each data source (`integrity.source_fingerprint`),
+  written with the record. A resume on a source whose files changed (a corpus edited in
+  place) is refused naming the file, unless `accept_data_change` (`--accept_data_change`),
+  and an accepted change is recorded in `changes.jsonl` as well.
 - `WORKDIR/diverged.json`: written when training stops on a non-finite value; a rerun with
   the same result-changing config would diverge the same way, so it is refused with what to
   change.
@@ -37,6 +41,7 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "changes.jsonl"
 DIVERGED_FILE = "diverged.json"
+DATA_FILE = "data.json"  # Fingerprints of the data sources the run trains and evaluates on.
 
 # Config fields that do not change what is trained (a resume may change them freely):
 # reporting, checkpointing, evaluation, the device layout, how layers are laid out and
@@ -60,6 +65,10 @@ class WorkdirReplaced(ValueError):
 
 class RecordMismatch(ValueError):
     """A resume with result-changing fields that differ from the run's config.json."""
+
+
+class DataChanged(RecordMismatch):
+    """A resume on a data source whose content changed since the run began."""
 
 
 # -- The lock -----------------------------------------------------------------------------------
@@ -162,6 +171,41 @@ def check_record(workdir: str, config: dict, resume_step: int, override=()) -> d
     if unknown:
         raise RecordMismatch(f"--override names {unknown[0]!r}, not a config field")
     return changes
+
+
+def check_data(workdir: str, sources: dict, resume_step: int, accept: bool = False,
+               override=()) -> dict:
+    """Compares `sources` ({"data.train": fingerprint, ...}) with `WORKDIR/data.json` before a
+    resume from `resume_step` -> the accepted changes ({"data.train content": (old, new)}).
+
+    Raises `DataChanged` naming the file that changed and the flag that accepts it, unless
+    `accept` or the source's field is in `override` (another source, changed knowingly).
+    A workdir without the file (older runs) resumes as before. Writes nothing."""
+    from variator_jax import integrity
+    path = os.path.join(workdir, DATA_FILE)
+    saved = read_json(path)
+    if not resume_step or saved is None:
+        return {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a JSON object; fix or remove it")
+    changes = {}
+    for field, now in sources.items():
+        before = saved.get(field)
+        what = integrity.source_change(before, now) if isinstance(before, dict) else None
+        if what is None:
+            continue
+        if not accept and field not in set(override):
+            raise DataChanged(
+                f"{field}: {what} since this run began; it trained to step {resume_step} on "
+                "the old data, and resuming would train on both: pass --accept_data_change "
+                "to accept and record that, or use another --workdir")
+        changes[f"{field} content"] = (before, now)
+    return changes
+
+
+def write_data(workdir: str, sources: dict) -> None:
+    atomic_write(workdir, DATA_FILE, lambda tmp: write_text(tmp, json.dumps(sources, indent=2)
+                                                            + "\n"))
 
 
 def write_record(workdir: str, config_json: str, changes: dict, step: int) -> None:
