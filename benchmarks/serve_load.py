@@ -38,10 +38,18 @@ import numpy as np
 from variator_jax.simulation import Phase, parse_phases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Steady, a 1.8 x C1 burst, steady, ramp up and down: the simulation's shape.
-TRACE = (Phase("steady", 60, 0.5, 0.5), Phase("burst", 60, 1.8, 1.8),
-         Phase("steady", 60, 0.5, 0.5), Phase("ramp up", 50, 0.4, 1.4),
-         Phase("ramp down", 50, 1.4, 0.4))
+# Steady, a burst, steady, ramp up and down: the simulation's shape. The burst is 1.8 x C1, or
+# less where the most compressed plugin cannot carry that (`trace`).
+BURST = 1.8
+
+
+def trace(burst: float) -> tuple[Phase, ...]:
+    return (Phase("steady", 60, 0.5, 0.5), Phase("burst", 60, burst, burst),
+            Phase("steady", 60, 0.5, 0.5), Phase("ramp up", 50, 0.4, 1.4),
+            Phase("ramp down", 50, 1.4, 0.4))
+
+
+
 OVERLOAD = (Phase("steady", 30, 0.5, 0.5), Phase("burst 3x", 60, 3.0, 3.0),
             Phase("steady", 40, 0.5, 0.5))
 
@@ -93,6 +101,7 @@ class Load:
     t0: float  # Seconds of one uncompressed batch of the largest bucket.
     c1: float  # Inputs per second at full uncompressed batches.
     budget_s: float
+    most: float = 1.0  # The most compressed ratio's capacity, x C1 (from the same profile).
 
 
 def load_units(models: dict, texts: list[str], labels: list[str]) -> Load:
@@ -102,7 +111,8 @@ def load_units(models: dict, texts: list[str], labels: list[str]) -> Load:
     batch = models["max_batch"]
     length = max(e["length"] for e in models["buckets"])
     t0 = profile[1, batch, length]
-    return Load(texts, labels, t0, batch / t0, models["budget_ms"]["classify"] / 1e3)
+    most = t0 / profile[max(models["ratios"]), batch, length]
+    return Load(texts, labels, t0, batch / t0, models["budget_ms"]["classify"] / 1e3, most)
 
 
 def arrivals(phases, load: Load, per_request: int, seconds: float, seed: int):
@@ -255,8 +265,9 @@ def parse_args(argv):
                    "client's batch: HTTP costs CPU per request, which a 2-core host shares with "
                    "the model)")
     p.add_argument("--seconds", type=float, default=40.0, help="wall-clock length of a trace")
-    p.add_argument("--phases", help="name:duration_T0:rate[-end],... (x C1); default: "
-                   "steady, burst 1.8, steady, ramp")
+    p.add_argument("--phases", help="name:duration:rate[-end],... (x C1); default: steady, "
+                   "a burst of 1.8 (or 0.85 x what the most compressed plugin carries, if less), "
+                   "steady, ramp")
     p.add_argument("--fixed", default="1,4", help="the pinned-ratio baselines")
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--max-outstanding", type=int, default=256)
@@ -282,7 +293,9 @@ def _answers(url: str) -> bool:
 
 async def run_all(args, load: Load) -> dict:
     import aiohttp
-    phases = parse_phases(args.phases) if args.phases else TRACE
+    # A burst the most compressed plugin can carry (with 15 % to spare), at most 1.8 x C1.
+    burst = round(min(BURST, 0.85 * load.most), 2)
+    phases = parse_phases(args.phases) if args.phases else trace(burst)
     times, phase = arrivals(phases, load, args.per_request, args.seconds, args.seed)
     over_t, over_phase = arrivals(OVERLOAD, load, args.per_request, args.seconds * 0.6,
                                   args.seed + 1)
@@ -328,7 +341,8 @@ def main(argv=None) -> dict:
         load = load_units(models, texts, labels)
         print(f"{len(texts)} test examples of {args.task}, {args.per_request} per request; "
               f"T0 {load.t0 * 1e3:.1f} ms, C1 {load.c1:.0f} inputs/s, budget "
-              f"{load.budget_s * 1e3:.0f} ms; ratios {models['ratios']}", flush=True)
+              f"{load.budget_s * 1e3:.0f} ms; ratios {models['ratios']}, the most compressed "
+              f"carrying {load.most:.2f} x C1 by the profile", flush=True)
         result = asyncio.run(run_all(args, load))
     finally:
         stop_s = stop_server(proc) if proc else None

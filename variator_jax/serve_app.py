@@ -174,7 +174,7 @@ def parse_args(argv):
                    help="latency budget (default: 4 x one uncompressed batch of the largest "
                    "bucket, measured at start-up)")
     p.add_argument("--policy", default="adaptive", help="'adaptive' or 'fixed:K'")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="how long a batch waits to fill")
     p.add_argument("--max-ongoing", type=int, default=0,
                    help="requests a replica holds at once (default 4 x the largest batch)")

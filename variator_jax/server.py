@@ -73,7 +73,7 @@ class ServeSpec:
     max_new_tokens: int = 16
     budget_ms: float = 0.0
     policy: str = "adaptive"
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 2.0
     truncate: bool = False
     profile_repeats: int = 3
     shed_x: float = 1.0
