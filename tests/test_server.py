@@ -206,6 +206,7 @@ def test_admission_sheds_what_would_miss_the_budget():
     bank.profiles = {"classify": profile}
     bank.policies = {"classify": AdaptivePolicy(profile, PolicyConfig(0.25, max_batch=4))}
     bank.meters, bank.pending = {"classify": RateMeter(1.0)}, {"classify": {}}
+    bank.slowdown = {"classify": 1.0}
     item = lambda ratio=None: server_lib.Item(10.0, np.ones(30, np.int32), ratio)
     for _ in range(6):  # 6 waiting: a batch of 4, then 2 + the new one padded into bucket 4.
         bank.admit("classify", [item()], now=10.0)
@@ -217,6 +218,15 @@ def test_admission_sheds_what_would_miss_the_budget():
         bank.admit("classify", [item(1)], now=10.15)
     assert e.value.status == 503 and e.value.retry_after == 1 and "would wait 350 ms" in str(e.value)
     assert len(bank.pending["classify"]) == 7  # A refused request is not queued.
+    # Batches measured at twice their profiled time: predictions follow (moving average).
+    for _ in range(40):
+        bank.calibrate("classify", measured_s=0.08, profiled_s=0.04)
+    assert bank.slowdown["classify"] == pytest.approx(2.0, rel=1e-3)
+    assert bank.policies["classify"].slowdown == bank.slowdown["classify"]
+    # 7 waiting + 1: two full batches at k = 4, each twice as long as profiled.
+    assert bank.predicted_wait("classify", [item()], 10.0) == pytest.approx(2 * 0.08, rel=1e-3)
+    policy = bank.policies["classify"]
+    assert policy.service_s(4, np.full(4, 30)) == pytest.approx(1.1 * 2 * 0.04, rel=1e-3)
 
 
 def test_health_and_models(server):

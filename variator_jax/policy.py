@@ -306,11 +306,14 @@ class AdaptivePolicy:
         self.ratios = tuple(sorted(ratios))
         self.max_batch = config.max_batch or profile.max_batch
         self.name = "adaptive"
+        # Measured / profiled time of recent batches: a live server keeps it current
+        # (`server.Bank`), since the profile was taken with the machine to itself.
+        self.slowdown = 1.0
 
     def service_s(self, ratio: int, lengths: np.ndarray) -> float:
-        """Predicted seconds (with margin) for one batch of requests of these lengths."""
+        """Predicted seconds (with margin and slowdown) for one batch of these lengths."""
         seconds = self.profile.latency(ratio, len(lengths), int(max(lengths)))
-        return (1 + self.config.margin) * seconds
+        return (1 + self.config.margin) * self.slowdown * seconds
 
     def drain_latencies(self, ratio: int, queue: QueueState) -> np.ndarray:
         """[depth] predicted latency of each waiting request if all are served at `ratio`."""

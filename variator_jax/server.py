@@ -42,6 +42,9 @@ from variator_jax.policy import AdaptivePolicy, FixedPolicy, PolicyConfig, Queue
 from variator_jax.serving import RateMeter
 
 # -- What a server holds ------------------------------------------------------------------------
+_SLOWDOWN_WEIGHT = 0.2  # Of each new batch in the slowdown's moving average.
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeSpec:
     """Everything a replica needs to build its bank (plain data: Ray ships it to replicas).
@@ -156,6 +159,7 @@ class Bank:
                          for name, engine in self.engines.items()}
         self.policies = {name: self._policy(profile) for name, profile in self.profiles.items()}
         self.meters = {name: RateMeter(2 * self.budget_s(name)) for name in self.engines}
+        self.slowdown = {name: 1.0 for name in self.engines}  # See `calibrate`.
         self.compiles_at_ready = compile_events()
         # Items accepted and not yet started, per endpoint: what the policy sees as the queue.
         self.pending: dict[str, dict[int, Item]] = {name: {} for name in self.engines}
@@ -269,8 +273,9 @@ class Bank:
         waiting = sorted(self.pending[endpoint].values(), key=lambda it: it.arrival)
         lengths = [len(it.ids) for it in [*waiting, *items]]
         profile, batch = self.profiles[endpoint], self.spec.max_batch
-        service = sum(profile.latency(ratio, len(lengths[i:i + batch]), max(lengths[i:i + batch]))
-                      for i in range(0, len(lengths), batch))
+        service = self.slowdown[endpoint] * sum(
+            profile.latency(ratio, len(lengths[i:i + batch]), max(lengths[i:i + batch]))
+            for i in range(0, len(lengths), batch))
         return now - min(it.arrival for it in items) + service
 
     def release(self, endpoint: str, items: Sequence[Item]) -> None:
@@ -300,7 +305,23 @@ class Bank:
         mask = np.zeros_like(ids)
         for row, it in enumerate(items):
             ids[row, :len(it.ids)], mask[row, :len(it.ids)] = it.ids, 1
-        return self.engines[endpoint].run(ratio, ids, mask)
+        start = time.perf_counter()
+        out = self.engines[endpoint].run(ratio, ids, mask)
+        self.calibrate(endpoint, time.perf_counter() - start,
+                       self.profiles[endpoint].latency(ratio, len(items), length))
+        return out
+
+    def calibrate(self, endpoint: str, measured_s: float, profiled_s: float) -> None:
+        """Keeps the slowdown (measured / profiled batch time, a moving average) current.
+
+        The profile was measured with the machine to itself; serving shares it with HTTP
+        handling (and on a small host with the clients), so batches run slower than profiled.
+        Predictions (the policy's choice, the admission control) are scaled by it.
+        """
+        ratio = min(max(measured_s / profiled_s, 0.5), 4.0)
+        self.slowdown[endpoint] += _SLOWDOWN_WEIGHT * (ratio - self.slowdown[endpoint])
+        if isinstance(self.policies[endpoint], AdaptivePolicy):
+            self.policies[endpoint].slowdown = self.slowdown[endpoint]
 
     def answer(self, endpoint: str, done: Sequence[Done], items: Sequence[Item]) -> dict:
         """The response body for one request's items."""
@@ -338,6 +359,7 @@ class Bank:
             "budget_ms": {e: self.budget_s(e) * 1e3 for e in self.engines},
             "max_batch": self.spec.max_batch,
             "compile_seconds": round(self.compile_seconds, 2),
+            "slowdown": {e: round(s, 3) for e, s in self.slowdown.items()},
             "profiles": {e: p.to_dict() for e, p in self.profiles.items()},
         }
 
