@@ -47,7 +47,7 @@ def write_plugin(plugin_dir, layers, k, mask_aware=True, **overrides):
                for i, layer in enumerate(layers) for name, v in layer.items()}
     config = dict(ratio=k, bottleneck=BOTTLENECK, mask_aware=mask_aware, scope="ffn",
                   d_model=D_MODEL, num_layers=NUM_LAYERS,
-                  backbone={"name": "tiny-random-t5"}, some_future_field=[1, 2])
+                  backbone={"name": "tiny-random-t5"})
     config.update(overrides)
     os.makedirs(plugin_dir, exist_ok=True)
     safetensors.torch.save_file(tensors, os.path.join(plugin_dir, torch_plugin.PLUGIN_WEIGHTS))
