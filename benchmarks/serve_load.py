@@ -6,7 +6,9 @@
 Every request is one or more examples of the task's test split sent to POST /v1/classify, so
 what is served is scored. The arrival trace is open-loop Poisson in machine-independent units,
 as the simulation's (`variator_jax/simulation.py`): rates in units of C1, the uncompressed
-capacity (full batches of the server's largest bucket, from its measured latency profile),
+capacity: by default the inputs/s the server answers through HTTP at ratio 1, measured just
+before (`--units profile`: full batches of the largest bucket by the start-up profile, which
+overstates it where HTTP handling shares the host with the model),
 the durations of its phases shares of `--seconds`, the wall-clock length of the trace. The same trace is sent once per policy, pinned by the request's "ratio"
 (always uncompressed, always k = 4) or left to the server (adaptive), and then an overload
 trace (a burst of 3 x C1) against the adaptive server, which must shed the excess with 503.
@@ -191,6 +193,29 @@ def summarize(records: list[dict], phase: np.ndarray, phases, budget_s: float) -
     return row
 
 
+async def capacity_probe(session, url: str, load: Load, per_request: int, seconds: float,
+                         clients: int = 3) -> float:
+    """Uncompressed inputs/s the server answers through HTTP, closed loop: `clients` send
+    requests back to back (pinned to ratio 1) for `seconds`. Where HTTP handling shares the
+    host with the model, this is less than the profile's C1."""
+    deadline, answered = time.monotonic() + seconds, [0]
+    start = time.monotonic()
+
+    async def client(c: int):
+        i = c
+        while time.monotonic() < deadline:
+            j = (i * per_request) % max(1, len(load.texts) - per_request)
+            body = {"inputs": load.texts[j:j + per_request], "ratio": 1}
+            async with session.post(f"{url}/v1/classify", json=body) as r:
+                await r.read()
+                if r.status == 200:
+                    answered[0] += per_request
+            i += clients
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return answered[0] / (time.monotonic() - start)
+
+
 async def overhead_probe(session, url: str, load: Load, n: int) -> dict:
     """Sequential single-input requests at idle: client latency vs the model time reported."""
     rows = []
@@ -269,6 +294,9 @@ def parse_args(argv):
                    "a burst of 1.8 (or 0.85 x what the most compressed plugin carries, if less), "
                    "steady, ramp")
     p.add_argument("--fixed", default="1,4", help="the pinned-ratio baselines")
+    p.add_argument("--units", choices=("measured", "profile"), default="measured",
+                   help="C1, the unit of load: the uncompressed inputs/s measured through HTTP "
+                   "before the traces (default), or the start-up profile's (the model alone)")
     p.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     p.add_argument("--max-outstanding", type=int, default=256)
     p.add_argument("--probe", type=int, default=50, help="sequential requests of the probe")
@@ -293,16 +321,21 @@ def _answers(url: str) -> bool:
 
 async def run_all(args, load: Load) -> dict:
     import aiohttp
-    # A burst the most compressed plugin can carry (with 15 % to spare), at most 1.8 x C1.
-    burst = round(min(BURST, 0.85 * load.most), 2)
-    phases = parse_phases(args.phases) if args.phases else trace(burst)
-    times, phase = arrivals(phases, load, args.per_request, args.seconds, args.seed)
-    over_t, over_phase = arrivals(OVERLOAD, load, args.per_request, args.seconds * 0.6,
-                                  args.seed + 1)
     rows, runs = {}, {}
     connector = aiohttp.TCPConnector(limit=args.max_outstanding)
     async with aiohttp.ClientSession(connector=connector) as session:
         probe = await overhead_probe(session, args.url, load, args.probe)
+        measured = await capacity_probe(session, args.url, load, args.per_request, 6.0)
+        print(f"uncompressed capacity through HTTP: {measured:.0f} inputs/s "
+              f"({measured / load.c1:.2f} x the profile's C1)", flush=True)
+        if args.units == "measured":  # Load in units of what the server really carries.
+            load = dataclasses.replace(load, c1=measured)
+        # A burst the most compressed plugin can carry (15 % to spare), at most 1.8 x C1.
+        burst = round(min(BURST, 0.85 * load.most), 2)
+        phases = parse_phases(args.phases) if args.phases else trace(burst)
+        times, phase = arrivals(phases, load, args.per_request, args.seconds, args.seed)
+        over_t, over_phase = arrivals(OVERLOAD, load, args.per_request, args.seconds * 0.6,
+                                      args.seed + 1)
         print(f"idle probe: latency {probe['latency_ms']:.1f} ms, model {probe['compute_ms']:.1f} "
               f"ms, overhead {probe['overhead_ms']:.1f} ms ({100 * probe['overhead_share']:.0f} "
               "% of the model time)", flush=True)
@@ -321,6 +354,7 @@ async def run_all(args, load: Load) -> dict:
         rows[name] = summarize(runs[name], over_phase, OVERLOAD, load.budget_s)
         compiles = _get(f"{args.url}/healthz")["compiles_since_start"] - compiles_before
     return dict(rows=rows, runs=runs, probe=probe, compiles_while_serving=compiles,
+                c1_measured_inputs_s=measured, units=args.units, c1_used_inputs_s=load.c1,
                 phases=[dataclasses.asdict(p) for p in phases],
                 overload_phases=[dataclasses.asdict(p) for p in OVERLOAD])
 
@@ -361,7 +395,9 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=1, default=str)
     with open(stem + ".md", "w") as f:
         f.write(f"# variator-serve under load ({info['cpu']}, {info['cores']} cores, "
-                f"{info['date']})\n\nT0 {load.t0 * 1e3:.1f} ms, C1 {load.c1:.0f} inputs/s, "
+                f"{info['date']})\n\nT0 {load.t0 * 1e3:.1f} ms, profiled C1 {load.c1:.0f} inputs/s, "
+                f"measured through HTTP {result['c1_measured_inputs_s']:.0f} inputs/s (load in "
+                f"units of the {result['units']} one), "
                 f"budget {load.budget_s * 1e3:.0f} ms, {args.per_request} inputs per request; "
                 f"idle overhead {result['probe']['overhead_ms']:.1f} ms on "
                 f"{result['probe']['compute_ms']:.1f} ms of model time.\n\n{text}\n\n"
