@@ -67,7 +67,8 @@ def start_server(args) -> subprocess.Popen:
     port = args.url.rsplit(":", 1)[1].rstrip("/")
     cmd = [sys.executable, "-m", "variator_jax.serve_app", "--backbone", args.backbone,
            "--plugins", args.plugins, "--task", args.task, "--port", port,
-           "--lengths", args.lengths, "--batch-sizes", args.batch_sizes, "--truncate"]
+           "--lengths", args.lengths, "--batch-sizes", args.batch_sizes, "--truncate",
+           "--profile-repeats", str(args.profile_repeats)]
     log = open(os.path.join(args.workdir, "serve-load-server.log"), "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.start_timeout
@@ -305,6 +306,8 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--name", default="", help="results file stem (default serve-load-MACHINE)")
     p.add_argument("--start-timeout", type=float, default=600)
+    p.add_argument("--profile-repeats", type=int, default=9, help="a started server's timed "
+                   "runs per (ratio, bucket): its profile sets the burst and the policy")
     args = p.parse_args(argv)
     if args.per_request < 1 or args.seconds <= 0 or args.max_outstanding < 1:
         raise ValueError("--per-request and --max-outstanding must be >= 1, --seconds > 0")
