@@ -165,13 +165,13 @@ class Bank:
         self.pending: dict[str, dict[int, Item]] = {name: {} for name in self.engines}
 
     def _policy(self, profile):
+        # The budget: given, else 4 x T0, one uncompressed batch of the largest bucket.
+        budget = self.spec.budget_ms / 1e3 or 4 * self._t0(profile)
         if self.spec.policy == "adaptive":
-            budget = self.spec.budget_ms / 1e3 or 4 * self._t0(profile)
             return AdaptivePolicy(profile, PolicyConfig(budget, max_batch=self.spec.max_batch))
         kind, _, ratio = self.spec.policy.partition(":")
         if kind != "fixed" or not ratio.isdigit():
             raise ValueError(f"--policy {self.spec.policy!r}: want 'adaptive' or 'fixed:K'")
-        budget = self.spec.budget_ms / 1e3 or 4 * self._t0(profile)
         return FixedPolicy(int(ratio), profile, max_batch=self.spec.max_batch, budget_s=budget)
 
     def _t0(self, profile) -> float:
