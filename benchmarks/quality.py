@@ -37,8 +37,8 @@ of the miniature's.) Writes quality-<task>-<machine>.json, .md and .png to --out
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
-    from variator_jax import host as _host
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (benchmarks/host.py).
+    from benchmarks import host as _host
     _host.keep_freed_memory()
 
 import argparse
@@ -533,9 +533,9 @@ class Pipeline:
         continue the same text, and the task's short docstrings leave the decoder little to
         read, so `encoder_use` alone understates it (benchmarks/README.md)."""
         import numpy as np
-        from variator_jax import data as data_lib
+        from variator_jax import pipeline
         c = self.lm_config()
-        rows = data_lib.eval_batches(c.data.eval, "pretrain", tok, global_batch_size=count,
+        rows = pipeline.eval_batches(c.data.eval, "pretrain", tok, global_batch_size=count,
                                      max_input_length=c.max_input_length,
                                      max_target_length=c.max_target_length, seed=c.seed,
                                      split=c.data.eval_split, noise=self.mini["noise"])
@@ -566,7 +566,7 @@ class Pipeline:
         n = self._input_length(ft_dir)
         ids = np.zeros((len(examples), n), np.int32)
         for row, e in enumerate(examples):
-            x = data_lib._encode(tok, task.format(e)[0], n, tok.eos_token_id)  # As the eval batches.
+            x = data_lib.encode_text(tok, task.format(e)[0], n, tok.eos_token_id)  # As the eval batches.
             ids[row, : len(x)] = x
         mask = np.asarray(ids > 0, np.int32)
 

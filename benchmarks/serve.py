@@ -28,8 +28,8 @@ whatever the hardware, and every machine sees the same trace in those units.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
-    from variator_jax import host as _host
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (benchmarks/host.py).
+    from benchmarks import host as _host
     _host.keep_freed_memory()
 
 import argparse
@@ -284,7 +284,7 @@ def load_or_measure_profile(args, cfg, ratios, buckets, engine) -> LatencyProfil
         return LatencyProfile.from_flops(
             cfg, ratios, buckets, flops_per_s=args.flops_per_s, bottleneck=args.bottleneck,
             decoder_tokens=args.max_new_tokens if args.mode == "generate" else 0)
-    return engine.measure_profile(repeats=args.repeats)
+    return LatencyProfile.measure(engine, repeats=args.repeats)
 
 
 def save(result: dict, profile: LatencyProfile, quality, compiles: int, args) -> None:

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from variator_jax import data
+from variator_jax import data, pipeline
 
 EOS = 1
 SENTINELS = np.arange(259, 384, dtype=np.int32)  # ByT5's <extra_id_0> .. <extra_id_124>.
@@ -149,7 +149,6 @@ def _row_chunks(token_lists, global_batch_size, seed, n, count):
     order (re-shuffled each epoch); row r concatenates the documents at positions r, r + G,
     ... (t5's reduce_concat_tokens) and splits every n tokens (split_tokens)."""
     import grain
-    from variator_jax import pipeline
     order = grain.MapDataset.source(range(len(token_lists))).shuffle(
         seed=pipeline._shuffle_seed(seed)).repeat()
     rows = []
@@ -175,7 +174,7 @@ def test_pretrain_rows_are_corrupted_t5_chunks_of_their_documents(tmp_path, tok,
     docs = [f"Document {i}: " + " ".join(f"w{i}.{j}" for j in range(20 + 9 * i)) for i in range(12)]
     path = _write(tmp_path / "c.txt", "\n\n".join(docs) + "\n")
     kw = {} if noise == (0.15, 3.0) else {"noise": noise}  # T5's by default.
-    it = data.train_batches(f"text:{path}", "pretrain", tok, global_batch_size=4,
+    it = pipeline.train_batches(f"text:{path}", "pretrain", tok, global_batch_size=4,
                             max_input_length=64, max_target_length=max_target_length, seed=3,
                             index_dir=str(tmp_path), **kw)
     n = data.random_spans_tokens_length(64, max_target_length, *noise)
@@ -198,7 +197,6 @@ def test_streamed_files_equal_the_in_memory_corpus(tmp_path, tok):
     """The same documents as one text file, two gzip shards behind a glob, a JSONL file,
     and an in-memory list (builtin-style) give the same batches."""
     import gzip
-    from variator_jax import pipeline
     docs = [f"Doc {i} é " + " ".join(f"t{i}.{j}" for j in range(5 + 3 * i)) for i in range(9)]
     text = "\n\n".join(docs) + "\n"
     _write(tmp_path / "one.txt", text)
@@ -210,12 +208,12 @@ def test_streamed_files_equal_the_in_memory_corpus(tmp_path, tok):
               index_dir=str(tmp_path / "index"))
     specs = [f"text:{tmp_path}/one.txt", f"text:{tmp_path}/shard-*.txt.gz",
              f"jsonl:{tmp_path}/d.jsonl"]
-    streams = [data.train_batches(spec, "pretrain", tok, **kw) for spec in specs]
+    streams = [pipeline.train_batches(spec, "pretrain", tok, **kw) for spec in specs]
     assert pipeline.open_source(specs[1], index_dir=kw["index_dir"])[5] == {"text": docs[5]}
     original = pipeline.open_source
     pipeline.open_source = lambda *a, **k: [{"text": d} for d in docs]
     try:
-        in_memory = data.train_batches("builtin:pydoc", "pretrain", tok, **kw)
+        in_memory = pipeline.train_batches("builtin:pydoc", "pretrain", tok, **kw)
     finally:
         pipeline.open_source = original
     for _ in range(6):
@@ -240,7 +238,7 @@ def test_pretrain_with_a_subword_tokenizer_from_a_path(tmp_path):
     tok = data.load_tokenizer(str(tmp_path / "tok"))
     sentinels = [tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(3)]
     spec = f"text:{_write(tmp_path / 'c.txt', (chr(10) * 2).join(docs))}"
-    batch = next(data.train_batches(spec, "pretrain", tok, global_batch_size=2,
+    batch = next(pipeline.train_batches(spec, "pretrain", tok, global_batch_size=2,
                                     max_input_length=64, max_target_length=12, seed=0))
     n = data.random_spans_tokens_length(64, 12)
     want = _row_chunks(tok(docs, add_special_tokens=False)["input_ids"], 2, 0, n, 1)
@@ -250,7 +248,7 @@ def test_pretrain_with_a_subword_tokenizer_from_a_path(tmp_path):
         assert _uncorrupt(inputs, targets, sentinels)[0] == want[row][0]
     # 96 / 16 -> 76-token chunks in 4 spans: one sentinel more than there are.
     with pytest.raises(ValueError, match="no <extra_id_3> token"):
-        data.train_batches(spec, "pretrain", tok, global_batch_size=2,
+        pipeline.train_batches(spec, "pretrain", tok, global_batch_size=2,
                            max_input_length=96, max_target_length=16, seed=0)
 
 
@@ -381,7 +379,7 @@ def _sst2_rows(n):
 def test_batch_layout_and_truncation(tmp_path, tok):
     rows = [{"sentence": "x" * 100, "label": 1}, {"sentence": "ok", "label": 0}]
     path = _write_jsonl(tmp_path / "s.jsonl", rows)
-    it = data.eval_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=2,
+    it = pipeline.eval_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=2,
                            max_input_length=32, max_target_length=8, split="all")
     (b,) = list(it)
     assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
@@ -405,13 +403,13 @@ def test_batch_layout_and_truncation(tmp_path, tok):
 def test_unlabelled_examples_are_dropped(tmp_path, tok):
     rows = [{"sentence": "a", "label": -1}, {"sentence": "b", "label": 1},
             {"sentence": "c", "label": -1}]
-    it = data.eval_batches(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', rows)}", "sst2", tok,
+    it = pipeline.eval_batches(f"jsonl:{_write_jsonl(tmp_path / 'm.jsonl', rows)}", "sst2", tok,
                            global_batch_size=4, max_input_length=16, max_target_length=4,
                            split="all")
     assert it.num_examples == 1 and it.references == [["positive"]]
     path = _write_jsonl(tmp_path / "t.jsonl", [rows[0]])
     with pytest.raises(ValueError, match="no labelled examples"):
-        data.train_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=2,
+        pipeline.train_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=2,
                            max_input_length=16, max_target_length=4, seed=0, split="all")
 
 
@@ -421,7 +419,7 @@ def test_unlabelled_examples_train_a_loss_that_needs_no_label(tmp_path, tok):
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
     kw = dict(global_batch_size=3, max_input_length=32, max_target_length=4, seed=0, prefetch=0,
               split="all")
-    it = data.train_batches(f"jsonl:{path}", "sst2", tok, unlabelled=True, **kw)
+    it = pipeline.train_batches(f"jsonl:{path}", "sst2", tok, unlabelled=True, **kw)
     assert it.checks["num_examples"] == 3 and it.checks["unlabelled"] == 2
     b = next(it)  # One epoch, shuffled: the rows by their input's first byte.
     first = {chr(ids[len("sst2 sentence: ")] - 3): r for r, ids in enumerate(b["input_ids"])}
@@ -432,7 +430,7 @@ def test_unlabelled_examples_train_a_loss_that_needs_no_label(tmp_path, tok):
         want = [EOS, 0, 0, 0] if label == -1 else _byte_ids("positive")[:3] + [EOS]
         assert b["labels"][r].tolist() == want
         assert b["decoder_attention_mask"][r].tolist() == [int(t != 0) for t in want]
-    dropped = data.train_batches(f"jsonl:{path}", "sst2", tok, **kw)
+    dropped = pipeline.train_batches(f"jsonl:{path}", "sst2", tok, **kw)
     assert dropped.checks["num_examples"] == 1 and "unlabelled" not in dropped.checks
 
 
@@ -440,7 +438,7 @@ def test_epochs_cover_every_example_once(tmp_path, tok):
     path = _write_jsonl(tmp_path / "s.jsonl", _sst2_rows(12))
 
     def epoch_order(seed):
-        it = data.train_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=4,
+        it = pipeline.train_batches(f"jsonl:{path}", "sst2", tok, global_batch_size=4,
                                 max_input_length=48, max_target_length=4, seed=seed, split="all")
         return [tok.decode(ids, skip_special_tokens=True)
                 for _ in range(6) for ids in next(it)["input_ids"]]
@@ -460,8 +458,8 @@ def test_processes_slice_the_global_batch(tmp_path, tok, task, spec_rows):
     else:
         spec = f"jsonl:{_write_jsonl(tmp_path / 's.jsonl', _sst2_rows(spec_rows))}"
     kw = dict(global_batch_size=8, max_input_length=48, max_target_length=12)
-    single = data.train_batches(spec, task, tok, seed=5, **kw)
-    multi = {p: [data.train_batches(spec, task, tok, seed=5, process_index=i, process_count=p,
+    single = pipeline.train_batches(spec, task, tok, seed=5, **kw)
+    multi = {p: [pipeline.train_batches(spec, task, tok, seed=5, process_index=i, process_count=p,
                                     **kw) for i in range(p)] for p in (2, 4)}
     for _ in range(4):  # A few batches: crosses an epoch boundary.
         want = next(single)
@@ -469,13 +467,13 @@ def test_processes_slice_the_global_batch(tmp_path, tok, task, spec_rows):
             local = [next(it) for it in its]
             assert local[0]["input_ids"].shape == (8 // p, 48)
             _assert_batches_equal(_concat(local), want)
-    single_eval = list(data.eval_batches(spec, task, tok, **kw))
+    single_eval = list(pipeline.eval_batches(spec, task, tok, **kw))
     for i, batch in enumerate(single_eval):
-        local = [list(data.eval_batches(spec, task, tok, process_index=j, process_count=2,
+        local = [list(pipeline.eval_batches(spec, task, tok, process_index=j, process_count=2,
                                         **kw))[i] for j in range(2)]
         _assert_batches_equal(_concat(local), batch)
     with pytest.raises(ValueError, match="not divisible by process_count 3"):
-        data.train_batches(spec, task, tok, seed=5, process_count=3, **kw)
+        pipeline.train_batches(spec, task, tok, seed=5, process_count=3, **kw)
 
 
 def test_resume_from_state_gives_the_same_batches(tmp_path, tok):
@@ -483,31 +481,31 @@ def test_resume_from_state_gives_the_same_batches(tmp_path, tok):
                        ("pretrain", _write(tmp_path / "c.txt", "some text here. " * 40))]:
         spec = "jsonl:" + path if task == "sst2" else "text:" + path
         kw = dict(global_batch_size=4, max_input_length=32, max_target_length=8, seed=11)
-        unbroken = data.train_batches(spec, task, tok, **kw)
+        unbroken = pipeline.train_batches(spec, task, tok, **kw)
         batches = [next(unbroken) for _ in range(7)]
-        it = data.train_batches(spec, task, tok, **kw)
+        it = pipeline.train_batches(spec, task, tok, **kw)
         next(it), next(it), next(it)
         state = json.loads(json.dumps(it.get_state()))
         assert state["batch_index"] == 3
-        resumed = data.train_batches(spec, task, tok, state=state, **kw)
+        resumed = pipeline.train_batches(spec, task, tok, state=state, **kw)
         for want in batches[3:]:
             _assert_batches_equal(next(resumed), want)
         # Different process count, same global stream from the same state.
-        halves = [data.train_batches(spec, task, tok, state=state, process_index=i,
+        halves = [pipeline.train_batches(spec, task, tok, state=state, process_index=i,
                                      process_count=2, **kw) for i in range(2)]
         _assert_batches_equal(_concat([next(h) for h in halves]), batches[3])
     with pytest.raises(ValueError, match="data state mismatch: seed"):
-        data.train_batches(spec, task, tok, state={**state, "seed": 12}, **kw)
+        pipeline.train_batches(spec, task, tok, state={**state, "seed": 12}, **kw)
     with pytest.raises(ValueError, match=r"data state mismatch: noise is \[0.5, 8.0\]"):
-        data.train_batches(spec, task, tok, state=state, noise=(0.5, 8.0), **kw)
+        pipeline.train_batches(spec, task, tok, state=state, noise=(0.5, 8.0), **kw)
     with pytest.raises(ValueError, match="0 < noise_density < 1"):
-        data.train_batches(spec, task, tok, noise=(1.0, 3.0), **kw)
+        pipeline.train_batches(spec, task, tok, noise=(1.0, 3.0), **kw)
 
 
 def test_eval_pads_last_batch_with_zero_weight(tmp_path, tok):
     spec = f"jsonl:{_write_jsonl(tmp_path / 's.jsonl', _sst2_rows(10))}"
     kw = dict(global_batch_size=4, max_input_length=48, max_target_length=4, split="all")
-    it = data.eval_batches(spec, "sst2", tok, **kw)
+    it = pipeline.eval_batches(spec, "sst2", tok, **kw)
     batches = list(it)
     assert len(batches) == len(it) == 3
     assert np.concatenate([b["weight"] for b in batches]).tolist() == [1.0] * 10 + [0.0] * 2
@@ -515,7 +513,7 @@ def test_eval_pads_last_batch_with_zero_weight(tmp_path, tok):
     assert not batches[-1]["input_ids"][2:].any() and not batches[-1]["labels"][2:].any()
     assert tok.decode(batches[0]["input_ids"][1], skip_special_tokens=True) == \
         "sst2 sentence: sentence number 1"  # In order, no shuffling.
-    local = list(data.eval_batches(spec, "sst2", tok, process_index=1, process_count=2, **kw))
+    local = list(pipeline.eval_batches(spec, "sst2", tok, process_index=1, process_count=2, **kw))
     assert local[-1]["weight"].tolist() == [0.0, 0.0] and local[0]["index"].tolist() == [2, 3]
     _assert_batches_equal(batches[0], list(it)[0])  # Re-iterable.
 
@@ -550,7 +548,7 @@ def test_tfds_errors(tfds, tmp_path):
 def test_tfds_glue_sst2(tfds, tmp_path, tok):
     with tfds.testing.mock_data(num_examples=8):
         examples = data.read_source("tfds:glue/sst2", data_dir=str(tmp_path))
-        it = data.train_batches("tfds:glue/sst2:train", "sst2", tok, global_batch_size=8,
+        it = pipeline.train_batches("tfds:glue/sst2:train", "sst2", tok, global_batch_size=8,
                                 max_input_length=64, max_target_length=10, seed=0,
                                 data_dir=str(tmp_path))
     assert all(isinstance(e["sentence"], str) and e["label"] in (0, 1) for e in examples)
@@ -566,7 +564,7 @@ def test_tfds_glue_sst2(tfds, tmp_path, tok):
 def test_tfds_squad_eval_keeps_all_answers(tfds, tmp_path, tok):
     with tfds.testing.mock_data(num_examples=5):
         examples = data.read_source("tfds:squad/v1.1", split="validation")
-        it = data.eval_batches("tfds:squad/v1.1", "squad", tok, global_batch_size=4,
+        it = pipeline.eval_batches("tfds:squad/v1.1", "squad", tok, global_batch_size=4,
                                max_input_length=256, max_target_length=64)
     answers = [e["answers"]["text"] for e in examples]
     assert it.references == answers

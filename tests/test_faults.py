@@ -33,7 +33,8 @@ import pytest
 import test_utils as tu
 from variator_jax import boundary, checkpoint, errors, fileio, plugin_file, train_lib, trainer
 from variator_jax import workdir as workdir_lib
-from variator_jax.convert import CheckpointError, torch_load_weights_only
+from variator_jax.convert import torch_load_weights_only
+from variator_jax.errors import CheckpointError
 
 TRAIN = {**tu.TINY_OVERRIDES, "total_steps": 8, "checkpoint_every": 4}
 

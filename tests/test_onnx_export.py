@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import variator_jax as vj
-from variator_jax import onnx_export
+from variator_jax import cli, onnx_export
 
 from tests.test_utils import REPO, make_hf_dir, tiny_t5
 
@@ -18,6 +18,14 @@ VOCAB = 64
 # (batch, n): one token; n < 4 and 8, batch 1; n a multiple of 2, 4 and 8 (nothing to pad to
 # k) in rows padded to other lengths. All differ from the traced (2, 11) and checked (3, 37).
 SHAPES = ((1, 1), (2, 3), (4, 24))
+
+
+def _command(argv) -> int:
+    """`python -m variator_jax.convert onnx ARGV` in this process: its exit status."""
+    try:
+        return cli.run_main(onnx_export.main, argv)
+    except SystemExit as e:
+        return e.code
 
 
 def _cfg(**kw):
@@ -53,11 +61,11 @@ def test_onnx_and_pytorch_equal_jax_encoder_with_padding(k, backbone_dir, tmp_pa
     plugin_dir = None if k is None else _plugin_dir(tmp_path / "plugin", backbone_dir, k)
     out = str(tmp_path / "encoder.onnx")
     argv = [backbone_dir, out] + ([] if k is None else ["--plugin", plugin_dir])
-    assert onnx_export.main(argv) == 0
+    assert _command(argv) == 0
     printed = capsys.readouterr().out
     assert "relative difference to JAX" in printed and "ONNX Runtime" in printed
     if k is None:  # An existing file is kept unless asked.
-        assert onnx_export.main(argv) == 1
+        assert _command(argv) == 1
         assert "exists; pass --overwrite" in capsys.readouterr().err
 
     # The graph's interface: names as documented, batch and length symbolic.
@@ -89,11 +97,11 @@ def test_refuses_a_plugin_of_another_backbone(backbone_dir, tmp_path, capsys):
     other = make_hf_dir(str(tmp_path / "other"), _cfg(), seed=7, tokenizer=False)
     plugin_dir = _plugin_dir(tmp_path / "plugin", other, 4)  # Same sizes, other weights.
     out = tmp_path / "out" / "encoder.onnx"
-    assert onnx_export.main([backbone_dir, str(out), "--plugin", plugin_dir]) == 1
+    assert _command([backbone_dir, str(out), "--plugin", plugin_dir]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "not on this one" in err and err.count("\n") == 1
     wider = make_hf_dir(str(tmp_path / "wider"), _cfg(d_model=24), tokenizer=False)
-    assert onnx_export.main([wider, str(out), "--plugin", plugin_dir]) == 1
+    assert _command([wider, str(out), "--plugin", plugin_dir]) == 1
     assert "another backbone (d_model 16, this backbone has 24)" in capsys.readouterr().err
     assert not out.exists()
 
@@ -116,6 +124,6 @@ def test_missing_exporter_packages_are_named_in_one_line(tmp_path, monkeypatch, 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
-    assert onnx_export.main([str(tmp_path / "no-backbone"), str(tmp_path / "x.onnx")]) == 1
+    assert _command([str(tmp_path / "no-backbone"), str(tmp_path / "x.onnx")]) == 1
     assert capsys.readouterr().err == ("error: the ONNX export needs onnxscript: pip install "
                                        "'variator_jax[onnx]'\n")

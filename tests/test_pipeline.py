@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from test_data import _private_index_cache, tok  # noqa: F401 (shared fixtures)
-from variator_jax import corpus, data, pipeline
+from variator_jax import corpus, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,7 +56,7 @@ def test_a_malformed_jsonl_line_names_its_file_and_line(tmp_path, tok):
     lines[3] = '{"text": "unterminated'
     path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n")
     # Opening reads nothing but the index; the error comes with the record.
-    it = data.train_batches(f"jsonl:{path}", "pretrain", tok, global_batch_size=2,
+    it = pipeline.train_batches(f"jsonl:{path}", "pretrain", tok, global_batch_size=2,
                             max_input_length=32, max_target_length=8, seed=0,
                             index_dir=str(tmp_path))
     assert _first_error(it).startswith(f"{path}:5: invalid JSON")  # Line 5: a blank line above.
@@ -67,7 +67,7 @@ def test_a_pretraining_record_without_text_names_its_file_and_line(tmp_path, tok
     rows = [{"text": d} for d in _docs(6)]
     rows[4] = {"body": "no text field"}
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    it = data.train_batches(f"jsonl:{path}", "pretrain", tok, global_batch_size=2,
+    it = pipeline.train_batches(f"jsonl:{path}", "pretrain", tok, global_batch_size=2,
                             max_input_length=32, max_target_length=8, seed=0, prefetch=0)
     message = _first_error(it)
     assert message.startswith(f"{path}:5: pretrain example lacks field 'text'"), message
@@ -87,7 +87,7 @@ def test_an_undecodable_byte_names_its_file_and_offset(tmp_path):
 def test_an_empty_glob_names_the_pattern(tmp_path, tok):
     pattern = f"{tmp_path}/wiki/*.txt"
     with pytest.raises(FileNotFoundError, match=re.escape(f"the pattern {pattern} matches no")):
-        data.train_batches(f"text:{pattern}", "pretrain", tok, global_batch_size=2,
+        pipeline.train_batches(f"text:{pattern}", "pretrain", tok, global_batch_size=2,
                            max_input_length=32, max_target_length=8, seed=0)
 
 
@@ -137,8 +137,8 @@ def test_processes_read_disjoint_documents_and_resume_their_rows(tmp_path, tok, 
     monkeypatch.setattr(pipeline, "open_source", fake_open_source)
     kw = dict(global_batch_size=8, max_input_length=48, max_target_length=12, seed=1,
               prefetch=0)  # (No read-ahead, so that `read` is exactly what was taken.)
-    single = data.train_batches("text:x", "pretrain", tok, **kw)
-    halves = [data.train_batches("text:x", "pretrain", tok, process_index=i, process_count=2,
+    single = pipeline.train_batches("text:x", "pretrain", tok, **kw)
+    halves = [pipeline.train_batches("text:x", "pretrain", tok, process_index=i, process_count=2,
                                  **kw) for i in range(2)]
     for _ in range(3):  # Less than an epoch: every document is read at most once.
         want = next(single)
@@ -153,10 +153,10 @@ def test_processes_read_disjoint_documents_and_resume_their_rows(tmp_path, tok, 
     merged = dict(state, grain={"rows": {**halves[0].get_state()["grain"]["rows"],
                                          **halves[1].get_state()["grain"]["rows"]}})
     assert merged == json.loads(json.dumps(state))
-    resumed = data.train_batches("text:x", "pretrain", tok, state=merged, **kw)
+    resumed = pipeline.train_batches("text:x", "pretrain", tok, state=merged, **kw)
     want = next(single)
     np.testing.assert_array_equal(next(resumed)["input_ids"], want["input_ids"])
-    half = data.train_batches("text:x", "pretrain", tok, state=merged, process_index=1,
+    half = pipeline.train_batches("text:x", "pretrain", tok, state=merged, process_index=1,
                               process_count=2, **kw)
     np.testing.assert_array_equal(next(half)["labels"], want["labels"][4:])
 
@@ -166,10 +166,10 @@ def test_processes_read_disjoint_documents_and_resume_their_rows(tmp_path, tok, 
 _MEMORY_SCRIPT = r"""
 import os, sys, time, psutil
 import numpy as np
-from variator_jax import data
+from variator_jax import data, pipeline
 path, index_dir = sys.argv[1], sys.argv[2]
 proc = psutil.Process()
-it = data.train_batches(f"text:{path}", "pretrain", data.load_tokenizer("byte"),
+it = pipeline.train_batches(f"text:{path}", "pretrain", data.load_tokenizer("byte"),
                         global_batch_size=8, max_input_length=224, max_target_length=32,
                         seed=0, index_dir=index_dir)
 next(it)
@@ -206,13 +206,13 @@ def test_worker_processes_give_the_same_batches_and_resume(tok):
     """Two grain worker processes (each builds every other row) against none."""
     kw = dict(global_batch_size=4, max_input_length=48, max_target_length=12, seed=2,
               split="train[:10%]")
-    want = data.train_batches("builtin:pydoc", "pretrain", tok, **kw)
+    want = pipeline.train_batches("builtin:pydoc", "pretrain", tok, **kw)
     want = [next(want) for _ in range(3)]
-    it = data.train_batches("builtin:pydoc", "pretrain", tok, workers=2, **kw)
+    it = pipeline.train_batches("builtin:pydoc", "pretrain", tok, workers=2, **kw)
     for w in want[:2]:
         np.testing.assert_array_equal(next(it)["input_ids"], w["input_ids"])
     state = json.loads(json.dumps(it.get_state()))
-    resumed = data.train_batches("builtin:pydoc", "pretrain", tok, workers=2, state=state, **kw)
+    resumed = pipeline.train_batches("builtin:pydoc", "pretrain", tok, workers=2, state=state, **kw)
     np.testing.assert_array_equal(next(resumed)["labels"], want[2]["labels"])
     with pytest.raises(ValueError, match="data state mismatch: workers"):
-        data.train_batches("builtin:pydoc", "pretrain", tok, workers=3, state=state, **kw)
+        pipeline.train_batches("builtin:pydoc", "pretrain", tok, workers=3, state=state, **kw)

@@ -21,7 +21,7 @@ import transformers
 from torch import nn
 
 import variator_jax as vj
-from variator_jax import convert, torch_plugin
+from variator_jax import cli, convert, released, torch_plugin
 from tests.hf_reference import build_hf_t5, rel_diff, save_hf_dir
 
 S = 100.0  # ModelCenter's `scale` for T5 / T5-v1.1
@@ -30,6 +30,14 @@ N = 16  # the released code needs n to be a multiple of k (it pads to 224, 256, 
 
 
 # -- The released side, restated from the released sources -----------------------------------
+def _command(argv) -> int:
+    """`python -m variator_jax.convert ARGV` in this process: its exit status."""
+    try:
+        return cli.run_main(convert.main, argv)
+    except SystemExit as e:
+        return e.code
+
+
 def modelcenter_copy(model, s=S):
     """An HF T5 with ModelCenter's rescaled weights (hugT5_bmtrainT5.py, hugT5v1_1_...):
     shared / s, attention `o` / s, FFN wi (v1.0) or wi_1 (gated) / sqrt(s), wo / sqrt(s).
@@ -202,7 +210,7 @@ def test_imported_plugin_on_hf_equals_released_plugin_on_modelcenter(setup, regi
                                           attention_mask=torch.tensor(mask)).last_hidden_state
     assert rel_diff(run_released(setup["mc"], [], ids, mask), hf_plain.numpy()) < 1e-5
 
-    pcfg, plugin = convert.import_released_plugin(path, cfg)
+    pcfg, plugin = released.import_released_plugin(path, cfg)
     assert (pcfg.ratio, pcfg.bottleneck, pcfg.mask_aware) == (K, R, True)
     got = encoder_states(setup, pcfg, plugin, ids, mask)
     assert rel_diff(got, want) < 2e-5, rel_diff(got, want)
@@ -210,7 +218,7 @@ def test_imported_plugin_on_hf_equals_released_plugin_on_modelcenter(setup, regi
     assert rel_diff(hf_plain.numpy(), want) > 0.05
 
     # An importer that copies the weights as they are (ModelCenter scale taken as 1) fails.
-    _, naive = convert.import_released_plugin(path, cfg, modelcenter_scale=1.0)
+    _, naive = released.import_released_plugin(path, cfg, modelcenter_scale=1.0)
     assert rel_diff(encoder_states(setup, pcfg, naive, ids, mask), want) > 1e-2
     # So does one that gets any single factor wrong.
     d = cfg.d_model
@@ -231,12 +239,12 @@ def test_padding_default_masks_it_option_reproduces_released(t5):
     # The port runs on the HF-masked copy, so pad vectors are the ones the HF backbone makes.
     want = run_released(t5["mc"], mux, ids, mask)
 
-    pcfg, plugin = convert.import_released_plugin(path, cfg, mask_aware=False)
+    pcfg, plugin = released.import_released_plugin(path, cfg, mask_aware=False)
     assert not pcfg.mask_aware
     got = encoder_states(t5, pcfg, plugin, ids, mask)
     assert rel_diff(got, want) < 2e-5  # pads merged unmasked, exactly as released
 
-    pcfg, plugin = convert.import_released_plugin(path, cfg)  # default: mask-aware
+    pcfg, plugin = released.import_released_plugin(path, cfg)  # default: mask-aware
     got = encoder_states(t5, pcfg, plugin, ids, mask)
     assert rel_diff(got[0], want[0]) < 2e-5  # no padding in row 0: identical
     assert rel_diff(got[1, :9], want[1, :9]) > 1e-3  # row 1's real tokens no longer see pads
@@ -247,14 +255,14 @@ def test_cli_writes_plugin_that_torch_and_jax_run_alike(t5, tmp_path):
     cfg, backbone = t5["cfg"], t5["backbone"]
     path, _ = released_file(t5)
     out = str(tmp_path / "plugin")
-    assert convert.main(["released", path, out, "--backbone", t5["hf_dir"]]) == 0
+    assert _command(["released", path, out, "--backbone", t5["hf_dir"]]) == 0
     with open(os.path.join(out, "plugin_config.json")) as f:
         config = json.load(f)
     assert config["backbone"] == vj.backbone_identity(cfg, backbone)
     assert (config["ratio"], config["bottleneck"], config["mask_aware"]) == (K, R, True)
 
     pcfg, plugin = vj.load_plugin(out, cfg=cfg, backbone=backbone)
-    _, direct = convert.import_released_plugin(path, cfg)
+    _, direct = released.import_released_plugin(path, cfg)
     jax.tree_util.tree_map(np.testing.assert_array_equal, plugin, direct)
 
     ids, mask = batch(cfg.vocab_size, pad_row=True)
@@ -270,8 +278,8 @@ def test_cli_writes_plugin_that_torch_and_jax_run_alike(t5, tmp_path):
     assert rel_diff(teacher, ref) > 1e-2  # the plugin is really attached on both sides
 
     # Nothing saved is lost: an existing plugin directory is not overwritten unasked.
-    assert convert.main(["released", path, out, "--backbone", t5["hf_dir"]]) == 1
-    assert convert.main(["released", path, out, "--backbone", t5["hf_dir"],
+    assert _command(["released", path, out, "--backbone", t5["hf_dir"]]) == 1
+    assert _command(["released", path, out, "--backbone", t5["hf_dir"],
                          "--mask_aware", "false", "--overwrite"]) == 0
     assert vj.load_plugin(out)[0].mask_aware is False
 
@@ -279,7 +287,7 @@ def test_cli_writes_plugin_that_torch_and_jax_run_alike(t5, tmp_path):
 def test_scale_check_against_the_files_backbone(t5):
     path, _ = released_file(t5)
     with pytest.warns(UserWarning, match=r"divided by 100\b.*modelcenter_scale=1\b"):
-        convert.import_released_plugin(path, t5["cfg"], modelcenter_scale=1.0,
+        released.import_released_plugin(path, t5["cfg"], modelcenter_scale=1.0,
                                        backbone=t5["backbone"])
 
 
@@ -297,8 +305,8 @@ def test_bad_inputs_get_one_clear_line(t5, tmp_path):
     path, _ = released_file(t5)
 
     def error(file, cfg=cfg):
-        with pytest.raises(convert.CheckpointError) as info:
-            convert.import_released_plugin(file, cfg)
+        with pytest.raises(vj.CheckpointError) as info:
+            released.import_released_plugin(file, cfg)
         assert "\n" not in str(info.value)
         return str(info.value)
 

@@ -197,7 +197,7 @@ def test_load_quality_is_tolerant(tmp_path):
 
 # -- The compiled engine ------------------------------------------------------------------------
 def test_engine_matches_encode_and_switches_without_compiling(engine):
-    assert engine.compile_count > 0 and len(engine._executables) == 4 * len(BUCKETS)
+    assert engine.compile_count > 0 and engine.compiled == 4 * len(BUCKETS)
     rng = np.random.default_rng(0)
     lengths = np.array([5, 29, 17])  # Padded into the 8 x 32 bucket.
     mask = (np.arange(29)[None] < lengths[:, None]).astype(np.int32)
@@ -246,7 +246,7 @@ def test_engine_swaps_a_plugin_of_the_same_ratio_without_compiling(engine):
 
 def test_measured_profile_and_teacher_agreement(engine):
     with serving.CompileCounter() as counter:
-        profile = engine.measure_profile(repeats=2)
+        profile = LatencyProfile.measure(engine, repeats=2)
         agreement = engine.teacher_agreement(batches=1)
     assert counter.count == 0
     assert set(profile.seconds) == {(r, b) for r in (1, 2, 4, 8) for b in BUCKETS}

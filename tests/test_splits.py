@@ -119,11 +119,11 @@ def test_typed_records_are_refused_naming_file_line_and_field(tmp_path, tok, rec
     path = _write_jsonl(tmp_path / "bad.jsonl", rows)
     kw = dict(max_input_length=16, max_target_length=4)
     with pytest.raises(ValueError, match=f"bad.jsonl:2: stdlib_docs.*{message}") as err:
-        data.eval_batches(f"jsonl:{path}", "stdlib_docs", tok, global_batch_size=2,
+        pipeline.eval_batches(f"jsonl:{path}", "stdlib_docs", tok, global_batch_size=2,
                           split="test", **kw)
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
-        data.train_batches(f"jsonl:{path}", "stdlib_docs", tok, global_batch_size=2, seed=0,
+        pipeline.train_batches(f"jsonl:{path}", "stdlib_docs", tok, global_batch_size=2, seed=0,
                            split="test", **kw)
 
 

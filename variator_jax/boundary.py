@@ -21,26 +21,18 @@ Example:
 """
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import sys
 from typing import Callable
+
+from variator_jax.errors import CheckpointError, Interrupted, UserError, describe_os_error
 
 DEBUG_ENV = "VARIATOR_DEBUG"
 DEBUG_FLAG = "--debug"
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, what a shell reports for Ctrl-C.
 EXIT_PIPE = 128 + signal.SIGPIPE  # 141, what `yes | head -1` reports for `yes`.
 
-# What to do about an OS error, by errno: the path, the OS's words and this make the line.
-_OS_HINTS = {
-    errno.ENOSPC: "free some space, or use another directory",
-    errno.EDQUOT: "free some space, or use another directory",
-    errno.EFBIG: "a file-size limit (ulimit -f) stopped the write",
-    errno.EROFS: "use a writable directory",
-    errno.EACCES: "use a path you may read and write",
-    errno.EPERM: "use a path you may read and write",
-}
 
 
 def debug_requested() -> bool:
@@ -63,22 +55,8 @@ def first_line(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
-def describe_os_error(e: OSError) -> str:
-    """`PATH: strerror; what to do` (one line); the path is the one the OS named."""
-    where = e.filename if e.filename is not None else ""
-    if e.filename2 is not None:
-        where = f"{where} -> {e.filename2}"
-    text = f"{where}: {e.strerror}" if where else e.strerror
-    hint = _OS_HINTS.get(e.errno)
-    return f"{text}; {hint}" if hint else text
-
-
 def describe(e: BaseException) -> str:
     """The one line a user sees for `e` (without the `error: ` prefix)."""
-    # Here, not above: errors.py imports this module (a cycle), and cli.py imports this one
-    # before NumPy and JAX may load (host.py), which convert.py would load.
-    from variator_jax.convert import CheckpointError
-    from variator_jax.errors import UserError
     if isinstance(e, (UserError, CheckpointError)):
         return str(e)
     if isinstance(e, OSError) and e.strerror:  # SaveError & co. have no strerror: their text is the line.
@@ -187,7 +165,6 @@ def guard(fn: Callable, *args, interrupted: Callable[[], str] | None = None):
 
     `interrupted()` gives the line for a Ctrl-C: where the work stopped and how to go on
     (say "interrupted at step 40; rerun the same command to resume")."""
-    from variator_jax.errors import Interrupted  # Here: errors.py imports this module (cycle).
     _take_debug_flag()
     _quiet_background_errors()
     try:

@@ -20,12 +20,9 @@ import jax
 import numpy as np
 
 from variator_jax import stacking
+from variator_jax.errors import CheckpointError
 from variator_jax.fileio import atomic_write, get_path, set_path, write_text
 from variator_jax.t5 import T5Config, init_t5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as a T5 (the message names the file and the problem)."""
 
 
 class _Row(NamedTuple):
@@ -292,14 +289,6 @@ def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone, tokenizer=None)
                   lambda tmp: write_text(tmp, json.dumps(config, indent=2) + "\n"))
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-
-
-# -- The authors' released plugins (variator_jax/released.py) ------------------------------------
-def import_released_plugin(path, cfg: T5Config, **kwargs):
-    """A thunlp/Compression-Plugin `.pkl` -> (PluginConfig, plugin tree) for an HF backbone with
-    `cfg`; see `variator_jax.released.import_released_plugin` for the options and the math."""
-    from variator_jax import released  # released.py imports this module.
-    return released.import_released_plugin(path, cfg, **kwargs)
 
 
 # -- Command line: python -m variator_jax.convert COMMAND ... ------------------------------------

@@ -23,9 +23,8 @@ random access to large files is `corpus.py`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -90,7 +89,7 @@ def load_tokenizer(spec: str | None = None, backbone_dir: str | None = None):
         raise ValueError(f"cannot load a tokenizer from {path}: {first_line}") from e
 
 
-def _check_tokenizer(tokenizer) -> int:
+def check_tokenizer(tokenizer) -> int:
     """Returns the EOS id; the batches below assume T5's pad id 0."""
     if tokenizer.pad_token_id != PAD_ID or tokenizer.eos_token_id is None:
         raise ValueError(f"expected a T5 tokenizer (pad id 0, an EOS token), got pad id "
@@ -98,7 +97,7 @@ def _check_tokenizer(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
-def _encode(tokenizer, text: str, max_length: int, eos_id: int) -> np.ndarray:
+def encode_text(tokenizer, text: str, max_length: int, eos_id: int) -> np.ndarray:
     """Token ids of `text` + EOS, truncated so that EOS stays last. -> int32 [<= max_length]."""
     ids = tokenizer.encode(text, add_special_tokens=False, verbose=False)
     return np.asarray(list(ids[: max_length - 1]) + [eos_id], np.int32)
@@ -155,7 +154,7 @@ def read_source(spec: str, split: str | None = None, data_dir: str | None = None
     scheme, target, spec_split = parse_source(spec)
     split = split if split is not None else spec_split
     if scheme == "tfds":
-        examples = _read_tfds(target, split or "train", data_dir)
+        examples = read_tfds(target, split or "train", data_dir)
     elif (scheme, target) == ("builtin", "stdlib_docs"):  # Has named splits, as tfds does.
         examples = splits.select(split or "train", stdlib_docs.SPLITS + (stdlib_docs.UNLABELED,),
                                  stdlib_docs.read, spec)
@@ -180,7 +179,7 @@ def _read_builtin(name: str) -> list[dict]:
     return [{"text": topics[k].strip()} for k in sorted(topics) if topics[k].strip()]
 
 
-def _read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
+def read_tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
     source = tfds_random_access(name, split, data_dir)
     if source is not None:  # The same records, in the same order, as training reads them.
         return [source[i] for i in range(len(source))]
@@ -407,7 +406,7 @@ def get_task(name: str | Task) -> Task:
 # `random_spans_helper`. TF's stateless shuffles become draws from `rng`.
 
 
-def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
+def noise_counts(length: int, noise_density: float, mean_noise_span_length: float):
     """(num_noise_tokens, num_noise_spans) exactly as `random_spans_noise_mask` picks them.
 
     float32 and round-half-to-even, as tf.round on float32 does.
@@ -439,7 +438,7 @@ def random_spans_noise_mask(length: int, rng: np.random.Generator,
     if noise_density == 0.0:
         return np.zeros(length, bool)
     orig_length, length = length, max(length, 2)
-    num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+    num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)
     nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, rng)
     interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)
@@ -501,7 +500,7 @@ def span_corruption(tokens, rng: np.random.Generator, noise_density: float,
 def span_corruption_lengths(tokens_length: int, noise_density: float = NOISE_DENSITY,
                             mean_noise_span_length: float = MEAN_NOISE_SPAN_LENGTH):
     """(inputs length, targets length), EOS included, after corrupting tokens_length >= 2 tokens."""
-    num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    num_noise, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
     # Inputs: non-noise tokens + one sentinel per noise span + EOS; targets:
     # noise tokens + one sentinel per span + EOS (t5 `random_spans_helper`).
     return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
@@ -567,14 +566,14 @@ def check_noise(noise) -> tuple[float, float]:
     return density, span
 
 
-def _row_maker(task: Task, tokenizer, examples: list[dict], *, max_input_length: int,
+def row_maker(task: Task, tokenizer, examples: list[dict], *, max_input_length: int,
                max_target_length: int, seed: int, noise=NOISE):
     """-> (make_row(index, epoch) -> Row, number of examples, references or None).
 
     Rows are built lazily, so a process only tokenizes (and corrupts) its own.
     `noise`: (density, mean span length) of `pretrain`'s span corruption.
     """
-    eos_id = _check_tokenizer(tokenizer)
+    eos_id = check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
         raise ValueError(f"max_input_length and max_target_length must be >= 2, got "
                          f"{max_input_length}, {max_target_length}")
@@ -583,7 +582,7 @@ def _row_maker(task: Task, tokenizer, examples: list[dict], *, max_input_length:
         tokens_length = random_spans_tokens_length(max_input_length, max_target_length, *noise)
         chunks = _pretrain_chunks([task.format(ex)[0] for ex in examples], tokenizer, tokens_length)
         # The longest chunk has the most spans (counts never shrink with length).
-        sentinels = sentinel_ids(tokenizer, _noise_counts(tokens_length, *noise)[1])
+        sentinels = sentinel_ids(tokenizer, noise_counts(tokens_length, *noise)[1])
 
         def make_pretrain_row(index, epoch):
             # Seeded per (example, epoch): independent of batch size, order
@@ -604,8 +603,8 @@ def _row_maker(task: Task, tokenizer, examples: list[dict], *, max_input_length:
         del epoch  # Supervised rows do not change between epochs.
         inputs, targets = task.format(examples[index])
         label = task.label_index(examples[index]) if task.kind == "classification" else None
-        return (_encode(tokenizer, inputs, max_input_length, eos_id),
-                _encode(tokenizer, targets, max_target_length, eos_id), label)
+        return (encode_text(tokenizer, inputs, max_input_length, eos_id),
+                encode_text(tokenizer, targets, max_target_length, eos_id), label)
 
     return make_row, len(examples), [task.references(ex) for ex in examples]
 
@@ -642,7 +641,7 @@ def collate(rows: Sequence[Row | None], max_input_length: int, max_target_length
     return batch
 
 
-def _local_rows(global_batch_size: int, process_index: int, process_count: int) -> range:
+def local_rows(global_batch_size: int, process_index: int, process_count: int) -> range:
     """This process's rows of a global batch: the `process_index`-th equal block."""
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
@@ -655,78 +654,6 @@ def _local_rows(global_batch_size: int, process_index: int, process_count: int) 
     return range(process_index * local, (process_index + 1) * local)
 
 
-class EvalBatches:
-    """One in-order pass over an eval set per iteration; re-iterable.
-
-    The last global batch is padded with all-zero rows of `weight` 0; `index`
-    gives each row's example index (-1 for padding), into `references`.
-    """
-
-    def __init__(self, make_row: Callable[[int, int], Row], num_examples: int,
-                 references: list[list[str]] | None, *, global_batch_size: int,
-                 process_index: int = 0, process_count: int = 1, max_input_length: int,
-                 max_target_length: int, with_label: bool):
-        self._make_row, self.num_examples, self.references = make_row, num_examples, references
-        self._rows = _local_rows(global_batch_size, process_index, process_count)
-        self._global_batch_size = global_batch_size
-        self._lengths = (max_input_length, max_target_length)
-        self._with_label = with_label
-        self._cache: dict[int, Row] = {}  # Eval runs many times; tokenize once.
-        self.num_batches = math.ceil(num_examples / global_batch_size)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def _row(self, index: int) -> Row:
-        if index not in self._cache:
-            self._cache[index] = self._make_row(index, 0)
-        return self._cache[index]
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for b in range(self.num_batches):
-            indices = [b * self._global_batch_size + r for r in self._rows]
-            real = [i < self.num_examples for i in indices]
-            rows = [self._row(i) if ok else None for i, ok in zip(indices, real)]
-            batch = collate(rows, *self._lengths, self._with_label)
-            batch["weight"] = np.asarray(real, np.float32)
-            batch["index"] = np.asarray([i if ok else -1 for i, ok in zip(indices, real)],
-                                        np.int32)
-            yield batch
-
-
-def train_batches(spec: str, task: str | Task, tokenizer, **kwargs):
-    """Infinite training batches of `task` on `spec` for this process, streamed by grain;
-    see `pipeline.train_batches` (same arguments) for what they hold and how they resume."""
-    from variator_jax import pipeline  # (It imports this module.)
-    return pipeline.train_batches(spec, task, tokenizer, **kwargs)
-
-
 def eval_split(spec: str, task: Task, split: str | None) -> str | None:
     """The split evaluation reads: `split`, else the spec's, else the task's."""
     return task.eval_split if split is None and parse_source(spec)[2] is None else split
-
-
-def eval_batches(spec: str, task: str | Task, tokenizer, *, global_batch_size: int,
-                 max_input_length: int, max_target_length: int, seed: int = 0,
-                 data_dir: str | None = None, split: str | None = None,
-                 process_index: int = 0, process_count: int = 1, noise=NOISE) -> EvalBatches:
-    """One pass over the eval split (default: the spec's split, else the task's,
-    "validation" / mnli "validation_matched"), per-process sliced like
-    `train_batches`, plus `weight` (float32, 0 = padding) and `index` (int32).
-    `seed` and `noise` (density, mean span length) only shape `pretrain`'s span corruption.
-    """
-    from variator_jax import pipeline  # (It imports this module.)
-    task = get_task(task)
-    split = eval_split(spec, task, split)
-    source = pipeline.open_source(spec, split=split, data_dir=data_dir)
-    if task.kind != "pretrain":
-        check_examples(task, source, spec)
-    examples = [source[i] for i in range(len(source))]
-    make_row, n, references = _row_maker(task, tokenizer, examples,
-                                         max_input_length=max_input_length,
-                                         max_target_length=max_target_length, seed=seed,
-                                         noise=noise)
-    return EvalBatches(make_row, n, references, global_batch_size=global_batch_size,
-                       process_index=process_index, process_count=process_count,
-                       max_input_length=max_input_length, max_target_length=max_target_length,
-                       with_label=task.kind == "classification")

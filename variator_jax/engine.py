@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -28,9 +28,6 @@ import numpy as np
 from variator_jax.model import classify, encode, generate
 from variator_jax.plugins import Plugin, PluginConfig, check_compatible
 from variator_jax.t5 import T5Config
-
-if TYPE_CHECKING:  # For annotations only: policy.py imports this module.
-    from variator_jax.policy import LatencyProfile
 
 OFF = 1  # The ratio of the uncompressed teacher: no plugin.
 
@@ -211,6 +208,11 @@ class AdaptiveEngine:
     def max_length(self) -> int:
         return max(b.length for b in self.buckets)
 
+    @property
+    def compiled(self) -> int:
+        """How many executables (ratio, bucket) are compiled: all of them once built."""
+        return len(self._executables)
+
     # -- The request path -----------------------------------------------------------------------
     def run(self, ratio: int, input_ids, attention_mask=None) -> np.ndarray:
         """Runs a batch at compression `ratio`, padded into precompiled buckets.
@@ -253,15 +255,7 @@ class AdaptiveEngine:
         out = np.asarray(out)  # Waits for the result and copies it to the host.
         return out[:rows, :n] if self.mode == "encode" else out[:rows]
 
-    # -- Start-up measurements ------------------------------------------------------------------
-    def measure_profile(self, repeats: int = 5, warmup: int = 1, stat: str = "median",
-                        seed: int = 0) -> LatencyProfile:
-        """This bank's `LatencyProfile`, measured now: see `LatencyProfile.measure`."""
-        # policy.py imports this module (buckets, OFF); importing it here, where it is used,
-        # keeps the module graph acyclic.
-        from variator_jax.policy import LatencyProfile
-        return LatencyProfile.measure(self, repeats=repeats, warmup=warmup, stat=stat, seed=seed)
-
+    # -- Start-up measurements (the latency profile: policy.LatencyProfile.measure) ----------
     def teacher_agreement(self, batches: int = 2, seed: int = 0) -> dict[int, float]:
         """Default quality proxy: how closely each ratio reproduces the teacher (ratio 1 -> 1.0).
 

@@ -1,10 +1,18 @@
-"""The errors a user sees as one line: bad input (`UserError`), divergence, interruption."""
+"""The errors a user sees as one line: bad input, unreadable checkpoints, divergence, signals.
+
+And the one line an OS error becomes (`describe_os_error`). Imports nothing of the package
+but fileio, so that every module may import it."""
 from __future__ import annotations
 
 import contextlib
 
-from variator_jax import boundary, fileio
-from variator_jax.convert import CheckpointError
+import errno
+
+from variator_jax import fileio
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a T5 (the message names the file and the problem)."""
 
 
 class UserError(Exception):
@@ -53,4 +61,25 @@ def check_writable(path: str, need_bytes: int = 0) -> None:
     try:
         fileio.check_writable(path, need_bytes)
     except OSError as e:
-        raise UserError(boundary.describe_os_error(e)) from None
+        raise UserError(describe_os_error(e)) from None
+
+
+# What to do about an OS error, by errno: the path, the OS's words and this make the line.
+_OS_HINTS = {
+    errno.ENOSPC: "free some space, or use another directory",
+    errno.EDQUOT: "free some space, or use another directory",
+    errno.EFBIG: "a file-size limit (ulimit -f) stopped the write",
+    errno.EROFS: "use a writable directory",
+    errno.EACCES: "use a path you may read and write",
+    errno.EPERM: "use a path you may read and write",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """`PATH: strerror; what to do` (one line); the path is the one the OS named."""
+    where = e.filename if e.filename is not None else ""
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    text = f"{where}: {e.strerror}" if where else e.strerror
+    hint = _OS_HINTS.get(e.errno)
+    return f"{text}; {hint}" if hint else text

@@ -21,7 +21,7 @@ import ml_collections
 
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import data as data_lib
-from variator_jax import host, plugin_file, sharding
+from variator_jax import pipeline, plugin_file, sharding
 from variator_jax.convert import load_hf_t5
 from variator_jax.errors import UserError, user_errors
 from variator_jax.objectives import LOSSES, Objective
@@ -78,7 +78,7 @@ class Experiment:
             return None
         index, count = sharding.data_shard(self.mesh, self.rules)
         with user_errors(f"data.eval {config.data.eval}"):
-            batches = data_lib.eval_batches(
+            batches = pipeline.eval_batches(
                 config.data.eval, self.task, self.tokenizer,
                 global_batch_size=eval_batch_size(config), seed=config.seed,
                 data_dir=config.data.get("data_dir") or None,
@@ -94,7 +94,7 @@ class Experiment:
         config = self.config
         index, count = sharding.data_shard(self.mesh, self.rules)
         with user_errors(f"data.train {config.data.train}"):
-            batches = data_lib.train_batches(
+            batches = pipeline.train_batches(
                 config.data.train, config.task, self.tokenizer,
                 global_batch_size=config.batch_size, seed=config.seed,
                 data_dir=config.data.get("data_dir") or None,
@@ -124,7 +124,7 @@ def noise(config) -> tuple[float, float]:
 def check_held_out(config, task) -> dict:
     """No example of `data.eval`'s split is in `data.train`'s (inputs compared, `overlap`):
     -> the split sizes and the overlap count (0); else a one-line UserError naming both."""
-    from variator_jax import overlap, pipeline
+    from variator_jax import overlap
     data_dir = config.data.get("data_dir") or None
     train_split = config.data.get("train_split") or None
     held_split = data_lib.eval_split(config.data.eval, task, config.data.get("eval_split") or None)
@@ -153,11 +153,9 @@ def mesh_and_rules(config):
 
 def runtime_fields(config) -> dict:
     """How the model runs (T5Config's runtime fields) as the config says: compute dtype,
-    scanned layers, rematerialisation, attention, and the CPU attention block budget of this
-    process."""
+    scanned layers, rematerialisation, attention."""
     return dict(dtype=config.get("dtype", "float32"), scan_layers=config.get("scan_layers", True),
-                remat=config.get("remat", "none"), attention=config.get("attention", "auto"),
-                attention_block_bytes=host.attention_block_bytes())
+                remat=config.get("remat", "none"), attention=config.get("attention", "auto"))
 
 
 def load_tokenizer(config, backbone_dir: str | None):

@@ -25,13 +25,13 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 
 import numpy as np
 
-from variator_jax.convert import CheckpointError
+from variator_jax.errors import UserError
+
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "last_hidden_state"
@@ -168,8 +168,8 @@ def _require_exporter() -> None:
     missing = [m for m in ("torch", "onnx", "onnxscript", "onnxruntime")
                if importlib.util.find_spec(m) is None]
     if missing:
-        raise ImportError(f"the ONNX export needs {', '.join(missing)}: pip install "
-                          "'variator_jax[onnx]'")
+        raise UserError(f"the ONNX export needs {', '.join(missing)}: pip install "
+                        "'variator_jax[onnx]'")
 
 
 def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = None,
@@ -255,15 +255,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE,
                         help="largest relative difference to JAX's encoder that is written")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    args = parser.parse_args(argv)
-    try:
-        if os.path.exists(args.out) and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-        with _quiet():
-            result = export_encoder(args.backbone, args.out, args.plugin, args.tolerance)
-    except (CheckpointError, OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args = parser.parse_args(argv)  # Errors: one line from the boundary (`convert`'s main).
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    with _quiet():
+        result = export_encoder(args.backbone, args.out, args.plugin, args.tolerance)
     print(f"{args.out}: encoder{' with plugin ' + args.plugin if args.plugin else ''}; relative "
           f"difference to JAX on a padded {result['shape']} batch: ONNX Runtime "
           f"{result['onnx']:.2e}, PyTorch {result['torch']:.2e}")

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import weakref
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -112,7 +113,7 @@ def open_source(spec: str, split: str | None = None, data_dir: str | None = None
 def _tfds_source(name: str, split: str, data_dir: str | None):
     """Random access where the dataset is ArrayRecord; else read whole (GLUE-sized sets)."""
     source = data_lib.tfds_random_access(name, split, data_dir)
-    return source if source is not None else data_lib._read_tfds(name, split, data_dir)
+    return source if source is not None else data_lib.read_tfds(name, split, data_dir)
 
 
 # ============================ pretrain: one row ===============================
@@ -353,11 +354,11 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
     (classification): keep the rows with label -1, for a loss that needs no label (hidden-state
     distillation); their target is EOS alone and their `label` -1."""
     task = data_lib.get_task(task)
-    eos_id = data_lib._check_tokenizer(tokenizer)
+    eos_id = data_lib.check_tokenizer(tokenizer)
     if min(max_input_length, max_target_length) < 2:
         raise ValueError(f"max_input_length and max_target_length must be >= 2, got "
                          f"{max_input_length}, {max_target_length}")
-    rows = data_lib._local_rows(global_batch_size, process_index, process_count)
+    rows = data_lib.local_rows(global_batch_size, process_index, process_count)
     if split is None and task.kind == "pretrain" and data_lib.parse_source(spec)[2] is None:
         split = splits_lib.ALL  # A pre-training corpus is read whole, nothing read ahead.
     source = open_source(spec, split=split, data_dir=data_dir, index_dir=index_dir)
@@ -400,8 +401,8 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
         def make_row(example):
             inputs, targets = task.format(example)
             label = task.label_index(example) if task.kind == "classification" else None
-            return (data_lib._encode(tokenizer, inputs, max_input_length, eos_id),
-                    data_lib._encode(tokenizer, targets, max_target_length, eos_id), label)
+            return (data_lib.encode_text(tokenizer, inputs, max_input_length, eos_id),
+                    data_lib.encode_text(tokenizer, targets, max_target_length, eos_id), label)
         dataset = _BatchIndex(stream.map(make_row), rows, global_batch_size, collate)
     checks = {"seed": int(seed), "num_examples": len(source),
               "global_batch_size": global_batch_size}
@@ -418,7 +419,7 @@ def _pretrain_rows(stream, num_docs, task, tokenizer, eos_id, rows, global_batch
                    lengths, noise, collate):
     tokens_length = data_lib.random_spans_tokens_length(*lengths, *noise)
     # The longest chunk has the most spans (counts never shrink with length).
-    sentinels = data_lib.sentinel_ids(tokenizer, data_lib._noise_counts(tokens_length, *noise)[1])
+    sentinels = data_lib.sentinel_ids(tokenizer, data_lib.noise_counts(tokens_length, *noise)[1])
 
     def tokenize(example) -> np.ndarray:
         ids = tokenizer.encode(task.format(example)[0], add_special_tokens=False, verbose=False)
@@ -434,3 +435,70 @@ def _pretrain_rows(stream, num_docs, task, tokenizer, eos_id, rows, global_batch
     docs = stream.map(tokenize)
     return _Rows({r: _Chunks(docs[r::global_batch_size], tokens_length, corrupter(r), num_docs)
                   for r in rows}, collate)
+
+
+# ================================= evaluation ==================================
+
+
+class EvalBatches:
+    """One in-order pass over an eval set per iteration; re-iterable.
+
+    The last global batch is padded with all-zero rows of `weight` 0; `index`
+    gives each row's example index (-1 for padding), into `references`.
+    """
+
+    def __init__(self, make_row: Callable[[int, int], data_lib.Row], num_examples: int,
+                 references: list[list[str]] | None, *, global_batch_size: int,
+                 process_index: int = 0, process_count: int = 1, max_input_length: int,
+                 max_target_length: int, with_label: bool):
+        self._make_row, self.num_examples, self.references = make_row, num_examples, references
+        self._rows = data_lib.local_rows(global_batch_size, process_index, process_count)
+        self._global_batch_size = global_batch_size
+        self._lengths = (max_input_length, max_target_length)
+        self._with_label = with_label
+        self._cache: dict[int, data_lib.Row] = {}  # Eval runs many times; tokenize once.
+        self.num_batches = math.ceil(num_examples / global_batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _row(self, index: int) -> data_lib.Row:
+        if index not in self._cache:
+            self._cache[index] = self._make_row(index, 0)
+        return self._cache[index]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for b in range(self.num_batches):
+            indices = [b * self._global_batch_size + r for r in self._rows]
+            real = [i < self.num_examples for i in indices]
+            rows = [self._row(i) if ok else None for i, ok in zip(indices, real)]
+            batch = data_lib.collate(rows, *self._lengths, self._with_label)
+            batch["weight"] = np.asarray(real, np.float32)
+            batch["index"] = np.asarray([i if ok else -1 for i, ok in zip(indices, real)],
+                                        np.int32)
+            yield batch
+
+
+def eval_batches(spec: str, task, tokenizer, *, global_batch_size: int,
+                 max_input_length: int, max_target_length: int, seed: int = 0,
+                 data_dir: str | None = None, split: str | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 noise=data_lib.NOISE) -> EvalBatches:
+    """One pass over the eval split (default: the spec's split, else the task's,
+    "validation" / mnli "validation_matched"), per-process sliced like
+    `train_batches`, plus `weight` (float32, 0 = padding) and `index` (int32).
+    `seed` and `noise` (density, mean span length) only shape `pretrain`'s span corruption.
+    """
+    task = data_lib.get_task(task)
+    split = data_lib.eval_split(spec, task, split)
+    source = open_source(spec, split=split, data_dir=data_dir)
+    if task.kind != "pretrain":
+        data_lib.check_examples(task, source, spec)
+    examples = [source[i] for i in range(len(source))]
+    make_row, n, references = data_lib.row_maker(
+        task, tokenizer, examples, max_input_length=max_input_length,
+        max_target_length=max_target_length, seed=seed, noise=noise)
+    return EvalBatches(make_row, n, references, global_batch_size=global_batch_size,
+                       process_index=process_index, process_count=process_count,
+                       max_input_length=max_input_length, max_target_length=max_target_length,
+                       with_label=task.kind == "classification")

@@ -61,14 +61,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import warnings
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from variator_jax.convert import CheckpointError, load_hf_t5, torch_load_weights_only
+from variator_jax.convert import load_hf_t5, torch_load_weights_only
+from variator_jax.errors import CheckpointError
 from variator_jax.plugins import (CONFIG_FILE, PLUGIN_FILE, PluginConfig, as_plugin,
                                   backbone_identity, plugin_param_count, save_plugin)
 from variator_jax.t5 import T5Config
@@ -241,21 +241,17 @@ def main(argv=None) -> int:
                         help="ModelCenter's conversion scale: 100 for T5/T5-v1.1/mT5, 1 for FLAN-T5")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a plugin already in OUT_DIR")
-    args = parser.parse_args(argv)
-    try:
-        for name in (PLUGIN_FILE, CONFIG_FILE):
-            if not args.overwrite and os.path.exists(os.path.join(args.out_dir, name)):
-                raise FileExistsError(f"{args.out_dir} already holds {name}; "
-                                      "pass --overwrite to replace it")
-        # config.json first: a file that does not fit fails before gigabytes of weights load.
-        released = _read_released(args.src, T5Config.from_hf(args.backbone))
-        cfg, backbone = load_hf_t5(args.backbone)
-        pcfg, plugin = _convert(released, args.mask_aware == "true", args.modelcenter_scale,
-                                backbone)
-        save_plugin(args.out_dir, pcfg, plugin, backbone_identity(cfg, backbone))
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    args = parser.parse_args(argv)  # Errors: one line from the boundary (`convert`'s main).
+    for name in (PLUGIN_FILE, CONFIG_FILE):
+        if not args.overwrite and os.path.exists(os.path.join(args.out_dir, name)):
+            raise FileExistsError(f"{args.out_dir} already holds {name}; "
+                                  "pass --overwrite to replace it")
+    # config.json first: a file that does not fit fails before gigabytes of weights load.
+    released = _read_released(args.src, T5Config.from_hf(args.backbone))
+    cfg, backbone = load_hf_t5(args.backbone)
+    pcfg, plugin = _convert(released, args.mask_aware == "true", args.modelcenter_scale,
+                            backbone)
+    save_plugin(args.out_dir, pcfg, plugin, backbone_identity(cfg, backbone))
     print(f"{args.out_dir}: k={pcfg.ratio}, bottleneck={pcfg.bottleneck}, {cfg.num_layers} layers, "
           f"d_model={cfg.d_model}, {plugin_param_count(cfg, pcfg):,} parameters, "
           f"mask_aware={pcfg.mask_aware}, from {args.src} (ModelCenter scale {args.modelcenter_scale:g})")

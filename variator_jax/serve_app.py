@@ -75,7 +75,7 @@ class VariatorServer:
     def healthz(self) -> dict:
         """200 once the replica exists: its constructor compiled every bucket first."""
         return {"status": "ok", "ratios": list(self.bank.ratios),
-                "compiled": sum(len(e._executables) for e in self.bank.engines.values()),
+                "compiled": sum(e.compiled for e in self.bank.engines.values()),
                 "compiles_since_start": self.bank.compiles_since_ready()}
 
     @app.get("/v1/models")

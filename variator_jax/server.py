@@ -38,7 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from variator_jax.engine import OFF, AdaptiveEngine, bucket_grid, compile_events
-from variator_jax.policy import AdaptivePolicy, FixedPolicy, PolicyConfig, QueueState
+from variator_jax.policy import (AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig,
+                                 QueueState)
 from variator_jax.serving import RateMeter
 
 # -- What a server holds ------------------------------------------------------------------------
@@ -155,7 +156,7 @@ class Bank:
         self.compile_seconds = time.perf_counter() - start
         self.ratios = self.engines["generate"].ratios
         self.max_length = max(spec.lengths)
-        self.profiles = {name: engine.measure_profile(repeats=spec.profile_repeats)
+        self.profiles = {name: LatencyProfile.measure(engine, repeats=spec.profile_repeats)
                          for name, engine in self.engines.items()}
         self.policies = {name: self._policy(profile) for name, profile in self.profiles.items()}
         self.meters = {name: RateMeter(2 * self.budget_s(name)) for name in self.engines}

@@ -16,7 +16,7 @@ reaches every serving name):
 Example:
     >>> buckets = bucket_grid((1, 8), (64, 128))
     >>> engine = AdaptiveEngine(cfg, backbone, {2: p2, 4: p4, 8: p8}, buckets)
-    >>> profile = engine.measure_profile()
+    >>> profile = LatencyProfile.measure(engine)
     >>> server = AdaptiveServer(AdaptivePolicy(profile, PolicyConfig(budget_s=0.05)), engine)
     >>> server.submit(request_id, token_ids, now=time.monotonic())
     >>> batch = server.dispatch(now=time.monotonic())   # batch.ratio, batch.outputs

@@ -182,7 +182,7 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
 
 def data_shard(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[int, int]:
     """(index, count): this process feeds block `index` of `count` equal blocks of each
-    global batch (what `data.train_batches(process_index=, process_count=)` takes).
+    global batch (what `pipeline.train_batches(process_index=, process_count=)` takes).
 
     A process's devices must cover one contiguous block of the batch axis; processes that
     share a block (a model axis spanning hosts) both read it.
