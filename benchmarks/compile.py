@@ -21,8 +21,8 @@ benchmarks/results/compile-MACHINE.{json,md}. CPU heavy: run it under `nice`, on
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
-    from variator_jax import host as _host
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (benchmarks/host.py).
+    from benchmarks import host as _host
     _host.keep_freed_memory()
 
 import os
@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 from benchmarks import speed  # noqa: E402
 from benchmarks.train_step import _batch  # noqa: E402
 from tests.test_utils import load_config, override  # noqa: E402
-from variator_jax import fit, host, sharding, timing, train_lib  # noqa: E402
+from benchmarks import host  # noqa: E402
+from variator_jax import fit, sharding, timing, train_lib  # noqa: E402
 from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402
 from variator_jax.t5 import T5Config, init_t5  # noqa: E402

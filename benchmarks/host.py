@@ -1,4 +1,4 @@
-"""Settings of the host process that running XLA on CPU depends on.
+"""The benchmarks' setting of the host process: glibc malloc keeps freed memory for XLA:CPU.
 
 XLA:CPU puts a call's temporaries in one block that it allocates on every call and frees after
 it. glibc's malloc serves a block over its mmap threshold (at most 32 MiB) with a fresh `mmap`
@@ -9,10 +9,10 @@ fixed cost that also pulls the measured speedup of compression below the FLOPs c
 arenas showed the same faults for blocks of 40 MiB and more even with mmap turned off.
 
 `keep_freed_memory()` makes glibc serve every allocation from one heap and keep freed memory
-there: the next call reuses the same pages. It changes the whole process, so the command-line
-entry points call it (train.py and eval.py before they load NumPy or JAX, the benchmarks);
-importing the library never does, and importing this module loads neither NumPy nor JAX.
-The same effect from the shell:
+there: the next call reuses the same pages. It changes the whole process, so only the
+benchmarks' entry points call it, before they load NumPy or JAX (importing this module loads
+neither); the library and its commands leave malloc alone. The same effect for any command,
+`variator-train` included, from the shell:
 `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`.
 
 Only the shell form is certain. A thread that called malloc before `keep_freed_memory()` already
@@ -22,7 +22,7 @@ allocates first). `keep_freed_memory()` therefore counts the arenas (`malloc_inf
 reports False when there is more than one.
 
 Even with one arena, on a loaded machine some calls still fault in a whole block, and each
-such call grows the heap by one block (tests/test_host.py checks that). The block is
+such call grows the heap by one block. The block is
 fragmented out of reuse. XLA asks for an aligned block, and glibc serves that from a chunk a
 little larger, freeing the slack as small chunks. When other threads' small allocations take
 that slack before the block is freed, the freed block cannot merge with it, and it is then a
@@ -67,7 +67,7 @@ def keep_freed_memory() -> bool:
     The process's resident memory then stays at its high-water mark.
 
     Example:
-      >>> from variator_jax import host
+      >>> from benchmarks import host
       >>> host.keep_freed_memory()  # doctest: +SKIP
       True
     """
@@ -156,10 +156,10 @@ def malloc_setting() -> str:
     if env:
         return "glibc malloc from the environment: " + ", ".join(f"{k}={v}" for k, v in env.items())
     if _applied:
-        return "glibc malloc: one arena, no mmap, no trim (variator_jax.host.keep_freed_memory)"
+        return "glibc malloc: one arena, no mmap, no trim (benchmarks.host.keep_freed_memory)"
     if _arenas > 1:
         return (f"glibc malloc: no mmap, no trim, but {_arenas} arenas already existed "
-                "(threads allocated before variator_jax.host.keep_freed_memory): large "
+                "(threads allocated before benchmarks.host.keep_freed_memory): large "
                 "temporaries still fault on some calls")
     return "malloc: the platform's default"
 

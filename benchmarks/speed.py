@@ -22,7 +22,7 @@ Five tables (see benchmarks/README.md for every column):
      merge + expand alone against its analytic share: the matmul rate at the sizes
      compression leaves;
   5. the plugin's largest matmul (x @ W_i^x, [batch*n, d] x [d, r]) alone in both frameworks.
-On CPU it first calls `variator_jax.host.keep_freed_memory()` (`--no-keep-freed-memory` to
+On CPU it first calls `benchmarks.host.keep_freed_memory()` (`--no-keep-freed-memory` to
 compare glibc's defaults).
 Every variant of one length runs interleaved, round after round, the order rotating from round
 to round (`variator_jax.timing`), so load from other processes hits them alike; times are
@@ -53,7 +53,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
-from variator_jax import cli, host  # noqa: E402
+from benchmarks import host  # noqa: E402
+from variator_jax import cli  # noqa: E402
 from variator_jax import plugins as plugins_lib  # noqa: E402
 from variator_jax import stacking  # noqa: E402
 from variator_jax import t5  # noqa: E402
@@ -452,8 +453,8 @@ def parse_args(argv):
                    help="also time one layer's blocks, the FFN, the plugin and its largest "
                         "matmul alone (tables 3-5)")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CPU, variator_jax.host.keep_freed_memory() (as train.py and eval.py "
-                        "do): temporaries over 32 MiB then do not page-fault on every call")
+                   help="on CPU, benchmarks.host.keep_freed_memory(): "
+                        "temporaries over 32 MiB then do not page-fault on every call")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--name", default=None, help="results file suffix (default: from the machine)")
     p.add_argument("--seed", type=int, default=0)

@@ -21,8 +21,8 @@ With --out it writes train_step-<machine>.json and .md there.
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # On CPU: before NumPy and JAX load (variator_jax/host.py).
-    from variator_jax import host as _host
+if __name__ == "__main__":  # On CPU: before NumPy and JAX load (benchmarks/host.py).
+    from benchmarks import host as _host
     _host.keep_freed_memory()
 
 import argparse

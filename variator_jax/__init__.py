@@ -8,9 +8,9 @@
     out = vj.forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
                      vj.shift_right(batch["input_ids"]), plugin=(pcfg, plugin))
 
-The names below are imported on first use (PEP 562), so that importing a submodule, e.g.
-`from variator_jax import host`, loads neither NumPy nor JAX: the entry points set glibc's
-malloc up before those start their threads (host.py).
+The names below are imported on first use (PEP 562): importing the package or a light
+submodule (`cli`, `boundary`, `errors`) loads neither NumPy nor JAX, so that `--help` and a
+bad flag answer at once.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
-    "CheckpointError": "convert", "load_hf_t5": "convert", "save_hf_t5": "convert",
+    "CheckpointError": "errors", "load_hf_t5": "convert", "save_hf_t5": "convert",
     "load_tokenizer": "data",
     "encode": "model", "forward": "model", "generate": "model", "shift_right": "model",
     "Plugin": "plugins", "PluginConfig": "plugins", "backbone_fingerprint": "plugins",
@@ -54,7 +54,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # For type checkers and IDEs: the same names, imported eagerly.
-    from variator_jax.convert import CheckpointError, load_hf_t5, save_hf_t5
+    from variator_jax.convert import load_hf_t5, save_hf_t5
+    from variator_jax.errors import CheckpointError
     from variator_jax.data import load_tokenizer
     from variator_jax.model import encode, forward, generate, shift_right
     from variator_jax.plugins import (Plugin, PluginConfig, backbone_fingerprint,

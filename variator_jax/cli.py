@@ -205,12 +205,7 @@ def run_absl(main: Callable, doc: str, module: str,
              interrupted: Callable[[], str] | None = None) -> None:
     """app.run(main) with `parse_flags`, inside the error boundary (boundary.py, which
     `interrupted()` tells what a Ctrl-C stopped); `doc` is the usage text `--help` prints,
-    and the flags defined by `module` (the entry point's __name__) are listed with it.
-
-    On CPU it first keeps freed memory (host.py), before parsing flags: loading the config
-    imports NumPy and JAX, whose threads could otherwise take malloc arenas of their own."""
-    from variator_jax import host
-    host.keep_freed_memory()
+    and the flags defined by `module` (the entry point's __name__) are listed with it."""
     from absl import app, flags
     # absl's --help prints the __main__ module's docstring and the flags defined there: a
     # console script or the repo's train.py shim would otherwise show neither.
@@ -225,7 +220,7 @@ def run_absl(main: Callable, doc: str, module: str,
 def start(argv: Sequence[str], flag_values) -> bool:
     """The opening of train.py's and eval.py's `main`: rejects stray arguments, handles
     `--show_config` (returns False: nothing else to do), requires `--workdir`, quietens
-    absl/orbax INFO logs and keeps freed memory on CPU (variator_jax/host.py)."""
+    absl/orbax INFO logs."""
     from absl import logging
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --NAME=VALUE; see --help)", 2)
@@ -235,8 +230,6 @@ def start(argv: Sequence[str], flag_values) -> bool:
     if not flag_values.workdir:
         fail("--workdir is required (the run's directory), or pass --show_config", 2)
     logging.set_verbosity(logging.WARNING)  # orbax and absl INFO chatter would drown progress.
-    from variator_jax import host
-    host.keep_freed_memory()  # On CPU; before any JAX computation.
     return True
 
 

@@ -357,11 +357,11 @@ class ToeplitzBias(NamedTuple):
 # attention therefore runs in blocks whose scores stay under `T5Config.attention_block_bytes`
 # per device (default this many, and in cache); accelerators take one block.
 ATTENTION_BLOCK_BYTES = 4 << 20
-# With `host.keep_freed_memory()` in force the pages are reused, and the fewer the blocks the
+# With freed memory kept (`benchmarks/host.py`) the pages are reused, and the fewer the blocks the
 # faster (t5-base widths, the attention core alone): at n = 1024 one block took 0.64-0.74x the
 # time of 64-query blocks (batch 1 and 4), at n = 2048 0.51x; at n <= 512 all budgets were
-# within noise. The entry points that keep freed memory set this budget in the config
-# (`host.attention_block_bytes`); it then only bounds the memory the scores take.
+# within noise. The benchmarks that keep freed memory set this budget in the config
+# (`benchmarks.host.attention_block_bytes`); it then only bounds the memory the scores take.
 ATTENTION_BLOCK_BYTES_KEPT = 256 << 20
 
 
