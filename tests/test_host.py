@@ -108,7 +108,7 @@ def test_keep_freed_memory_stops_page_faults_on_large_temporaries():
 def test_importing_host_or_an_entry_point_loads_neither_numpy_nor_jax():
     """So that `host.keep_freed_memory()` can run before their threads exist: the package's
     names load on first use, and train.py / eval.py call it before parsing flags (cli.py)."""
-    for entry in ("train", "eval"):  # Each defines the same absl flags: one per process.
+    for entry in ("train", "evaluate"):  # Each defines the same absl flags: one per process.
         code = (f"import sys; from variator_jax import host, {entry}; import variator_jax; "
                 "print(sorted({'numpy', 'jax'} & set(sys.modules)))")
         assert _python(code) == ["[]"], entry
