@@ -29,9 +29,6 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     """Evaluates the teacher and `plugin_dirs` (default: `config.eval.plugins`, else
     WORKDIR/plugin) with the evaluators the config chooses. Returns the results dict also
     written to WORKDIR/eval/results.json: one entry per model, the teacher first."""
-    import jax
-    import numpy as np
-
     from variator_jax import evaluators
     from variator_jax import experiment as experiment_lib
     from variator_jax.errors import UserError, check_writable
@@ -48,15 +45,9 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     if not config.data.get("eval"):
         raise UserError("config.data.eval is empty: nothing to evaluate on")
     task = exp.task
-    setting = evaluators.Setting(
-        config=config, cfg=exp.cfg, task=task, tokenizer=exp.tokenizer, backbone=backbone,
-        data=exp.eval_batches(), mesh=exp.mesh, rules=exp.rules,
-        verbalizer=(tuple(int(i) for i in task.verbalizer_ids(exp.tokenizer))
-                    if task.kind == "classification" else None),
-        backbone_params=sum(int(np.size(x)) for x in jax.tree.leaves(exp.host_backbone)))
     rows = [dict(name=m.name, ratio=m.ratio) for m in models]
     metric = quality_metric(task)
-    for evaluator in evaluators.build(config, setting):
+    for evaluator in evaluators.build(config, _setting(config, exp, backbone)):
         for row, metrics in zip(rows, evaluator.run(models), strict=True):
             row.update(metrics)
             if metric in row:  # The headline, right after the evaluator that measured it.
@@ -66,6 +57,22 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
                "max_input_length": config.max_input_length, "entries": rows}
     _write(workdir, results)
     return results
+
+
+def _setting(config, exp, backbone):
+    """What the evaluators are built from: `exp`'s task, tokenizer and mesh, the placed
+    `backbone`, one pass of `data.eval` per iteration."""
+    import jax
+    import numpy as np
+
+    from variator_jax.evaluators import Setting
+    task = exp.task
+    verbalizer = (tuple(int(i) for i in task.verbalizer_ids(exp.tokenizer))
+                  if task.kind == "classification" else None)
+    return Setting(config=config, cfg=exp.cfg, task=task, tokenizer=exp.tokenizer,
+                   backbone=backbone, data=exp.eval_batches(), mesh=exp.mesh, rules=exp.rules,
+                   verbalizer=verbalizer,
+                   backbone_params=sum(int(np.size(x)) for x in jax.tree.leaves(exp.host_backbone)))
 
 
 # -- The models ---------------------------------------------------------------------------------

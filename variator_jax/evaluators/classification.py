@@ -34,10 +34,7 @@ class Classification(Evaluator):
     by the backbone's own task loss, a plugin by distillation from the teacher."""
     name = "classification"
 
-    def run(self, models):
-        return [self._score(model) for model in models]
-
-    def _score(self, model: Model) -> dict[str, float]:
+    def score(self, model: Model) -> dict[str, float]:
         s = self.setting
         objective = objectives.make(s.cfg, model.pcfg, "hidden", s.task.kind, s.verbalizer,
                                     dropout=False)

@@ -6,7 +6,6 @@ evaluators the config names into one row per model.
 """
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -46,19 +45,24 @@ class Setting:
     backbone_params: int  # Parameters of the backbone (plugin size is a share of it).
 
 
-class Evaluator(abc.ABC):
+class Evaluator:
     """Built from a `Setting`; `run(models)` scores the models (the teacher first).
 
     Metrics are per model so that evaluators that compare (speedup over the teacher, models
-    timed in interleaved rounds) and evaluators that do not share one interface."""
+    timed in interleaved rounds) and evaluators that do not share one interface: the
+    latter implement `score`, the former override `run`."""
     name: ClassVar[str]  # What `config.eval.evaluators` calls it.
 
     def __init__(self, setting: Setting):
         self.setting = setting
 
-    @abc.abstractmethod
     def run(self, models: Sequence[Model]) -> list[dict[str, float]]:
         """One dict of metrics per model, in the order of `models` (models[0]: the teacher)."""
+        return [self.score(model) for model in models]
+
+    def score(self, model: Model) -> dict[str, float]:
+        """The metrics of `model` alone."""
+        raise NotImplementedError(f"{type(self).__name__} compares models: call run(models)")
 
 
 def quality_metric(task) -> str:

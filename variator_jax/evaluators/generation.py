@@ -25,10 +25,7 @@ class Generation(Evaluator):
             raise UserError(f"config.eval.evaluators: 'generation' needs a generation task "
                             f"(reference answers); {setting.task.name} is {setting.task.kind}")
 
-    def run(self, models):
-        return [self._score(model) for model in models]
-
-    def _score(self, model: Model) -> dict[str, float]:
+    def score(self, model: Model) -> dict[str, float]:
         s = self.setting
         data = one_pass(s, model)
         predictions, answers = [], []
