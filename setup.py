@@ -42,6 +42,6 @@ setuptools.setup(
     extras_require=_EXTRAS,
     # `pip install .` gives both entry points; configs ship in variator_jax/configs.
     entry_points={"console_scripts": ["variator-train = variator_jax.train:run",
-                                      "variator-eval = variator_jax.eval:run",
+                                      "variator-eval = variator_jax.evaluate:run",
                                       "variator-serve = variator_jax.serve_app:run"]},
 )

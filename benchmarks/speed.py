@@ -78,7 +78,7 @@ PEAK_TFLOPS = {
 # -- Machine --------------------------------------------------------------------------------------
 def machine_info(torch_threads: int | None) -> dict:
     """What the numbers were measured on: CPU model, cores, backend, devices, versions."""
-    from variator_jax.evaluate import cpu_model
+    from variator_jax.evaluators.speed import cpu_model
     cpu = cpu_model()
     import flax
     info = dict(cpu=cpu, cores=_cores(), backend=jax.default_backend(),

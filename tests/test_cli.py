@@ -53,11 +53,14 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
         "no config field 'lrr'; did you mean 'lr'?":
             ["-m", "variator_jax.train", "--config=demo", "--workdir=w", "--config.lrr=1"],
         "config preset 'sage=adapt': expected KEY=VALUE with KEY one of stage, task, size, ratio":
-            ["-m", "variator_jax.eval", "--config=plugin:sage=adapt", "--workdir=w"],
+            ["-m", "variator_jax.evaluate", "--config=plugin:sage=adapt", "--workdir=w"],
         "stage='bogus'; use stage=pretrain or stage=adapt":
             ["train.py", "--config=configs/plugin.py:stage=bogus", "--workdir=w"],
         "config file 'nope.py' not found":
             ["train.py", "--config=nope.py", "--workdir=w"],
+        "config.eval.evaluators: unknown evaluator 'bleu'; known: classification, cost, "
+        "generation, speed": ["eval.py", "--config=demo", "--workdir=w",
+                              "--config.eval.evaluators=bleu"],
         "flag --config.lr=abc: could not convert string to float: 'abc'":
             ["eval.py", "--config=demo", "--workdir=w", "--config.lr=abc"],
         "--workdir is required": ["train.py", "--config=demo"],
@@ -98,7 +101,8 @@ def test_show_config_prints_each_field_with_the_comment_of_the_line_that_set_it(
 
 def test_help_names_the_packaged_configs_and_with_a_config_its_fields():
     plain = _run([os.path.join(tu.REPO, "train.py"), "--help"], cwd=tu.REPO)
-    with_config = _run(["-m", "variator_jax.eval", "--config=plugin:ratio=8", "--help"], cwd=tu.REPO)
+    with_config = _run(["-m", "variator_jax.evaluate", "--config=plugin:ratio=8", "--help"],
+                       cwd=tu.REPO)
     out, _ = plain.communicate(timeout=120)
     assert plain.returncode == 0 and "packaged one (demo, finetune, plugin)" in out, out
     assert "--workdir: Directory for checkpoints" in out and "--show_config" in out, out

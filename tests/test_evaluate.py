@@ -1,4 +1,5 @@
-"""eval.py end to end on tiny models: the three outputs, and values a bug would change."""
+"""eval.py end to end on tiny models: the three outputs, the evaluators a config chooses, and
+values a bug would change."""
 import json
 import os
 import subprocess
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 import variator_jax as vj
-from variator_jax import evaluate, flops
+from variator_jax import evaluate, flops, progress
+from variator_jax.errors import UserError
 from tests import test_utils as tu
 
 
@@ -89,8 +91,61 @@ def test_missing_plugin_dir_is_a_user_error(run):
     root, backbone, _, _ = run
     config = tu.tiny_plugin_config(backbone, **{"data__eval": "builtin:pydoc",
                                                 "eval__plugins": str(root / "nope")})
-    with pytest.raises(evaluate.UserError, match="nope does not exist"):
+    with pytest.raises(UserError, match="nope does not exist"):
         evaluate.evaluate(config, str(root / "run2"))
+
+
+COST = {"flops_per_example", "encoder_flops_saving", "plugin_params", "plugin_params_pct",
+        "flops_saving"}
+
+
+def _pretrain_eval(run, workdir: str, **overrides) -> dict:
+    root, backbone, _, dirs = run
+    config = tu.tiny_plugin_config(backbone, **{"data__eval": "builtin:pydoc",
+                                                "data__eval_split": "train[98%:]",
+                                                "eval__plugins": dirs[1], **overrides})
+    return evaluate.evaluate(config, str(root / workdir))
+
+
+def test_a_config_choosing_evaluators_gets_exactly_their_metrics(run):
+    root, _, cfg, _ = run
+    results = _pretrain_eval(run, "cost_only", eval__evaluators="cost")
+    teacher, k4 = results["entries"]
+    assert set(teacher) == set(k4) == {"name", "ratio"} | COST
+    assert teacher["flops_saving"] == 0.0 and k4["plugin_params"] == vj.plugin_param_count(
+        cfg, vj.PluginConfig(4, 8))
+    plugin_flops = flops.forward_flops(cfg, 32, 8, vj.PluginConfig(4, 8))  # n = 32, 8 targets.
+    assert k4["flops_saving"] == pytest.approx(1 - plugin_flops / flops.forward_flops(cfg, 32, 8))
+    out = root / "cost_only" / "eval"
+    table = (out / "results.md").read_text()
+    assert "| model | k | GFLOPs/example |" in table and "speedup" not in table.lower()
+    assert "agreement" not in table and not (out / "speed_accuracy.png").exists()
+
+    results = _pretrain_eval(run, "quality_only", eval__evaluators="classification")
+    teacher, k4 = results["entries"]
+    assert set(teacher) == {"name", "ratio", "ce", "agreement", "quality"}
+    assert set(k4) == {"name", "ratio", "enc_mse", "dec_mse", "ce", "teacher_ce", "agreement",
+                       "quality"}
+    # Two evaluations of the teacher: its own CE pass, and the one inside the plugin's pass.
+    assert k4["teacher_ce"] == pytest.approx(teacher["ce"], rel=1e-5)
+    assert teacher["quality"] == 1.0 and k4["quality"] == k4["agreement"]
+    assert 0.0 <= k4["agreement"] <= 1.0 and k4["enc_mse"] > 0.0
+    assert "| model | k | agreement | vs teacher |" in (
+        root / "quality_only" / "eval" / "results.md").read_text()
+
+
+def test_an_unknown_or_unfit_evaluator_is_a_one_line_error_naming_it(run):
+    root = run[0]
+    with pytest.raises(UserError, match="^config.eval.evaluators: unknown evaluator 'bleu'; "
+                                        "known: classification, cost, generation, speed$"):
+        _pretrain_eval(run, "bad", eval__evaluators="classification,bleu")
+    with pytest.raises(UserError, match="unknown evaluator 'clasification'; did you mean "
+                                        "'classification'?"):
+        _pretrain_eval(run, "bad", eval__evaluators="clasification")
+    assert not (root / "bad").exists()  # Refused before anything was loaded or written.
+    with pytest.raises(UserError, match="'generation' needs a generation task .* pretrain is "
+                                        "pretrain"):
+        _pretrain_eval(run, "bad", eval__evaluators="generation")
 
 
 def test_speedup_spread_and_the_flops_ceiling():
@@ -151,7 +206,7 @@ def test_table_flags_a_speedup_above_the_ceiling_and_names_rows_by_run(tmp_path)
 
 
 def test_progress_counts_examples_and_gives_an_eta(monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
 
     class Data:
         num_examples, references = 10, ["r"]
@@ -162,7 +217,7 @@ def test_progress_counts_examples_and_gives_an_eta(monkeypatch, capsys):
         def __len__(self):
             return 3
 
-    data = evaluate.Progress(Data(), "k=4 run", batch_size=4)
+    data = progress.Progress(Data(), "k=4 run", batch_size=4)
     assert list(data) == [0, 1, 2] and data.references == ["r"] and len(data) == 3
     lines = capsys.readouterr().out.splitlines()
     assert [ln.split(",")[0] for ln in lines[:2]] == ["  k=4 run: 4/10 examples",

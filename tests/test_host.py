@@ -56,7 +56,7 @@ def test_keep_freed_memory_says_false_when_a_thread_already_has_an_arena():
 def test_the_library_leaves_malloc_alone():
     """No command of the library changes the process's malloc: train.py and eval.py load
     without the benchmarks' setting, and without NumPy or JAX until they run."""
-    for entry in ("train", "eval"):  # Each defines the same absl flags: one per process.
+    for entry in ("train", "evaluate"):  # One per process: a fresh interpreter each.
         code = (f"import sys; from variator_jax import {entry}; import variator_jax; "
                 "print(sorted({'numpy', 'jax', 'benchmarks.host'} & set(sys.modules)))")
         assert _python(code) == ["[]"], entry

@@ -27,7 +27,7 @@ from variator_jax.errors import UserError, user_errors
 from variator_jax.objectives import LOSSES, Objective
 from variator_jax.objectives import make as make_objective
 from variator_jax.plugins import PluginConfig, backbone_identity, fingerprint_of
-from variator_jax.reporting import say
+from variator_jax.progress import say
 from variator_jax.t5 import T5Config, check_dtype, init_t5, logical_axes
 
 STAGES = ("finetune", "pretrain", "adapt")

@@ -35,7 +35,7 @@ from variator_jax.errors import UserError, user_errors
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.objectives import Objective
 from variator_jax.plugins import PluginConfig
-from variator_jax.reporting import say
+from variator_jax.progress import say
 from variator_jax.t5 import T5Config
 
 FIT_FILE = "fit.json"

@@ -16,7 +16,7 @@ is recognised by its `result.json` and skipped.
 
 Where the pieces live: experiment.py (config -> mesh, tokenizer, backbone, objective,
 data), objectives.py (losses, eval sums, export), trainer.py (state, steps, loop,
-checkpoints), reporting.py (metrics.jsonl, TensorBoard, progress lines), errors.py.
+checkpoints), progress.py (metrics.jsonl, TensorBoard, progress lines), errors.py.
 
 Example (what `python train.py --config=configs/plugin.py:stage=pretrain` does):
   >>> config = variator_jax.configs.get_config("plugin", "stage=pretrain,ratio=4")
@@ -43,7 +43,7 @@ from variator_jax.experiment import (STAGES, Experiment, check_config, prepare,
 from variator_jax.objectives import (LOSSES, Distill, Finetune, Objective, class_logits,
                                      eval_summary, masked_mse, task_ce)
 from variator_jax.objectives import make as Setup  # The old name of an objective's maker.
-from variator_jax.reporting import METRICS_FILE, MetricWriter, progress_line, say
+from variator_jax.progress import METRICS_FILE, MetricWriter, progress_line, say
 from variator_jax.trainer import (DIVERGED_DIR, RESULT_FILE, TrainState, create_state,
                                   eval_pass, make_eval_step, make_optimizer, make_train_step,
                                   lr_schedule)

@@ -26,10 +26,11 @@ from variator_jax import checkpoint as ckpt_lib
 from variator_jax import integrity, pipeline, sharding
 from variator_jax import workdir as workdir_lib
 from variator_jax.errors import Interrupted, NonFiniteLoss, check_writable, user_errors
+from variator_jax.evaluators.classification import eval_pass
 from variator_jax.experiment import Experiment
 from variator_jax.fileio import atomic_write, write_text
-from variator_jax.objectives import Objective, eval_summary
-from variator_jax.reporting import MetricWriter, progress_line, say
+from variator_jax.objectives import Objective
+from variator_jax.progress import MetricWriter, progress_line, say
 
 RESULT_FILE = "result.json"
 DIVERGED_DIR = "checkpoints_diverged"  # Checkpoints whose state gave the first bad loss.
@@ -134,19 +135,6 @@ def make_eval_step(objective: Objective, mesh, params_shardings, frozen_sharding
                    in_shardings=(params_shardings, sharding.batch_sharding(mesh, rules),
                                  frozen_shardings),
                    out_shardings=sharding.replicated(mesh))
-
-
-def eval_pass(step_fn, params, frozen, data, mesh, rules, task: str) -> dict[str, float]:
-    """`step_fn` (an `eval_step`) over every batch of `data`, summarised by `eval_summary`."""
-    sums, preds = {}, {}
-    for local in data:
-        out = jax.device_get(step_fn(params, sharding.global_batch(mesh, local, rules), frozen))
-        for k, v in out.items():
-            if np.ndim(v):
-                preds.setdefault(k, []).append(np.asarray(v))
-            else:
-                sums[k] = sums.get(k, 0.0) + float(v)
-    return eval_summary(task, sums, {k: np.concatenate(v) for k, v in preds.items()})
 
 
 # ================================================================================================
@@ -459,7 +447,8 @@ def _check_state(state, step: int, last_good: int | None, checkpointer) -> None:
 
 
 def _evaluate(exp: Experiment, params, frozen, writer, step: int) -> dict[str, float]:
-    """One pass over `data.eval`: `objective.eval_sums`, summarised (`eval_summary`)."""
+    """One pass over `data.eval` by the classification evaluator's `eval_pass`, with the
+    step compiled for the trained state's shardings: `objective.eval_sums`, summarised."""
     if exp.eval_data is None:
         return {}
     if exp.eval_step is None:

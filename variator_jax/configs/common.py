@@ -58,6 +58,7 @@ def add_eval_and_mesh(c):
     # -- eval.py --------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
     c.eval.plugins = ""  # Comma-separated plugin dirs or training-free compressors (tome:4); "" = WORKDIR/plugin.
+    c.eval.evaluators = ""  # Any of classification,generation,cost,speed; "" = quality,cost,speed.
     c.eval.speed_repeats = 10  # Timed rounds (models interleaved); median and IQR reported.
     c.eval.speed_calls = 3  # Calls per model per round, so that each timing is long enough.
 

@@ -1,6 +1,7 @@
-"""What the user sees while training: metrics.jsonl and TensorBoard, progress lines."""
+"""What the user sees while training and evaluating: metrics.jsonl, TensorBoard, progress lines."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -119,3 +120,36 @@ def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
             f"{scalars.get('steps_per_sec', 0):.2f} steps/s  "
             f"{scalars.get('tokens_per_sec', 0) / 1e3:.1f}k tokens/s  "
             f"ETA {_format_duration(eta)}")
+
+
+PROGRESS_EVERY_S = 10.0  # Seconds between progress lines of a long evaluation.
+
+
+class Progress:
+    """`data` (eval batches) that, while iterated, prints every PROGRESS_EVERY_S seconds the
+    examples done, their rate and the time left, and at the end how long the pass took.
+    Other attributes (`num_examples`, `references`) are `data`'s."""
+
+    def __init__(self, data, label: str, batch_size: int):
+        self.data, self.label, self.batch_size = data, label, batch_size
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        total = int(getattr(self.data, "num_examples", 0) or 0)
+        start = last = time.perf_counter()
+        examples = 0
+        for done, batch in enumerate(self.data, 1):
+            yield batch
+            examples = min(total, done * self.batch_size) if total else done * self.batch_size
+            now = time.perf_counter()
+            if now - last >= PROGRESS_EVERY_S and examples < total:
+                last, rate = now, examples / (now - start)
+                eta = datetime.timedelta(seconds=round((total - examples) / rate))
+                say(f"  {self.label}: {examples:,}/{total:,} examples, "
+                    f"{rate:.1f} examples/s, ETA {eta}")
+        say(f"  {self.label}: {examples:,} examples in {time.perf_counter() - start:.1f}s")
