@@ -1,4 +1,7 @@
-"""The errors a user sees as one line: bad input (`UserError`), divergence, interruption."""
+"""The errors a user sees as one line: bad input, a workdir that refuses a run, divergence.
+
+`UserError` is bad input (config, paths, data); the workdir's refusals (run.py) are
+`UserError`s too, and so are divergence and interruption."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +13,27 @@ from variator_jax.convert import CheckpointError
 class UserError(Exception):
     """A problem with the user's input (config, paths, data, workdir); `train.py` prints its
     one-line message and exits non-zero, without a traceback."""
+
+
+class WorkdirBusy(UserError):
+    """Another live process holds the workdir's lock."""
+
+
+class WorkdirReplaced(UserError):
+    """The workdir a run holds was removed or replaced while it ran."""
+
+
+class WorkdirMismatch(UserError):
+    """The workdir holds a different run (another ratio, backbone, stage or task), or one
+    whose `run.json` cannot be read."""
+
+
+class RecordMismatch(UserError):
+    """A resume with result-changing fields that differ from the run's config.json."""
+
+
+class DataChanged(RecordMismatch):
+    """A resume on a data source whose content changed since the run began."""
 
 
 class NonFiniteLoss(UserError):
