@@ -38,6 +38,7 @@ from variator_jax.model import forward, generate
 from variator_jax.plugins import Plugin, PluginConfig, init_plugin, load_plugin, plugin_param_count
 from variator_jax.reporting import say
 from variator_jax.report import markdown_table
+from variator_jax.run import RESULT_FILE
 
 
 @dataclasses.dataclass
@@ -111,7 +112,7 @@ def _backbone_dir(config, workdir: str) -> str:
     """`config.backbone`, or the backbone a `backbone_stage` made (the demo)."""
     if config.backbone:
         return config.backbone
-    result = os.path.join(workdir, "backbone_stage", trainer.RESULT_FILE)
+    result = os.path.join(workdir, "backbone_stage", RESULT_FILE)
     if os.path.isfile(result):
         with open(result) as f:
             return json.load(f)["backbone_dir"]
