@@ -44,7 +44,7 @@ from benchmarks import speed  # noqa: E402
 from benchmarks.train_step import _batch  # noqa: E402
 from tests.test_utils import load_config, override  # noqa: E402
 from benchmarks import host  # noqa: E402
-from variator_jax import fit, sharding, timing, train_lib  # noqa: E402
+from variator_jax import fit, objectives, sharding, timing, trainer  # noqa: E402
 from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402
 from variator_jax.t5 import T5Config, init_t5  # noqa: E402
@@ -96,7 +96,7 @@ def speed_ratio(args) -> dict:
     pcfg = PluginConfig(4)
     opt = argparse.Namespace(lr=1e-4, warmup_steps=0, total_steps=1000, clip_grad=1.0,
                              weight_decay=0.0)
-    tx, schedule = train_lib.make_optimizer(opt)
+    tx, schedule = trainer.make_optimizer(opt)
     repl = sharding.replicated(mesh)
     batch = sharding.global_batch(mesh, _batch(base, args.speed_batch, args.speed_length, 32),
                                   sharding.DEFAULT_RULES)
@@ -110,10 +110,10 @@ def speed_ratio(args) -> dict:
         cfg = base.replace(scan_layers=name == "scan")
         backbone = jax.jit(lambda k, cfg=cfg: init_t5(k, cfg), out_shardings=repl)(
             jax.random.key(0))
-        state = jax.jit(lambda p: train_lib.create_state(p, jax.random.key(0), tx),
+        state = jax.jit(lambda p: trainer.create_state(p, jax.random.key(0), tx),
                         out_shardings=repl)(init_plugin(jax.random.key(1), cfg, pcfg))
-        setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
-        step = train_lib.make_train_step(setup, tx, schedule, mesh,
+        setup = objectives.make(cfg, pcfg, "hidden", "pretrain", dropout=False)
+        step = trainer.make_train_step(setup, tx, schedule, mesh,
                                          jax.tree.map(lambda _: repl, state),
                                          jax.tree.map(lambda _: repl, backbone))
         tic = time.perf_counter()

@@ -93,7 +93,7 @@ def step_tokens_per_s(variant: str, batch: int, repeats: int) -> tuple[float, fl
     """The plugin pre-training step at `variant` widths: -> (seconds per step, tokens/s)."""
     import jax
     from benchmarks.train_step import _batch, _measure
-    from variator_jax import sharding, train_lib
+    from variator_jax import objectives, sharding
     from variator_jax.plugins import PluginConfig, init_plugin
     from variator_jax.t5 import T5Config, init_t5
     cfg = T5Config.variant(variant, dropout_rate=0.0)
@@ -104,7 +104,7 @@ def step_tokens_per_s(variant: str, batch: int, repeats: int) -> tuple[float, fl
     plugin = init_plugin(jax.random.key(1), cfg, pcfg)
     batch_arrays = sharding.global_batch(mesh, _batch(cfg, batch, 224, 32),
                                          sharding.DEFAULT_RULES)
-    setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+    setup = objectives.make(cfg, pcfg, "hidden", "pretrain", dropout=False)
     seconds, _ = _measure("plugin step", setup, plugin, backbone, batch_arrays, mesh, repeats)
     return seconds, batch * (224 + 32) / seconds
 

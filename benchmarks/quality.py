@@ -283,11 +283,11 @@ class Pipeline:
         """`train.py`'s run of one stage in WORKDIR/NAME (skipped when finished), its wall
         time added to WORKDIR/stage_seconds.json: a run resumed over several invocations
         counts every part, and a finished one is not timed again."""
-        from variator_jax import train_lib
         from variator_jax.fileio import atomic_write, write_text
+        from variator_jax.train import train_and_evaluate
         finished = os.path.isfile(self.path(name, "result.json"))  # Then train.py skips it.
         t0 = time.time()
-        out = train_lib.train_and_evaluate(config, self.path(name))
+        out = train_and_evaluate(config, self.path(name))
         if not finished:
             seconds = self.stage_seconds()
             seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
@@ -402,10 +402,10 @@ class Pipeline:
                     compile_seconds=round(compile_s, 1), steps=steps)
 
     def run(self):
-        from variator_jax import train_lib
+        from variator_jax.errors import UserError
         stages = []
         if self.mini is None and not self.args.backbone:
-            raise train_lib.UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
+            raise UserError("--preset=paper needs --backbone: a pre-trained T5 directory")
         data_report = self.check_held_out()  # Before anything trains.
         estimate = self.estimate()
 
@@ -751,10 +751,10 @@ def write(results: dict, out_dir: str) -> str:
 
 def main(argv=None):
     args = _parse(argv)
-    from variator_jax import train_lib
+    from variator_jax.errors import UserError
     try:
         results = Pipeline(args).run()
-    except train_lib.UserError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     write(results, args.out)
 

@@ -3,7 +3,7 @@
     python -m benchmarks.train_step                      # t5-small layout, ~1.5 min on 2 CPU cores
     python -m benchmarks.train_step --variant t5-base --batch 32 --input-length 224
 
-Both steps are `train_lib.make_train_step` on the same random backbone and the same batch:
+Both steps are `trainer.make_train_step` on the same random backbone and the same batch:
   - plugin: pre-training loss (teacher + student in one jit, masked hidden-state MSE); the
     backbone is a frozen argument (stop_gradient), so no backbone weight gradient and no
     optimizer state for it exists;
@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from benchmarks.speed import machine_info, machine_slug, peak_flops, save
-from variator_jax import cli, sharding, train_lib
+from variator_jax import cli, objectives, sharding, trainer
 from variator_jax.fit import step_flops
 from variator_jax.plugins import PluginConfig, init_plugin, plugin_param_count
 from variator_jax.report import markdown_table
@@ -63,13 +63,13 @@ def _measure(name, setup, params, frozen, batch, mesh, repeats):
     does not say; it includes what was allocated before, e.g. the backbone)."""
     opt = SimpleNamespace(lr=1e-4, warmup_steps=0, total_steps=1000, clip_grad=1.0,
                           weight_decay=0.0)
-    tx, schedule = train_lib.make_optimizer(opt)
+    tx, schedule = trainer.make_optimizer(opt)
     repl = sharding.replicated(mesh)
-    state = jax.jit(lambda p: train_lib.create_state(p, jax.random.key(0), tx),
+    state = jax.jit(lambda p: trainer.create_state(p, jax.random.key(0), tx),
                     out_shardings=repl)(params)
     shardings = jax.tree.map(lambda _: repl, state)
     frozen_sh = None if frozen is None else jax.tree.map(lambda _: repl, frozen)
-    step = train_lib.make_train_step(setup, tx, schedule, mesh, shardings, frozen_sh)
+    step = trainer.make_train_step(setup, tx, schedule, mesh, shardings, frozen_sh)
     tic = time.time()
     compiled = step.lower(state, batch, frozen).compile()
     print(f"  {name}: compiled in {time.time() - tic:.1f}s", flush=True)
@@ -118,13 +118,13 @@ def main(argv=None):
           f"{plugin_param_count(cfg, pcfg):,}; batch {args.batch} x {args.input_length} -> "
           f"{args.target_length}; {jax.devices()[0].platform}, 1 device", flush=True)
 
-    plugin_setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+    plugin_setup = objectives.make(cfg, pcfg, "hidden", "pretrain", dropout=False)
     # The frozen backbone as training places it: in bf16 under --dtype bfloat16.
     steps = {"plugin": _measure("plugin step", plugin_setup, plugin,
                                 plugin_setup.frozen(backbone), batch, mesh, args.repeats)}
     if args.full:
         # Full fine-tuning trains (and donates) its own copy of the backbone.
-        full_setup = train_lib.Setup(cfg, None, "task", "pretrain", dropout=False)
+        full_setup = objectives.make(cfg, None, "task", "pretrain", dropout=False)
         steps["full"] = _measure("full fine-tuning step", full_setup,
                                  jax.tree.map(lambda x: x.copy(), backbone), None, batch, mesh,
                                  args.repeats)

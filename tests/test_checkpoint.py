@@ -1,4 +1,5 @@
-"""Checkpoints: the workdir's identity, save/restore with shardings, and surviving SIGKILL."""
+"""Checkpoints: save/restore with shardings, and surviving SIGKILL (the workdir's identity:
+test_run.py)."""
 import json
 import os
 import signal
@@ -12,28 +13,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import test_utils as tu
 from variator_jax import checkpoint, sharding
-
-IDENTITY = {"stage": "pretrain", "task": "pretrain", "plugin": {"ratio": 4, "bottleneck": 64},
-            "backbone": {"d_model": 32, "fingerprint": "abc"}}
-
-
-def test_workdir_identity_is_checked_before_anything_is_written(tmp_path):
-    workdir = str(tmp_path / "run")
-    checkpoint.check_workdir(workdir, IDENTITY)  # Fresh: fine, and still nothing there.
-    assert not os.path.exists(workdir)
-    checkpoint.claim_workdir(workdir, IDENTITY)
-    checkpoint.check_workdir(workdir, json.loads(json.dumps(IDENTITY)))  # Same run: fine.
-    other = dict(IDENTITY, plugin={"ratio": 2, "bottleneck": 64})
-    with pytest.raises(checkpoint.WorkdirMismatch, match=r"plugin.ratio=4 \(this config: 2\)"):
-        checkpoint.check_workdir(workdir, other)
-    with open(os.path.join(workdir, checkpoint.RUN_FILE)) as f:
-        assert json.load(f) == IDENTITY  # Unchanged by the refused check.
-
-
-def test_checkpoints_without_a_run_file_are_refused(tmp_path):
-    os.makedirs(tmp_path / "checkpoints" / "10")
-    with pytest.raises(checkpoint.WorkdirMismatch, match="no run.json"):
-        checkpoint.check_workdir(str(tmp_path), IDENTITY)
 
 
 def _state(mesh, scale):
@@ -177,17 +156,17 @@ def _rewrite_pre_scan(workdir: str, step: int) -> None:
 def test_a_pre_scan_checkpoint_resumes_into_scanned_layers(hf_dir, tmp_path, capsys):
     """A checkpoint from before layers were scanned (per-layer plugin params, unrolled
     model) resumes with scan_layers on, and with it off, to the uninterrupted run's plugin."""
-    from variator_jax import train_lib
+    from variator_jax import train
     config = lambda scan: tu.tiny_plugin_config(hf_dir, total_steps=8, checkpoint_every=4,
                                                 lr=1e-2, scan_layers=scan)
     ref = str(tmp_path / "unbroken")
-    train_lib.train_and_evaluate(config(False), ref)
+    train.train_and_evaluate(config(False), ref)
     expected = tu.read_plugin(os.path.join(ref, "plugin"))
     for scan in (False, True):
         old = _interrupted_copy(ref, str(tmp_path / f"pre_scan_{scan}"), step=4)
         _rewrite_pre_scan(old, 4)
         capsys.readouterr()
-        result = train_lib.train_and_evaluate(config(scan), old)
+        result = train.train_and_evaluate(config(scan), old)
         assert f"Resumed from {old}/checkpoints/4" in capsys.readouterr().out
         assert result["step"] == 8
         got = tu.read_plugin(result["plugin_dir"])
@@ -204,7 +183,7 @@ def test_finetune_resumes_across_scan_layers(hf_dir, tmp_path, capsys):
     """Stage 0 (the backbone is the trained tree): a checkpoint of unrolled layers resumes
     scanned, and one of scanned layers resumes unrolled, to the uninterrupted run's weights."""
     from safetensors.numpy import load_file
-    from variator_jax import train_lib
+    from variator_jax import train
 
     def config(scan):
         c = tu.load_config("finetune", "task=pretrain")
@@ -218,10 +197,10 @@ def test_finetune_resumes_across_scan_layers(hf_dir, tmp_path, capsys):
 
     for scan in (False, True):
         ref = str(tmp_path / f"unbroken_{scan}")
-        train_lib.train_and_evaluate(config(scan), ref)
+        train.train_and_evaluate(config(scan), ref)
         other = _interrupted_copy(ref, str(tmp_path / f"switched_{scan}"), step=4)
         capsys.readouterr()
-        result = train_lib.train_and_evaluate(config(not scan), other)
+        result = train.train_and_evaluate(config(not scan), other)
         assert f"Resumed from {other}/checkpoints/4" in capsys.readouterr().out
         assert result["step"] == 8
         expected = load_file(os.path.join(ref, "backbone", "model.safetensors"))

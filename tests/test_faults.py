@@ -31,8 +31,9 @@ import sys
 import pytest
 
 import test_utils as tu
-from variator_jax import boundary, checkpoint, errors, fileio, plugin_file, train_lib, trainer
-from variator_jax import workdir as workdir_lib
+from variator_jax import (boundary, checkpoint, errors, fileio, integrity, plugin_file, train,
+                          trainer)
+from variator_jax import run as run_lib
 from variator_jax.convert import torch_load_weights_only
 from variator_jax.errors import CheckpointError
 
@@ -62,7 +63,7 @@ def trained(tmp_path_factory):
     config = tu.tiny_plugin_config(hf_dir, **{"data__train": f"text:{corpus}",
                                               "data__train_split": "", "total_steps": 8})
     workdir = str(root / "run")
-    train_lib.train_and_evaluate(config, workdir)
+    train.train_and_evaluate(config, workdir)
     return {"root": root, "hf": hf_dir, "corpus": str(corpus), "workdir": workdir}
 
 
@@ -72,7 +73,7 @@ def _snapshot(directory) -> dict[str, str]:
     for base, _, files in os.walk(directory):
         for name in files:
             path = os.path.join(base, name)
-            if name != workdir_lib.LOCK_FILE:
+            if name != run_lib.LOCK_FILE:
                 with open(path, "rb") as f:
                     out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
     return out
@@ -128,7 +129,7 @@ def _cases(t) -> dict[str, dict]:
     cases["train: init_plugin of another ratio (a refused start)"] = dict(
         argv=_train_flags(t, w, init_plugin=os.path.join(t["workdir"], "plugin"),
                           **{"plugin.ratio": 2}),
-        rc=1, line="has ratio=4", absent=os.path.join(w, checkpoint.RUN_FILE))
+        rc=1, line="has ratio=4", absent=os.path.join(w, run_lib.RUN_FILE))
     w = str(root / "fsize")
     # The limit stops the first save whose files outgrow it: step 4's, or, when its files
     # come out a little smaller, step 8's; either way the run must stop at that step.
@@ -273,9 +274,9 @@ def test_a_fault_ends_in_one_line_and_keeps_what_was_saved(outcomes, name):
 def test_a_refused_start_leaves_the_workdir_usable(outcomes, trained):
     """Issue 27 case 11: the corrected command is not refused as "another run"."""
     workdir = str(trained["root"] / "cases" / "refused")
-    assert not os.path.exists(os.path.join(workdir, checkpoint.RUN_FILE))
-    assert not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE))
-    checkpoint.check_workdir(workdir, {"stage": "pretrain", "anything": 1})  # Raises if not.
+    assert not os.path.exists(os.path.join(workdir, run_lib.RUN_FILE))
+    assert not os.path.exists(os.path.join(workdir, run_lib.CONFIG_FILE))
+    run_lib.check_identity(workdir, {"stage": "pretrain", "anything": 1})  # Raises if not.
 
 
 def test_a_data_file_edited_in_place_is_refused_naming_it(outcomes, trained):
@@ -295,7 +296,7 @@ def test_a_data_file_edited_in_place_is_refused_naming_it(outcomes, trained):
         accepted = _copy(trained, "accepted")
         config = tu.tiny_plugin_config(trained["hf"], **{
             "data__train": f"text:{corpus}", "data__train_split": "", "total_steps": 12})
-        result = train_lib.train_and_evaluate(config, accepted, override=["total_steps"],
+        result = train.train_and_evaluate(config, accepted, override=["total_steps"],
                                               accept_data_change=True)
     finally:
         with open(corpus, "w") as f:
@@ -308,7 +309,7 @@ def test_a_data_file_edited_in_place_is_refused_naming_it(outcomes, trained):
                         "that, or use another --workdir"), lines[0]
     assert refused == before
     assert result["step"] == 12
-    recorded = [c for c in workdir_lib.read_changes(accepted) if c["field"] != "total_steps"]
+    recorded = [c for c in run_lib.read_changes(accepted) if c["field"] != "total_steps"]
     assert [(c["step"], c["field"]) for c in recorded] == [(8, "data.train content")]
     assert recorded[0]["to"]["files"][0]["sha256"] != recorded[0]["from"]["files"][0]["sha256"]
 
@@ -317,20 +318,20 @@ def test_a_data_file_edited_in_place_is_refused_naming_it(outcomes, trained):
 def test_data_fingerprints_see_an_edit_and_accept_it_only_when_asked(tmp_path):
     data = tmp_path / "a.txt"
     data.write_text("one document\n\nanother one\n")
-    source = {"data.train": train_lib.integrity.source_fingerprint(f"text:{data}")}
-    workdir_lib.write_data(str(tmp_path), source)
-    assert workdir_lib.check_data(str(tmp_path), source, resume_step=4) == {}
+    source = {"data.train": integrity.source_fingerprint(f"text:{data}")}
+    run_lib.write_data(str(tmp_path), source)
+    assert run_lib.check_data(str(tmp_path), source, resume_step=4) == {}
     data.write_text("one document\n\nanother two\n")
-    edited = {"data.train": train_lib.integrity.source_fingerprint(f"text:{data}")}
-    with pytest.raises(workdir_lib.DataChanged, match=f"data.train: {data} changed"):
-        workdir_lib.check_data(str(tmp_path), edited, resume_step=4)
-    assert workdir_lib.check_data(str(tmp_path), edited, resume_step=0) == {}  # A fresh start.
-    changes = workdir_lib.check_data(str(tmp_path), edited, resume_step=4, accept=True)
+    edited = {"data.train": integrity.source_fingerprint(f"text:{data}")}
+    with pytest.raises(errors.DataChanged, match=f"data.train: {data} changed"):
+        run_lib.check_data(str(tmp_path), edited, resume_step=4)
+    assert run_lib.check_data(str(tmp_path), edited, resume_step=0) == {}  # A fresh start.
+    changes = run_lib.check_data(str(tmp_path), edited, resume_step=4, accept=True)
     assert list(changes) == ["data.train content"]
     data.write_text("one document\n\nanother one, longer\n")
-    grown = {"data.train": train_lib.integrity.source_fingerprint(f"text:{data}")}
-    with pytest.raises(workdir_lib.DataChanged, match=r"\(size 26 -> 34 bytes\)"):
-        workdir_lib.check_data(str(tmp_path), grown, resume_step=4)
+    grown = {"data.train": integrity.source_fingerprint(f"text:{data}")}
+    with pytest.raises(errors.DataChanged, match=r"\(size 26 -> 34 bytes\)"):
+        run_lib.check_data(str(tmp_path), grown, resume_step=4)
 
 
 @pytest.mark.parametrize("code,hint", [
@@ -407,6 +408,6 @@ def test_hostile_and_mistyped_files_are_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="not a PyTorch checkpoint .* begins with") as e:
         torch_load_weights_only(str(junk))
     assert "pickled" not in str(e.value)
-    (tmp_path / checkpoint.RUN_FILE).write_text("[1, 2]")
-    with pytest.raises(checkpoint.RestoreError, match="run.json: not a JSON object"):
-        checkpoint.check_workdir(str(tmp_path), {"stage": "pretrain"})
+    (tmp_path / run_lib.RUN_FILE).write_text("[1, 2]")
+    with pytest.raises(errors.WorkdirMismatch, match="run.json: not a JSON object"):
+        run_lib.check_identity(str(tmp_path), {"stage": "pretrain"})

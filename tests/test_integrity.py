@@ -14,8 +14,8 @@ import safetensors.numpy
 
 import test_utils as tu
 import variator_jax as vj
-from variator_jax import checkpoint, integrity, sharding, train_lib, trainer
-from variator_jax import workdir as workdir_lib
+from variator_jax import checkpoint, errors, integrity, reporting, sharding, train, trainer
+from variator_jax import run as run_lib
 from variator_jax.plugins import _legacy_fingerprint
 
 
@@ -25,7 +25,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _run(hf_dir, workdir, override=(), **overrides):
-    return train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, **overrides), str(workdir),
+    return train.train_and_evaluate(tu.tiny_plugin_config(hf_dir, **overrides), str(workdir),
                                         override=override)
 
 
@@ -42,7 +42,7 @@ def test_1_divergence_keeps_only_good_checkpoints_and_says_what_to_change(hf_dir
     _run(hf_dir, workdir, lr=1e-2, total_steps=8, **common)
     sane_loss = tu.read_metrics(workdir)[-1]["loss"]
     # Extended with an absurd lr: it diverges; what is kept must be good.
-    with pytest.raises(train_lib.NonFiniteLoss) as err:
+    with pytest.raises(errors.NonFiniteLoss) as err:
         _run(hf_dir, workdir, override=["lr", "total_steps"], lr=1e9, total_steps=30, **common)
     message = str(err.value)
     saved = checkpoint.finished_steps(workdir)
@@ -54,13 +54,13 @@ def test_1_divergence_keeps_only_good_checkpoints_and_says_what_to_change(hf_dir
     assert "lower config.lr and rerun with --override=lr" in message
 
     # The same command again would diverge the same way: refused, with what to change.
-    with pytest.raises(train_lib.UserError, match=r"diverged at step \d+ .* --override=lr"):
+    with pytest.raises(errors.UserError, match=r"diverged at step \d+ .* --override=lr"):
         _run(hf_dir, workdir, override=["lr", "total_steps"], lr=1e9, total_steps=30, **common)
     # A sane lr (accepted explicitly) resumes from the last good checkpoint and trains on.
     result = _run(hf_dir, workdir, override=["lr"], lr=1e-2, total_steps=30, **common)
     assert result["step"] == 30 and result["train"]["loss"] < 10 * sane_loss, result["train"]
-    assert not os.path.exists(os.path.join(workdir, workdir_lib.DIVERGED_FILE))
-    changes = [(c["step"], c["field"], c["to"]) for c in workdir_lib.read_changes(workdir)]
+    assert not os.path.exists(os.path.join(workdir, run_lib.DIVERGED_FILE))
+    changes = [(c["step"], c["field"], c["to"]) for c in run_lib.read_changes(workdir)]
     assert changes[-1] == (saved[-1], "lr", 1e-2), changes
 
 
@@ -80,14 +80,14 @@ def test_1_one_hard_batch_after_the_data_is_fitted_is_not_a_divergence():
     check(4, 0.02, 0.01, 0.0003, 0.005)
     check(8, 0.0004, 0.345, 0.001, 0.002)  # 1,000x the lowest step, 10x the lowest mean.
     assert best[0] == pytest.approx(0.0353 / 4)
-    with pytest.raises(train_lib.NonFiniteLoss, match=r"jumped to 1e\+04 \(mean of steps 9..12\)"
+    with pytest.raises(errors.NonFiniteLoss, match=r"jumped to 1e\+04 \(mean of steps 9..12\)"
                        r", 1.13e\+06 times the lowest mean"):
         check(12, 1e4, 1e4, 1e4, 1e4)
 
 
 def test_1_non_finite_hyper_parameters_are_refused_before_anything_is_written(hf_dir, tmp_path):
     for field, value in (("lr", 1e39), ("lr", float("inf")), ("weight_decay", float("nan"))):
-        with pytest.raises(train_lib.UserError, match=f"config.{field} must be a finite number"):
+        with pytest.raises(errors.UserError, match=f"config.{field} must be a finite number"):
             _run(hf_dir, tmp_path / "w", **{field: value})
     assert not os.path.exists(tmp_path / "w")
 
@@ -144,10 +144,10 @@ def test_2_resuming_on_another_backbone_is_refused(hf_dir, tmp_path):
     with open(os.path.join(hf_dir, "config.json")) as a, \
             open(os.path.join(noisy_dir, "config.json")) as b:
         assert json.load(a) == json.load(b)
-    with pytest.raises(train_lib.UserError, match="backbone.fingerprint"):
+    with pytest.raises(errors.UserError, match="backbone.fingerprint"):
         _run(noisy_dir, workdir, override=["total_steps"], total_steps=8)
     # A workdir recorded with the legacy fingerprint still resumes on its own backbone.
-    run_json = os.path.join(workdir, checkpoint.RUN_FILE)
+    run_json = os.path.join(workdir, run_lib.RUN_FILE)
     identity = json.load(open(run_json))
     identity["backbone"] = {"d_model": 32, "num_layers": 2,
                             "fingerprint": _legacy_fingerprint(backbone)}
@@ -159,9 +159,9 @@ def test_2_resuming_on_another_backbone_is_refused(hf_dir, tmp_path):
 # -- 3. One run per workdir ---------------------------------------------------------------------
 def test_3_a_busy_workdir_is_refused_at_once_naming_the_holder(hf_dir, tmp_path):
     workdir = str(tmp_path / "busy")
-    with workdir_lib.lock(workdir):
+    with run_lib.lock(workdir):
         tic = time.time()
-        with pytest.raises(train_lib.UserError, match=f"in use by PID {os.getpid()} "):
+        with pytest.raises(errors.UserError, match=f"in use by PID {os.getpid()} "):
             _run(hf_dir, workdir)
         assert time.time() - tic < 30
     assert not os.path.exists(os.path.join(workdir, "config.json"))
@@ -170,16 +170,16 @@ def test_3_a_busy_workdir_is_refused_at_once_naming_the_holder(hf_dir, tmp_path)
     import sys
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1]); "
-        "from variator_jax import workdir as w\n"
+        "from variator_jax import run as w\n"
         "with w.lock(sys.argv[2]):\n print('locked', flush=True); time.sleep(600)"),
         tu.REPO, workdir], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(workdir_lib.WorkdirBusy, match=f"PID {holder.pid} "):
-        with workdir_lib.lock(workdir):
+    with pytest.raises(errors.WorkdirBusy, match=f"PID {holder.pid} "):
+        with run_lib.lock(workdir):
             pass
     holder.kill()
     holder.wait()
-    with workdir_lib.lock(workdir):
+    with run_lib.lock(workdir):
         pass
 
 
@@ -188,16 +188,16 @@ def test_3_a_workdir_replaced_under_a_run_gets_nothing_more_from_it(hf_dir, tmp_
     old run stops with one line at its next save and writes nothing into the new directory."""
     import shutil
     workdir = str(tmp_path / "replaced")
-    with workdir_lib.lock(workdir) as still_ours:
+    with run_lib.lock(workdir) as still_ours:
         still_ours()  # The same lock file: fine.
-    with workdir_lib.lock(workdir) as still_ours:
+    with run_lib.lock(workdir) as still_ours:
         shutil.rmtree(workdir)
-        with pytest.raises(workdir_lib.WorkdirReplaced, match="removed or replaced"):
+        with pytest.raises(errors.WorkdirReplaced, match="removed or replaced"):
             still_ours()
         os.makedirs(workdir)
-        with open(os.path.join(workdir, workdir_lib.LOCK_FILE), "w"):
+        with open(os.path.join(workdir, run_lib.LOCK_FILE), "w"):
             pass  # A new run's lock file: another file at the same path.
-        with pytest.raises(workdir_lib.WorkdirReplaced):
+        with pytest.raises(errors.WorkdirReplaced):
             still_ours()
     shutil.rmtree(workdir)
 
@@ -215,7 +215,7 @@ def test_3_a_workdir_replaced_under_a_run_gets_nothing_more_from_it(hf_dir, tmp_
         return check_state(state, done, last_good, checkpointer)
 
     monkeypatch.setattr(trainer, "_check_state", replace_after_first_save)
-    with pytest.raises(train_lib.UserError, match=f"workdir {workdir} was removed or replaced"):
+    with pytest.raises(errors.UserError, match=f"workdir {workdir} was removed or replaced"):
         _run(hf_dir, workdir, total_steps=12)
     assert calls == [4, 8]
     assert sorted(os.listdir(workdir)) == ["theirs.txt"]  # Nothing of the old run's.
@@ -244,15 +244,15 @@ def test_4_run_record_refuses_records_and_extends(hf_dir, tmp_path):
     config_json = open(os.path.join(workdir, "config.json")).read()
     old_plugin = tu.read_plugin(first["plugin_dir"])
 
-    with pytest.raises(train_lib.UserError, match=r"finished at step 4 with another config: "
+    with pytest.raises(errors.UserError, match=r"finished at step 4 with another config: "
                                                   r"batch_size 8 -> 16"):
         _run(hf_dir, workdir, total_steps=4, batch_size=16)  # Not "nothing to do".
-    with pytest.raises(train_lib.UserError, match=r"batch_size 8 -> 16.*--override=batch_size,"
+    with pytest.raises(errors.UserError, match=r"batch_size 8 -> 16.*--override=batch_size,"
                                                   r"total_steps"):
         _run(hf_dir, workdir, total_steps=8, batch_size=16)
-    with pytest.raises(train_lib.UserError, match="already at step 4; total_steps 2"):
+    with pytest.raises(errors.UserError, match="already at step 4; total_steps 2"):
         _run(hf_dir, workdir, override=["total_steps"], total_steps=2)
-    with pytest.raises(train_lib.UserError, match=r"total_steps 4 -> 8.*--override=total_steps"):
+    with pytest.raises(errors.UserError, match=r"total_steps 4 -> 8.*--override=total_steps"):
         _run(hf_dir, workdir, total_steps=8)
     assert open(os.path.join(workdir, "config.json")).read() == config_json  # Untouched.
 
@@ -262,7 +262,7 @@ def test_4_run_record_refuses_records_and_extends(hf_dir, tmp_path):
     result = _run(hf_dir, workdir, override=["total_steps", "lr"], total_steps=8, lr=5e-4)
     assert result["step"] == 8
     assert [m["step"] for m in tu.read_metrics(workdir)] == [4, 8]
-    changes = workdir_lib.read_changes(workdir)
+    changes = run_lib.read_changes(workdir)
     assert {(c["step"], c["field"], c["from"], c["to"]) for c in changes} == {
         (4, "total_steps", 4, 8), (4, "lr", 1e-3, 5e-4)}
     saved = json.load(open(os.path.join(workdir, "config.json")))
@@ -399,8 +399,8 @@ def test_7_unwritable_metrics_and_full_disk_are_one_line_and_lose_nothing(hf_dir
     def refuse(self, step, scalars):
         raise PermissionError(errno.EACCES, "Permission denied", self._path)
     with monkeypatch.context() as m:
-        m.setattr(train_lib.MetricWriter, "write", refuse)
-        with pytest.raises(train_lib.UserError, match="metrics.jsonl: Permission denied") as err:
+        m.setattr(reporting.MetricWriter, "write", refuse)
+        with pytest.raises(errors.UserError, match="metrics.jsonl: Permission denied") as err:
             _run(hf_dir, tmp_path / "ro")
     assert "\n" not in str(err.value)
 
@@ -414,7 +414,7 @@ def test_7_unwritable_metrics_and_full_disk_are_one_line_and_lose_nothing(hf_dir
         return real(directory)
     monkeypatch.setattr(integrity, "write_manifest", full)
     workdir = str(tmp_path / "full")
-    with pytest.raises(train_lib.UserError, match=r"cannot save .*No space left on device.* "
+    with pytest.raises(errors.UserError, match=r"cannot save .*No space left on device.* "
                                                   "run the same command to resume") as err:
         _run(hf_dir, workdir, total_steps=40, checkpoint_every=4, log_every=1)
     assert "\n" not in str(err.value)
@@ -474,7 +474,6 @@ def test_7_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(hf_dir, tm
 
 
 def test_a_resume_may_change_the_attention_implementation_not_the_dtype():
-    from variator_jax import workdir
     old = {"attention": "auto", "lr": 1e-3, "dtype": "float32"}
     new = {"attention": "cudnn", "lr": 1e-3, "dtype": "bfloat16"}
-    assert workdir.result_changes(old, new) == {"dtype": ("float32", "bfloat16")}
+    assert run_lib.result_changes(old, new) == {"dtype": ("float32", "bfloat16")}

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from test_data import _private_index_cache  # noqa: F401 (shared fixture)
-from variator_jax import data, train_lib
+from variator_jax import data, train
 from variator_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,5 +99,5 @@ def test_train_py_refuses_an_eval_split_that_overlaps_training(tmp_path):
     c.mesh.data, c.mesh.model, c.batch_size = 1, 1, 4
     with pytest.raises(UserError, match=rf"1 example\(s\) of data.eval {spec} \(test\) are also "
                                         rf"in data.train {spec}"):
-        train_lib.train_and_evaluate(c, str(tmp_path / "run"))
+        train.train_and_evaluate(c, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "result.json")

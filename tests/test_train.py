@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import test_utils as tu
-from variator_jax import experiment, load_hf_t5, load_plugin, train_lib, trainer
+from variator_jax import (errors, experiment, load_hf_t5, load_plugin, objectives, train,
+                          trainer)
 from variator_jax.plugins import PluginConfig, init_plugin
 from variator_jax.t5 import init_t5
 
@@ -21,12 +22,12 @@ def hf_dir(tmp_path_factory):
 
 # -- Pieces ---------------------------------------------------------------------------------------
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    sched = train_lib.lr_schedule(1e-3, warmup_steps=4, total_steps=12)
+    sched = trainer.lr_schedule(1e-3, warmup_steps=4, total_steps=12)
     lrs = [float(sched(i)) for i in range(12)]
     np.testing.assert_allclose(lrs[:5], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-6)
     np.testing.assert_allclose(lrs[11], 1e-3 / 8, rtol=1e-6)  # Last step: one eighth left.
     assert float(sched(12)) == 0.0
-    assert float(train_lib.lr_schedule(1e-3, 0, 10)(0)) == pytest.approx(1e-3)
+    assert float(trainer.lr_schedule(1e-3, 0, 10)(0)) == pytest.approx(1e-3)
 
 
 def test_masked_mse_counts_real_positions_only():
@@ -34,15 +35,15 @@ def test_masked_mse_counts_real_positions_only():
     t = jnp.array([[[0.0, 2.0], [3.0, 0.0], [0.0, 0.0]]])
     mask = jnp.array([[1, 1, 0]])
     # Squared errors at real positions: 1 + 0 + 0 + 16 = 17 over 2 positions x 2 features.
-    assert float(train_lib.masked_mse(s, t, mask)) == pytest.approx(17 / 4)
+    assert float(objectives.masked_mse(s, t, mask)) == pytest.approx(17 / 4)
 
 
 def test_task_ce_reads_verbalizer_logits_at_the_first_position():
-    setup = train_lib.Setup(tu.tiny_t5(), None, "task", "classification", verbalizer=(7, 3))
+    setup = objectives.make(tu.tiny_t5(), None, "task", "classification", verbalizer=(7, 3))
     logits = jnp.zeros((2, 3, 10)).at[0, 0, 7].set(5.0).at[1, 0, 3].set(5.0).at[1, 1, 7].set(50.0)
     batch = {"label": jnp.array([0, 1])}
-    np.testing.assert_array_equal(train_lib.class_logits(setup, logits), [[5, 0], [0, 5]])
-    ce, n = train_lib.task_ce(setup, logits, batch)
+    np.testing.assert_array_equal(objectives.class_logits(setup, logits), [[5, 0], [0, 5]])
+    ce, n = objectives.task_ce(setup, logits, batch)
     assert float(n) == 2 and float(ce) == pytest.approx(2 * np.log1p(np.exp(-5.0)), rel=1e-5)
 
 
@@ -55,7 +56,7 @@ def test_unlabelled_rows_count_for_the_hidden_loss_only():
     pcfg = PluginConfig(2, bottleneck=8)
     plugin = init_plugin(jax.random.key(1), cfg, pcfg)
     plugin = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), plugin)
-    setup = train_lib.Setup(cfg, pcfg, "task+hidden", "classification", verbalizer=(7, 3),
+    setup = objectives.make(cfg, pcfg, "task+hidden", "classification", verbalizer=(7, 3),
                             dropout=False)
     batch = {k: jnp.asarray(v) for k, v in tu.fake_batch(3, 16, 4).items()}
     batch["labels"] = batch["labels"].at[1].set(jnp.array([1, 0, 0, 0]))  # Unlabelled: EOS.
@@ -65,7 +66,7 @@ def test_unlabelled_rows_count_for_the_hidden_loss_only():
     inputs = (batch["input_ids"], batch["attention_mask"], batch["decoder_input_ids"],
               batch["decoder_attention_mask"])
     terms, student, teacher = jax.jit(lambda p, b: (
-        train_lib.loss_terms(setup, p, b, batch, None, True)[0],
+        setup.loss_terms(p, b, batch, None, True)[0],
         forward(cfg, b, *inputs, plugin=(pcfg, p)), forward(cfg, b, *inputs)))(plugin, backbone)
     logits = np.asarray(student["logits"][:, 0][:, [7, 3]], np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -85,14 +86,14 @@ def test_bfloat16_backbone_stored_once_gives_the_loss_of_casting_per_step():
     pcfg = PluginConfig(2, bottleneck=8)
     plugin = init_plugin(jax.random.key(1), cfg, pcfg)
     plugin = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(3), x.shape), plugin)
-    setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+    setup = objectives.make(cfg, pcfg, "hidden", "pretrain", dropout=False)
     stored = setup.frozen(backbone)
     kernels = [x.dtype for p, x in jax.tree_util.tree_leaves_with_path(stored)
                if "kernel" in jax.tree_util.keystr(p)]
     assert set(kernels) == {jnp.dtype(jnp.bfloat16)}
     batch = {k: jnp.asarray(v) for k, v in tu.fake_batch(3, 16, 4).items()}
     loss = jax.jit(jax.value_and_grad(lambda p, b: sum(
-        train_lib.loss_terms(setup, p, b, batch, None, True)[0].values())))
+        setup.loss_terms(p, b, batch, None, True)[0].values())))
     (per_step, _), (once, grads) = loss(plugin, backbone), loss(plugin, stored)
     assert float(per_step) > 0 and abs(float(once) - float(per_step)) <= 1e-2 * float(per_step)
     assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
@@ -102,13 +103,13 @@ def test_train_step_fits_the_teacher_and_leaves_the_backbone_alone():
     cfg = tu.tiny_t5()
     backbone = init_t5(jax.random.key(0), cfg)
     pcfg = PluginConfig(4, bottleneck=8)
-    setup = train_lib.Setup(cfg, pcfg, "hidden", "pretrain", dropout=False)
+    setup = objectives.make(cfg, pcfg, "hidden", "pretrain", dropout=False)
     config = tu.load_config("plugin")
     config.lr, config.warmup_steps, config.total_steps = 1e-2, 0, 30
-    tx, schedule = train_lib.make_optimizer(config)
-    state = train_lib.create_state(init_plugin(jax.random.key(1), cfg, pcfg), jax.random.key(2), tx)
+    tx, schedule = trainer.make_optimizer(config)
+    state = trainer.create_state(init_plugin(jax.random.key(1), cfg, pcfg), jax.random.key(2), tx)
     batch = {k: jnp.asarray(v) for k, v in tu.fake_batch(4, 32, 8).items()}
-    step = jax.jit(lambda s, b, bb: train_lib.train_step(s, b, bb, setup=setup, tx=tx,
+    step = jax.jit(lambda s, b, bb: trainer.train_step(s, b, bb, objective=setup, tx=tx,
                                                           schedule=schedule))
     before = jax.tree.map(np.array, backbone)
     losses = []
@@ -121,7 +122,7 @@ def test_train_step_fits_the_teacher_and_leaves_the_backbone_alone():
     assert losses[-1] < 0.5 * losses[0], losses  # Distillation on one batch converges.
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, backbone))
     # The backbone is behind stop_gradient: no signal reaches it even if asked for.
-    grads = jax.grad(lambda bb: sum(train_lib.loss_terms(setup, state.params, bb, batch,
+    grads = jax.grad(lambda bb: sum(setup.loss_terms(state.params, bb, batch,
                                                          None, True)[0].values()))(backbone)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) == 0.0
 
@@ -148,7 +149,7 @@ def test_demo_chain_then_adapt_on_sst2(tmp_path):
     for c in (demo, demo.backbone_stage):
         c.data.train_split, c.data.eval_split = "train[:10%]", "train[95%:]"
     workdir = str(tmp_path / "demo")
-    result = train_lib.train_and_evaluate(demo, workdir)
+    result = train.train_and_evaluate(demo, workdir)
 
     backbone_dir = os.path.join(workdir, "backbone_stage", "backbone")
     cfg, backbone = load_hf_t5(backbone_dir)  # An HF directory, with the tokenizer beside it.
@@ -165,7 +166,7 @@ def test_demo_chain_then_adapt_on_sst2(tmp_path):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
     tic = time.time()  # Same command again: both stages are recognised as done.
-    assert train_lib.train_and_evaluate(demo, workdir)["plugin_dir"] == result["plugin_dir"]
+    assert train.train_and_evaluate(demo, workdir)["plugin_dir"] == result["plugin_dir"]
     assert time.time() - tic < 20
 
     adapt = tu.tiny_plugin_config(backbone_dir, "stage=adapt,task=sst2", loss="task+hidden",
@@ -177,7 +178,7 @@ def test_demo_chain_then_adapt_on_sst2(tmp_path):
                                  + "\n" for i in range(8)))
     adapt.data.eval, adapt.data.eval_split = f"jsonl:{eval_rows}", "all"
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        adapted = train_lib.train_and_evaluate(adapt, str(tmp_path / "sst2"))
+        adapted = train.train_and_evaluate(adapt, str(tmp_path / "sst2"))
     first, last = _first_last_loss(str(tmp_path / "sst2"))
     assert last < first, (first, last)
     lines = tu.read_metrics(str(tmp_path / "sst2"))
@@ -224,7 +225,7 @@ def test_one_device_and_a_4x2_mesh_train_the_same_plugin(hf_dir, tmp_path):
                                        total_steps=8, log_every=1, checkpoint_every=1,
                                        keep_checkpoints=8)
         workdir = str(tmp_path / f"mesh{data}x{model}")
-        train_lib.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir)
         runs.append((tu.read_metrics(workdir), _adam_history(workdir, range(1, 9))))
     (metrics1, adam1), (metrics8, adam8) = runs
     np.testing.assert_allclose([m["loss"] for m in metrics8], [m["loss"] for m in metrics1],
@@ -248,8 +249,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(hf_dir, tmp_pa
     config = tu.tiny_plugin_config(hf_dir, lr=1e30, warmup_steps=0, log_every=1,
                                    checkpoint_every=1, keep_checkpoints=5)
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train_lib.NonFiniteLoss, match="no checkpoint was saved") as err:
-        train_lib.train_and_evaluate(config, workdir)
+    with pytest.raises(errors.NonFiniteLoss, match="no checkpoint was saved") as err:
+        train.train_and_evaluate(config, workdir)
     assert "parameters after step 1 are not finite" in str(err.value)
     assert not [s for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
     assert not os.path.exists(os.path.join(workdir, "plugin"))
@@ -257,7 +258,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(hf_dir, tmp_pa
 
 def test_a_workdir_of_another_run_is_refused_untouched(hf_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=4), workdir)
+    train.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=4), workdir)
 
     def snapshot():
         return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)),
@@ -265,12 +266,12 @@ def test_a_workdir_of_another_run_is_refused_untouched(hf_dir, tmp_path):
                 for d, _, files in os.walk(workdir) for f in files}
 
     before = snapshot()
-    with pytest.raises(train_lib.UserError, match="plugin.ratio=4 .this config: 2."):
-        train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=8,
+    with pytest.raises(errors.UserError, match="plugin.ratio=4 .this config: 2."):
+        train.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=8,
                                                            plugin__ratio=2), workdir)
     other = tu.make_hf_dir(str(tmp_path / "other_t5"), seed=1)
-    with pytest.raises(train_lib.UserError, match="backbone.fingerprint"):
-        train_lib.train_and_evaluate(tu.tiny_plugin_config(other, total_steps=8), workdir)
+    with pytest.raises(errors.UserError, match="backbone.fingerprint"):
+        train.train_and_evaluate(tu.tiny_plugin_config(other, total_steps=8), workdir)
     assert snapshot() == before
 
 
@@ -280,7 +281,7 @@ def test_cli_bad_input_is_one_line_without_traceback(hf_dir, tmp_path):
     empty.write_text("\n\n")
     # A workdir with a checkpoint at step 4, then corrupted.
     broken = str(tmp_path / "broken")
-    train_lib.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=4), broken)
+    train.train_and_evaluate(tu.tiny_plugin_config(hf_dir, total_steps=4), broken)
     for root, _, files in os.walk(os.path.join(broken, "checkpoints", "4")):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
@@ -318,7 +319,7 @@ def test_finetune_state_shards_backbone_and_adam_moments_alike(hf_dir, tmp_path)
     tu.override(config, {**tiny, **tu.TINY_CORPUS, "mesh.data": 4, "mesh.model": 2})
     config.backbone = hf_dir
     run = experiment.prepare(config, str(tmp_path / "ft"))
-    tx, _ = train_lib.make_optimizer(config)
+    tx, _ = trainer.make_optimizer(config)
     shardings, _ = run.backbone_shardings()
     from variator_jax import sharding as sh
     backbone = sh.put_global(run.host_backbone, shardings)
@@ -374,6 +375,6 @@ def test_configs_have_the_issue_fields_and_a_comment_on_each(name, arg):
 
 def test_a_size_preset_must_match_the_backbone_directory(hf_dir, tmp_path):
     config = tu.tiny_plugin_config(hf_dir, "stage=pretrain,size=small")
-    with pytest.raises(train_lib.UserError, match="is not a t5-small: d_model is 32"):
-        train_lib.train_and_evaluate(config, str(tmp_path / "w"))
+    with pytest.raises(errors.UserError, match="is not a t5-small: d_model is 32"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")

@@ -3,8 +3,8 @@
 A checkpoint holds what a resumed run needs to continue exactly as an unbroken one
 (docs/DESIGN.md §5): the train state (trainable parameters, optimizer state, step, RNG) and the
 data position (a small JSON dict). The frozen backbone is never saved: it is referenced by
-its identity in `WORKDIR/run.json`, which also pins the plugin's shape. A workdir whose
-`run.json` disagrees with the current config is refused before anything in it is touched.
+its identity in `WORKDIR/run.json`, which also pins the plugin's shape (run.py owns that
+file, and makes the run's Checkpointer).
 
 orbax writes each step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact (and the temporary one is removed on
@@ -14,16 +14,13 @@ corrupt newest checkpoint is named, moved to `WORKDIR/checkpoints_corrupt/` (kep
 deleted) and the previous one restored instead.
 
 Example:
-  >>> check_workdir(workdir, identity)          # raises WorkdirMismatch, writes nothing
   >>> ckpt = Checkpointer(workdir, keep=3)
-  >>> claim_workdir(workdir, identity)
   >>> ckpt.save(100, state, data_iterator.get_state())
   >>> state, data_state = ckpt.restore(ckpt.latest_step(), abstract_state)
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -35,67 +32,15 @@ from absl import logging as absl_logging
 import orbax.checkpoint as ocp
 
 from variator_jax import integrity, sharding, stacking
-from variator_jax.fileio import atomic_write, flatten, get_path, set_path, write_text
+from variator_jax.fileio import get_path, set_path
 
-RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
 _UNCOMMITTED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
-class WorkdirMismatch(ValueError):
-    """The workdir holds a different run (another ratio, backbone, stage or task)."""
-
-
 class RestoreError(ValueError):
     """A checkpoint exists but cannot be read back."""
-
-
-# -- The run's identity -----------------------------------------------------------------------
-def read_identity(workdir: str) -> dict | None:
-    path = os.path.join(workdir, RUN_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RestoreError(f"{path}: unreadable ({e}); this workdir's run cannot be identified, "
-                           "use another --workdir") from None
-    if not isinstance(saved, dict):  # Its fields are compared one by one (check_workdir).
-        raise RestoreError(f"{path}: not a JSON object (a {type(saved).__name__}); this "
-                           "workdir's run cannot be identified, use another --workdir")
-    return saved
-
-
-def check_workdir(workdir: str, identity: dict) -> None:
-    """Raises `WorkdirMismatch` if `workdir` holds a run with another identity.
-
-    `identity` is a JSON-able dict (stage, task, plugin shape, backbone fingerprint, ...).
-    Checks only; nothing is created or changed.
-    """
-    saved = read_identity(workdir)
-    if saved is None:
-        ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
-        if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-            raise WorkdirMismatch(f"{workdir} has checkpoints but no {RUN_FILE}: not a run "
-                                  "this trainer can resume; use another --workdir")
-        return
-    mine, theirs = flatten(json.loads(json.dumps(identity))), flatten(saved)
-    diffs = [f"{k}={theirs.get(k)!r} (this config: {mine.get(k)!r})"
-             for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    if diffs:
-        raise WorkdirMismatch(f"{workdir} holds another run: {'; '.join(diffs[:3])}"
-                              f"{' ...' if len(diffs) > 3 else ''}. Use another --workdir, or "
-                              "delete this one to start over")
-
-
-def claim_workdir(workdir: str, identity: dict) -> None:
-    """Writes `run.json` (process 0, once); call after `check_workdir` passed."""
-    if jax.process_index() == 0 and read_identity(workdir) is None:
-        os.makedirs(workdir, exist_ok=True)
-        atomic_write(workdir, RUN_FILE,
-                     lambda tmp: write_text(tmp, json.dumps(identity, indent=2) + "\n"))
 
 
 def finished_steps(workdir: str) -> list[int]:

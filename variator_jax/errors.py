@@ -1,7 +1,9 @@
-"""The errors a user sees as one line: bad input, unreadable checkpoints, divergence, signals.
+"""The errors a user sees as one line: bad input, a workdir that refuses a run, divergence.
 
-And the one line an OS error becomes (`describe_os_error`). Imports nothing of the package
-but fileio, so that every module may import it."""
+`UserError` is bad input (config, paths, data); the workdir's refusals (run.py) are
+`UserError`s too, and so are divergence and interruption. `CheckpointError`: a checkpoint
+that cannot be read; `describe_os_error`: the one line an OS error becomes. Imports nothing
+of the package but fileio, so that every module may import it."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +20,27 @@ class CheckpointError(ValueError):
 class UserError(Exception):
     """A problem with the user's input (config, paths, data, workdir); `train.py` prints its
     one-line message and exits non-zero, without a traceback."""
+
+
+class WorkdirBusy(UserError):
+    """Another live process holds the workdir's lock."""
+
+
+class WorkdirReplaced(UserError):
+    """The workdir a run holds was removed or replaced while it ran."""
+
+
+class WorkdirMismatch(UserError):
+    """The workdir holds a different run (another ratio, backbone, stage or task), or one
+    whose `run.json` cannot be read."""
+
+
+class RecordMismatch(UserError):
+    """A resume with result-changing fields that differ from the run's config.json."""
+
+
+class DataChanged(RecordMismatch):
+    """A resume on a data source whose content changed since the run began."""
 
 
 class NonFiniteLoss(UserError):

@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
 
-from variator_jax import checkpoint as ckpt_lib
 from variator_jax import data as data_lib
 from variator_jax import pipeline, plugin_file, sharding
+from variator_jax import run as run_lib
 from variator_jax.convert import load_hf_t5
 from variator_jax.errors import UserError, user_errors
 from variator_jax.objectives import LOSSES, Objective
@@ -33,10 +33,13 @@ from variator_jax.t5 import T5Config, check_dtype, init_t5, logical_axes
 STAGES = ("finetune", "pretrain", "adapt")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """A config made concrete: the devices, the tokenizer, the backbone and the task, and for
-    training the objective, the run's identity and its data (nothing here has touched disk)."""
+    training the objective, the run's identity and its data (nothing here has touched disk).
+
+    Built once (`setup`, `prepare`; `with_data` adds training's data streams) and never
+    changed: a step that needs something else makes a new one (`dataclasses.replace`)."""
     config: Any
     mesh: Any
     rules: tuple
@@ -49,16 +52,10 @@ class Experiment:
     objective: Objective | None = None
     backbone_id: dict = dataclasses.field(default_factory=dict)  # Recorded with the plugin.
     identity: dict = dataclasses.field(default_factory=dict)  # What must match to resume.
-    record: dict | None = None  # The config as JSON (config.json), once accepted.
-    changes: dict = dataclasses.field(default_factory=dict)  # Overridden fields, accepted.
-    sources: dict = dataclasses.field(default_factory=dict)  # Data fingerprints (data.json).
     train_data: Any = None
     eval_data: Any = None
-    eval_step: Any = None  # Compiled on first use.
+    eval_step: Any = None  # The jitted eval step, set by the trainer (jit compiles on first use).
     data_report: dict = dataclasses.field(default_factory=dict)  # Split sizes, overlap (0).
-    trained: int = 0  # The last step trained, for the line a Ctrl-C gets.
-    # Raises UserError if the workdir was removed or replaced since the run locked it.
-    still_ours: Callable[[], None] = lambda: None
 
     def backbone_shardings(self):
         """-> (the backbone's shardings on the mesh, its ShapeDtypeStructs)."""
@@ -70,9 +67,17 @@ class Experiment:
             return None
         return sharding.put_global(self.host_backbone, self.backbone_shardings()[0])
 
+    def with_data(self) -> Experiment:
+        """Training's Experiment: its data streams, and for a task, the check that no example
+        of `data.eval` is in `data.train` (`check_held_out`; its counts in `data_report`)."""
+        train, held_out = self.train_batches(), self.eval_batches()
+        report = ({} if held_out is None or self.objective is None
+                  or self.task.kind == "pretrain" else check_held_out(self.config, self.task))
+        return dataclasses.replace(self, train_data=train, eval_data=held_out,
+                                   data_report=report)
+
     def eval_batches(self):
-        """One pass over `data.eval` per call, sliced for this process; None if unset.
-        When training a task, its texts must not be in `data.train` (`check_held_out`)."""
+        """One pass over `data.eval` per call, sliced for this process; None if unset."""
         config = self.config
         if not config.data.get("eval"):
             return None
@@ -85,8 +90,6 @@ class Experiment:
                 split=config.data.get("eval_split") or None, process_index=index,
                 process_count=count, max_input_length=config.max_input_length,
                 max_target_length=config.max_target_length, noise=noise(config))
-        if self.objective is not None and self.task.kind != "pretrain":
-            self.data_report = check_held_out(config, self.task)
         return batches
 
     def train_batches(self):
@@ -287,14 +290,14 @@ def prepare(config, workdir: str) -> Experiment:
                 "backbone": {k: v for k, v in backbone_id.items() if k != "name"},
                 **objective.identity()}
     with user_errors(""):
-        saved = (ckpt_lib.read_identity(workdir) or {}).get("backbone")
+        saved = (run_lib.read_identity(workdir) or {}).get("backbone")
         if isinstance(saved, dict) and "fingerprint_version" not in saved and host_backbone \
                 is not None and "fingerprint_version" in identity["backbone"]:
             # A workdir from before fingerprint version 2: compare the way it was recorded.
             identity["backbone"] = dict(identity["backbone"],
                                         fingerprint=fingerprint_of(saved, host_backbone))
             del identity["backbone"]["fingerprint_version"]
-        ckpt_lib.check_workdir(workdir, identity)
+        run_lib.check_identity(workdir, identity)
     return Experiment(config, mesh, rules, tokenizer, cfg, task, host_backbone, workdir=workdir,
                       objective=objective, backbone_id=backbone_id, identity=identity)
 

@@ -7,8 +7,8 @@ format of every workdir: step, params, opt_state, rng) and the data stream's sta
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -24,15 +24,13 @@ from jax.experimental import multihost_utils
 
 from variator_jax import checkpoint as ckpt_lib
 from variator_jax import integrity, pipeline, sharding
-from variator_jax import workdir as workdir_lib
 from variator_jax.errors import Interrupted, NonFiniteLoss, check_writable, user_errors
 from variator_jax.evaluators.classification import eval_pass
 from variator_jax.experiment import Experiment
-from variator_jax.fileio import atomic_write, write_text
 from variator_jax.objectives import Objective
 from variator_jax.progress import MetricWriter, progress_line, say
+from variator_jax.run import Run
 
-RESULT_FILE = "result.json"
 DIVERGED_DIR = "checkpoints_diverged"  # Checkpoints whose state gave the first bad loss.
 
 
@@ -192,10 +190,13 @@ def _to_host(tree):
 # ================================================================================================
 # The loop
 # ================================================================================================
-def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
-    """Trains `exp.objective` from the latest checkpoint (or a fresh state) to
-    `total_steps`, evaluating on the way; exports the result and writes `result.json`."""
-    config, objective = exp.config, exp.objective
+def train(exp: Experiment, run: Run) -> dict:
+    """Trains `exp.objective` from `run`'s latest checkpoint (or a fresh state) to
+    `total_steps`, evaluating on the way; exports the result and writes `result.json`.
+
+    `exp` is handed over: once its backbone is on the devices, the host copy is dropped
+    (an 11B model is 44 GB of float32), so the caller should keep no reference to it."""
+    config, objective, checkpointer = exp.config, exp.objective, run.checkpointer
     tx, schedule = make_optimizer(config)
     backbone_shardings, backbone_shapes = exp.backbone_shardings()
     backbone_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(backbone_shapes))
@@ -209,7 +210,7 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
     # run starts from (the backbone to fine-tune; resuming, the checkpoint has it).
     host_frozen = objective.frozen(exp.host_backbone)
     host_start = None if start else objective.start(exp.host_backbone)
-    exp.host_backbone = None  # Host memory back (an 11B model is 44 GB of float32).
+    exp = dataclasses.replace(exp, host_backbone=None)  # Host memory back, once placed.
     frozen = None if host_frozen is None else sharding.put_global(host_frozen,
                                                                   backbone_shardings)
     loaded = None if host_start is None else sharding.put_global(
@@ -228,20 +229,23 @@ def train(exp: Experiment, checkpointer: ckpt_lib.Checkpointer) -> dict:
         say(f"Resumed from {checkpointer.directory}/{start}")
     else:
         state = make_state()
-    _accept(exp, start)
+    run.accept(start)  # Only now: a refused start leaves the workdir as it was.
+    frozen_shardings = None if frozen is None else backbone_shardings
     step_fn = make_train_step(objective, tx, schedule, exp.mesh, state_shardings,
-                              None if frozen is None else backbone_shardings, exp.rules)
+                              frozen_shardings, exp.rules)
+    if exp.eval_data is not None:  # jit is lazy: compiled at the first evaluation.
+        exp = dataclasses.replace(exp, eval_step=make_eval_step(
+            objective, exp.mesh, state_shardings.params, frozen_shardings, exp.rules))
     writer = MetricWriter(exp.workdir, resume_step=start)
-    exp.trained = start
     try:
+        state, last = _loop(exp, run, state, frozen, step_fn, writer, start)
         try:
-            state, last = _loop(exp, state, frozen, step_fn, checkpointer, writer, start)
             # Success means committed: the outputs only once the final checkpoint is on disk,
             # so that a run killed now resumes from it, not from an older one.
             checkpointer.wait()
-        except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be unsaved.
-            raise _interrupted(exp.trained, exp.workdir) from None
-        result = _finish(exp, state, frozen, last or writer.last(), writer)
+        except KeyboardInterrupt:  # A second Ctrl-C: the last checkpoint may be unsaved.
+            raise _interrupted(config.total_steps, exp.workdir) from None
+        result = _finish(exp, run, state, frozen, last or writer.last(), writer)
     finally:
         writer.close()
     return result
@@ -256,32 +260,10 @@ def _say_uncommitted(checkpointer: ckpt_lib.Checkpointer, start: int) -> None:
             f"stopped while saving it) and is discarded; {where}")
 
 
-def _accept(exp: Experiment, step: int) -> None:
-    """The start is accepted (checkpoint restored or fresh state made): only now are the run's
-    identity (`run.json`) and record written, so that a refused start leaves no trace. Extending a finished run keeps its old output and result aside."""
-    if jax.process_index() != 0:
-        return
-    ckpt_lib.claim_workdir(exp.workdir, exp.identity)  # run.json: only a start accepted.
-    workdir_lib.write_record(exp.workdir, json.dumps(exp.record, indent=2) + "\n",
-                             exp.changes, step)
-    workdir_lib.write_data(exp.workdir, exp.sources)
-    if not 0 < step < exp.config.total_steps:
-        return
-    try:  # The step the outputs are from (a corrupt final checkpoint may resume earlier).
-        finished = int(workdir_lib.read_json(os.path.join(exp.workdir, RESULT_FILE))["step"])
-    except (ValueError, TypeError, KeyError):
-        finished = step
-    for name in ("plugin", "backbone", RESULT_FILE):
-        path = os.path.join(exp.workdir, name)
-        if os.path.exists(path):
-            stem, ext = os.path.splitext(name)
-            kept = os.path.join(exp.workdir, f"{stem}_step{finished}{ext}")
-            os.replace(path, kept)
-            say(f"Extending the run finished at step {finished}: its {name} is kept as {kept}")
-
-
-def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: int):
-    config = exp.config
+def _loop(exp: Experiment, run: Run, state, frozen, step_fn, writer, start: int):
+    """Steps `start`..`total_steps`: logs, checks for divergence, saves, evaluates.
+    -> (the final state, the last logged metrics)."""
+    config, checkpointer = exp.config, run.checkpointer
     total = config.total_steps
     last_good = start or None
     pending, logged = [], {}
@@ -289,7 +271,7 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
     # The lowest logged (window-mean) loss so far: a window mean `divergence_factor` times
     # above it is a divergence.
     # (Not across a change of config: another loss or data has another scale.)
-    best = [writer.lowest_loss() if jax.process_index() == 0 and start and not exp.changes
+    best = [writer.lowest_loss() if jax.process_index() == 0 and start and not run.changes
             else None]
     if jax.process_count() > 1:  # Only process 0 reads metrics.jsonl.
         best = [float(multihost_utils.broadcast_one_to_all(
@@ -297,45 +279,50 @@ def _loop(exp: Experiment, state, frozen, step_fn, checkpointer, writer, start: 
         best = [None if math.isnan(best[0]) else best[0]]
     check = functools.partial(_check_finite, best=best,
                               factor=float(config.get("divergence_factor", 1e3)))
-    with _StopRequests() as stop:
-        for step in range(start, total):
-            with user_errors(f"data.train {config.data.train}"):  # A bad record stops the run.
-                local = next(exp.train_data)
-            batch = sharding.global_batch(exp.mesh, local, exp.rules)
-            if compiled is None:  # Compile ahead, so the first window's speed is the step's.
-                tic = time.time()
-                compiled = step_fn.lower(state, batch, frozen).compile()
-                say(f"Compiled the train step in {time.time() - tic:.1f}s; training steps "
-                    f"{start + 1}..{total}")
-                t0, since = time.time(), step
-            state, metrics = compiled(state, batch, frozen)
-            pending.append(metrics)
-            done = step + 1
-            checkpointer.check_for_errors()  # A failed background save stops training now.
-            if done % config.log_every == 0 or done == total:
-                window = jax.device_get(pending)
-                check(window, done, last_good, checkpointer)
-                logged = _mean(window)
-                elapsed = max(time.time() - t0, 1e-9)
-                logged["steps_per_sec"] = (done - since) / elapsed
-                logged["tokens_per_sec"] = logged.pop("tokens") * (done - since) / elapsed
-                writer.write(done, logged)
-                say(progress_line(done, total, logged))
-                pending, t0, since = [], time.time(), done
-            signum = stop.requested(done % config.log_every == 0)
-            if done % config.checkpoint_every == 0 or done == total or signum:
-                check(jax.device_get([metrics]), done, last_good, checkpointer, update=False)
-                _check_state(state, done, last_good, checkpointer)
-                exp.still_ours()  # Never into a workdir that is now another run's.
-                checkpointer.save(done, state, pipeline.gather_state(exp.train_data.get_state()))
-                last_good = done
-            if signum and done < total:
-                checkpointer.wait()
-                raise Interrupted(f"interrupted at step {done}; rerun the same command to "
-                                  "resume", signum)
-            if config.get("eval_every") and done % config.eval_every == 0 and done < total:
-                _evaluate(exp, state.params, frozen, writer, done)
-            exp.trained = done
+    trained = start  # The last step trained, for the line a Ctrl-C gets.
+    try:
+        with _StopRequests() as stop:
+            for step in range(start, total):
+                with user_errors(f"data.train {config.data.train}"):  # A bad record stops.
+                    local = next(exp.train_data)
+                batch = sharding.global_batch(exp.mesh, local, exp.rules)
+                if compiled is None:  # Compile ahead: the first window's speed is the step's.
+                    tic = time.time()
+                    compiled = step_fn.lower(state, batch, frozen).compile()
+                    say(f"Compiled the train step in {time.time() - tic:.1f}s; training steps "
+                        f"{start + 1}..{total}")
+                    t0, since = time.time(), step
+                state, metrics = compiled(state, batch, frozen)
+                pending.append(metrics)
+                done = step + 1
+                checkpointer.check_for_errors()  # A failed background save stops training.
+                if done % config.log_every == 0 or done == total:
+                    window = jax.device_get(pending)
+                    check(window, done, last_good, checkpointer)
+                    logged = _mean(window)
+                    elapsed = max(time.time() - t0, 1e-9)
+                    logged["steps_per_sec"] = (done - since) / elapsed
+                    logged["tokens_per_sec"] = logged.pop("tokens") * (done - since) / elapsed
+                    writer.write(done, logged)
+                    say(progress_line(done, total, logged))
+                    pending, t0, since = [], time.time(), done
+                signum = stop.requested(done % config.log_every == 0)
+                if done % config.checkpoint_every == 0 or done == total or signum:
+                    check(jax.device_get([metrics]), done, last_good, checkpointer, update=False)
+                    _check_state(state, done, last_good, checkpointer)
+                    run.still_ours()  # Never into a workdir that is now another run's.
+                    data_state = pipeline.gather_state(exp.train_data.get_state())
+                    checkpointer.save(done, state, data_state)
+                    last_good = done
+                if signum and done < total:
+                    checkpointer.wait()
+                    raise Interrupted(f"interrupted at step {done}; rerun the same command to "
+                                      "resume", signum)
+                if config.get("eval_every") and done % config.eval_every == 0 and done < total:
+                    _evaluate(exp, state.params, frozen, writer, done)
+                trained = done
+    except KeyboardInterrupt:  # A second Ctrl-C: the first one's checkpoint may be unsaved.
+        raise _interrupted(trained, exp.workdir) from None
     return state, logged
 
 
@@ -451,10 +438,6 @@ def _evaluate(exp: Experiment, params, frozen, writer, step: int) -> dict[str, f
     step compiled for the trained state's shardings: `objective.eval_sums`, summarised."""
     if exp.eval_data is None:
         return {}
-    if exp.eval_step is None:
-        param_sh = jax.tree.map(lambda x: x.sharding, params)
-        frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
-        exp.eval_step = make_eval_step(exp.objective, exp.mesh, param_sh, frozen_sh, exp.rules)
     result = eval_pass(exp.eval_step, params, frozen, exp.eval_data, exp.mesh, exp.rules,
                        exp.config.task)
     writer.write(step, {f"eval/{k}": v for k, v in result.items()})
@@ -462,7 +445,7 @@ def _evaluate(exp: Experiment, params, frozen, writer, step: int) -> dict[str, f
     return result
 
 
-def _finish(exp: Experiment, state, frozen, last: dict, writer) -> dict:
+def _finish(exp: Experiment, run: Run, state, frozen, last: dict, writer) -> dict:
     """Final eval, then the objective's export (a plugin dir or an HF backbone dir)."""
     config, workdir, objective = exp.config, exp.workdir, exp.objective
     step = int(jax.device_get(state.step))
@@ -474,12 +457,10 @@ def _finish(exp: Experiment, state, frozen, last: dict, writer) -> dict:
     if exp.data_report:  # Split sizes and their overlap (0: checked before training).
         result["data"] = exp.data_report
     if jax.process_index() == 0:
-        exp.still_ours()
+        run.still_ours()
         say(objective.export(result[f"{objective.output}_dir"], params,
                              tokenizer=exp.tokenizer, backbone_id=exp.backbone_id))
-        # Last: its presence means "this stage is done".
-        atomic_write(workdir, RESULT_FILE,
-                     lambda tmp: write_text(tmp, json.dumps(result, indent=2) + "\n"))
+    run.finish(result)  # Last: its presence means "this stage is done".
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("variator_jax:finished")
     return result
