@@ -8,7 +8,7 @@ import shlex
 import jax
 
 import variator_jax as vj
-from variator_jax import cli, vocab
+from variator_jax import cli, stages, vocab
 from tests import test_utils as tu
 
 with open(os.path.join(tu.REPO, "README.md")) as f:
@@ -16,7 +16,7 @@ with open(os.path.join(tu.REPO, "README.md")) as f:
 
 
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
-    # What the blocks read, where `make demo` (benchmarks/quality.py --preset=demo) leaves it:
+    # What the blocks read, where `make demo` (variator_jax.stages --preset=demo) leaves it:
     # a fine-tuned backbone with its subword tokenizer beside it, and a k = 4 plugin. Here: a
     # tiny random T5, a vocabulary trained on a few sentences, a random plugin.
     text = "Return the absolute value of the argument."
@@ -69,14 +69,13 @@ def _commands(language="sh"):
 
 
 def test_readme_commands_name_real_configs_and_fields():
-    from benchmarks import quality
     checked = 0
     for argv in _commands():
         specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
         if specs:
             cli.check_overrides(cli.load_config(specs[0]), argv)  # Raises on a typo'd field.
             checked += 1
-        elif "benchmarks.quality" in argv:  # Its own flags: argparse exits on an unknown one.
-            quality._parse(argv[argv.index("benchmarks.quality") + 1:])
+        elif names := [m for m in ("variator_jax.stages", "benchmarks.quality") if m in argv]:
+            stages._parse(argv[argv.index(names[0]) + 1:])  # argparse exits on an unknown flag.
             checked += 1
     assert checked >= 6
