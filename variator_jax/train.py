@@ -2,9 +2,8 @@ r"""Trains a Variator plugin (or fine-tunes a backbone): a thin entry point over
 
   variator-train --config=plugin:stage=pretrain --config.backbone=DIR --workdir=RUN
   python train.py --config=configs/plugin.py:stage=pretrain --config.backbone=DIR --workdir=RUN
-  python -m variator_jax.train --config=demo --workdir=demo_workdir
 
---config is a config file or a packaged one (demo, finetune, plugin), with presets after
+--config is a config file or a packaged one (finetune, plugin), with presets after
 ':'; --config.FIELD=VALUE overrides any field; --show_config (or --help after --config=...)
 prints every field, its value and what it means. Running the same command again resumes
 from RUN's latest checkpoint; a changed result-defining field is refused unless named in
@@ -23,7 +22,7 @@ from ml_collections import config_flags
 from variator_jax import cli
 
 config_flags.DEFINE_config_file(
-    "config", None, "Config file or packaged config (demo, finetune, plugin), presets after ':'.",
+    "config", None, "Config file or packaged config (finetune, plugin), presets after ':'.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 flags.DEFINE_bool("show_config", False, "Print the resolved config's fields and exit.")
