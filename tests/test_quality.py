@@ -43,7 +43,7 @@ def test_a_declared_task_on_a_jsonl_directory_runs_the_whole_pipeline(tmp_path, 
     task, spec, rows = _own_task(tmp_path)
     before = _results_listing()
     stages.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=", "--speed_repeats=1",
-                  f"--task={task}", f"--data={spec}", f"--workdir={tmp_path / 'work'}"])
+                 f"--task={task}", f"--data={spec}", f"--workdir={tmp_path / 'work'}"])
     assert "Estimate: about" in capsys.readouterr().out  # Printed before stage (a).
     assert _results_listing() == before  # The committed results are untouched.
     (name,) = [p for p in os.listdir(tmp_path / "work" / "results") if p.endswith(".json")]
@@ -83,7 +83,7 @@ def test_a_test_text_in_training_or_the_corpus_is_refused(tmp_path, capsys):
     corpus.write_text("Some other text.\n\n" + rows["test"][3]["doc"] + "\n")
     with pytest.raises(SystemExit, match=f"test are also in the pre-training corpus text:{corpus}"):
         stages.main(["--preset=tiny", f"--task={task}", f"--data={spec}",
-                      f"--corpus=text:{corpus}", f"--workdir={tmp_path / 'b'}"])
+                     f"--corpus=text:{corpus}", f"--workdir={tmp_path / 'b'}"])
 
 
 def test_train_py_refuses_an_eval_split_that_overlaps_training(tmp_path):
