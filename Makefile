@@ -35,7 +35,7 @@ test: $(TEST_STAMP)
 # The embedded default (docs/DESIGN.md §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell
 # which stdlib package a docstring comes from, a k=4 plugin, and their test accuracy (~5 min).
 demo: install
-	$(PY) -m benchmarks.quality --preset=demo
+	$(PY) -m variator_jax.stages --preset=demo
 
 $(SERVE_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[serve]"
@@ -54,11 +54,11 @@ serve: $(SERVE_STAMP)
 simulate: install
 	$(PY) -m benchmarks.serve
 
-# The paper's experiment in miniature (benchmarks/quality.py): it prints its time estimate first
+# The paper's experiment in miniature (variator_jax/stages.py): it prints its time estimate first
 # (README's run: 27 min of training on a 2-core AMD EPYC; more when other jobs share the cores).
-# Cached and resumable.
+# Cached and resumable; the results land beside the committed ones.
 reproduce: install
-	$(PY) -m benchmarks.quality
+	$(PY) -m variator_jax.stages --out=benchmarks/results
 
 clean:
 	rm -rf $(VENV) demo_workdir quality_workdir

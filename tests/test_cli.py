@@ -9,6 +9,9 @@ from variator_jax import cli
 
 import test_utils as tu
 
+# A user's own config file that chains stage 0 before a plugin stage (`backbone_stage`).
+CHAINED = os.path.join(tu.REPO, "tests", "data", "chained_config.py")
+
 
 def _run(args, cwd):
     env = dict(os.environ, PYTHONPATH=tu.REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -25,9 +28,10 @@ def test_config_names_resolve_from_the_package(tmp_path, monkeypatch):
     mine.write_text("def get_config(arg=None):\n    return arg\n")
     assert cli.resolve_config("mine.py:x") == "mine.py:x"  # An existing file wins.
     assert cli.load_config("mine.py:x") == "x"
-    with pytest.raises(ValueError, match="'nope.py' not found; packaged configs: demo, finetune, plugin"):
+    with pytest.raises(ValueError, match="'nope.py' not found; packaged configs: finetune, plugin"):
         cli.resolve_config("nope.py")
-    assert cli.load_config("demo").backbone_stage.model_overrides.d_model == 128
+    assert cli.load_config("plugin:ratio=8").plugin.ratio == 8
+    assert cli.load_config(CHAINED).backbone_stage.model_overrides.d_model == 128
 
 
 def test_override_typos_name_the_dotted_field_and_the_suggestion():
@@ -51,7 +55,7 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
             ["eval.py", "--config=configs/plugin.py:stage=pretrain", "--workdir=w",
              "--config.plugin.bottlenek=8"],
         "no config field 'lrr'; did you mean 'lr'?":
-            ["-m", "variator_jax.train", "--config=demo", "--workdir=w", "--config.lrr=1"],
+            ["-m", "variator_jax.train", "--config=finetune", "--workdir=w", "--config.lrr=1"],
         "config preset 'sage=adapt': expected KEY=VALUE with KEY one of stage, task, size, ratio":
             ["-m", "variator_jax.evaluate", "--config=plugin:sage=adapt", "--workdir=w"],
         "stage='bogus'; use stage=pretrain or stage=adapt":
@@ -62,8 +66,8 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
         "generation, speed": ["eval.py", "--config=demo", "--workdir=w",
                               "--config.eval.evaluators=bleu"],
         "flag --config.lr=abc: could not convert string to float: 'abc'":
-            ["eval.py", "--config=demo", "--workdir=w", "--config.lr=abc"],
-        "--workdir is required": ["train.py", "--config=demo"],
+            ["eval.py", "--config=plugin", "--workdir=w", "--config.lr=abc"],
+        "--workdir is required": ["train.py", "--config=plugin"],
         "unknown T5 variant 't5-bse'; did you mean 't5-base'?":
             ["-m", "variator_jax.flops", "--variant", "t5-bse"],
         "config.variant: unknown T5 variant 't5-smal'; did you mean 't5-small'?":
@@ -83,12 +87,12 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
 
 
 def test_show_config_prints_each_field_with_the_comment_of_the_line_that_set_it(tmp_path):
-    proc = _run(["-m", "variator_jax.train", "--config=demo", "--show_config",
+    proc = _run(["-m", "variator_jax.train", f"--config={CHAINED}", "--show_config",
                  "--config.lr=0.5"], cwd=tmp_path)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     lines = {ln.split(" = ")[0]: ln for ln in out.splitlines()}
-    # The demo's own line set lr (and its comment), over plugin.py's; the override shows.
+    # The file's own line set lr (and its comment), over plugin.py's; the override shows.
     assert lines["lr"].split() == ["lr", "=", "0.5", "#", "Peak", "AdamW", "learning", "rate."]
     # backbone_stage is a finetune.py config: its stage comment is finetune.py's, not plugin.py's.
     assert lines["backbone_stage.stage"].split("#")[1].strip() == \
@@ -104,7 +108,7 @@ def test_help_names_the_packaged_configs_and_with_a_config_its_fields():
     with_config = _run(["-m", "variator_jax.evaluate", "--config=plugin:ratio=8", "--help"],
                        cwd=tu.REPO)
     out, _ = plain.communicate(timeout=120)
-    assert plain.returncode == 0 and "packaged one (demo, finetune, plugin)" in out, out
+    assert plain.returncode == 0 and "packaged one (finetune, plugin)" in out, out
     assert "--workdir: Directory for checkpoints" in out and "--show_config" in out, out
     out, _ = with_config.communicate(timeout=120)
     assert with_config.returncode == 0 and "--workdir: The run's directory" in out, out

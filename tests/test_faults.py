@@ -144,7 +144,7 @@ def _cases(t) -> dict[str, dict]:
         out="checkpoint 8 in " + os.path.join(w, "checkpoints") + " was never committed (the "
         "run stopped while saving it) and is discarded; resuming from step 4")
     cases["train: --help into a closed pipe"] = dict(
-        argv=["train.py", "--config=demo", "--help"], close_stdout=True, rc=141, line=None)
+        argv=["train.py", "--config=plugin", "--help"], close_stdout=True, rc=141, line=None)
     w = _copy(t, "eval_fsize")
     cases["eval: a file-size limit (a full disk) before evaluating"] = dict(
         argv=_eval_flags(t, w), fsize=0, rc=1,

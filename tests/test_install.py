@@ -53,8 +53,11 @@ def test_wheel_installs_into_a_fresh_venv_and_its_cli_trains(tmp_path):
 
     # 3. The console scripts: --help, then one training step on a packaged config.
     help_text = _check([str(venv / "bin" / "variator-train"), "--help"], cwd=run_dir, env=env)
-    assert "--show_config" in help_text and "packaged one (demo, finetune, plugin)" in help_text
+    assert "--show_config" in help_text and "packaged one (finetune, plugin)" in help_text
     _check([str(venv / "bin" / "variator-eval"), "--help"], cwd=run_dir, env=env)
+    # The stage chain (`make demo`) is the library's too: no checkout needed.
+    stages_help = _check([python, "-m", "variator_jax.stages", "--help"], cwd=run_dir, env=env)
+    assert "--preset {mini,demo,tiny,paper}" in stages_help, stages_help
     hf_dir = tu.make_hf_dir(str(tmp_path / "tiny_t5"))
     overrides = {**tu.TINY_OVERRIDES, **tu.TINY_CORPUS, "total_steps": 1, "warmup_steps": 1,
                  "log_every": 1, "checkpoint_every": 1}

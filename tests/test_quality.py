@@ -1,4 +1,4 @@
-"""Your own task through the quality pipeline (benchmarks/quality.py) and train.py: a task
+"""Your own task through the stage chain (variator_jax/stages.py) and train.py: a task
 file and a jsonl directory, named results, and held-out texts kept out of training."""
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 
 from test_data import _private_index_cache  # noqa: F401 (shared fixture)
-from variator_jax import data, train
+from variator_jax import data, stages, train
 from variator_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,11 +40,10 @@ def _results_listing():
 
 
 def test_a_declared_task_on_a_jsonl_directory_runs_the_whole_pipeline(tmp_path, capsys):
-    from benchmarks import quality
     task, spec, rows = _own_task(tmp_path)
     before = _results_listing()
-    quality.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=", "--speed_repeats=1",
-                  f"--task={task}", f"--data={spec}", f"--workdir={tmp_path / 'work'}"])
+    stages.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=", "--speed_repeats=1",
+                 f"--task={task}", f"--data={spec}", f"--workdir={tmp_path / 'work'}"])
     assert "Estimate: about" in capsys.readouterr().out  # Printed before stage (a).
     assert _results_listing() == before  # The committed results are untouched.
     (name,) = [p for p in os.listdir(tmp_path / "work" / "results") if p.endswith(".json")]
@@ -69,11 +68,10 @@ def test_a_declared_task_on_a_jsonl_directory_runs_the_whole_pipeline(tmp_path, 
 
 
 def test_a_test_text_in_training_or_the_corpus_is_refused(tmp_path, capsys):
-    from benchmarks import quality
     task, spec, rows = _own_task(tmp_path, leak=True)
     argv = ["--preset=tiny", f"--task={task}", f"--data={spec}"]
     with pytest.raises(SystemExit) as err:
-        quality.main(argv + [f"--workdir={tmp_path / 'a'}"])
+        stages.main(argv + [f"--workdir={tmp_path / 'a'}"])
     assert "\n" not in str(err.value)
     assert f"--data {spec}: 1 example(s) of {spec} test are also in training split train" \
         in str(err.value)
@@ -84,8 +82,8 @@ def test_a_test_text_in_training_or_the_corpus_is_refused(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Some other text.\n\n" + rows["test"][3]["doc"] + "\n")
     with pytest.raises(SystemExit, match=f"test are also in the pre-training corpus text:{corpus}"):
-        quality.main(["--preset=tiny", f"--task={task}", f"--data={spec}",
-                      f"--corpus=text:{corpus}", f"--workdir={tmp_path / 'b'}"])
+        stages.main(["--preset=tiny", f"--task={task}", f"--data={spec}",
+                     f"--corpus=text:{corpus}", f"--workdir={tmp_path / 'b'}"])
 
 
 def test_train_py_refuses_an_eval_split_that_overlaps_training(tmp_path):

@@ -10,6 +10,7 @@ import shlex
 import jax
 
 import variator_jax as vj
+from variator_jax import cli, stages, vocab
 from tests import test_utils as tu
 from variator_jax import cli, vocab
 
@@ -18,14 +19,10 @@ with open(os.path.join(tu.REPO, "README.md")) as f:
 with open(os.path.join(tu.REPO, "benchmarks", "README.md")) as f:
     BENCHMARKS_README = f.read()
 
-# The stage chain moves from benchmarks/quality.py into the library (issue 30); until
-# variator_jax.stages exists, the documents' commands for it are checked against the old module.
-STAGE_CHAIN = ("variator_jax.stages" if importlib.util.find_spec("variator_jax.stages")
-               else "benchmarks.quality")
 
 
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
-    # What the blocks read, where `make demo` (benchmarks/quality.py --preset=demo) leaves it:
+    # What the blocks read, where `make demo` (variator_jax.stages --preset=demo) leaves it:
     # a fine-tuned backbone with its subword tokenizer beside it, and a k = 4 plugin. Here: a
     # tiny random T5, a vocabulary trained on a few sentences, a random plugin.
     text = "Return the absolute value of the argument."
@@ -80,16 +77,14 @@ def _commands(language="sh"):
 
 
 def test_readme_commands_name_real_configs_and_fields():
-    stages = importlib.import_module(STAGE_CHAIN)
     checked = 0
     for argv in _commands():
         specs = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-        chain = [a for a in argv if a in ("variator_jax.stages", "benchmarks.quality")]
         if specs:
             cli.check_overrides(cli.load_config(specs[0]), argv)  # Raises on a typo'd field.
             checked += 1
-        elif chain:  # Its own flags: argparse exits on an unknown one.
-            stages._parse(argv[argv.index(chain[0]) + 1:])
+        elif names := [m for m in ("variator_jax.stages", "benchmarks.quality") if m in argv]:
+            stages._parse(argv[argv.index(names[0]) + 1:])  # argparse exits on an unknown flag.
             checked += 1
     assert checked >= 6
 
@@ -103,6 +98,6 @@ def test_documents_name_real_make_targets_and_modules():
     assert made <= targets, f"make targets the Makefile lacks: {sorted(made - targets)}"
     modules = set(re.findall(r"python -m ((?:benchmarks|variator_jax)(?:\.\w+)+)", text))
     assert len(modules) >= 8, modules
-    missing = [m for m in sorted(modules) if m.endswith(".") or not importlib.util.find_spec(
-        STAGE_CHAIN if m == "variator_jax.stages" else m)]
+    missing = [m for m in sorted(modules)
+               if m.endswith(".") or not importlib.util.find_spec(m)]
     assert not missing, f"modules named by `python -m` that do not exist: {missing}"

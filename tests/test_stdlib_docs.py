@@ -1,14 +1,18 @@
-"""The `builtin:stdlib_docs` task (stdlib_docs.py) and the quality pipeline that uses it."""
+"""The `builtin:stdlib_docs` task (stdlib_docs.py) and the stage chain that uses it (stages.py)."""
 import ast
 import collections
+import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import transformers
 
-from variator_jax import data, stdlib_docs
+from variator_jax import data, stages, stdlib_docs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_build_is_deterministic_and_splits_share_no_text():
@@ -78,10 +82,23 @@ def test_unlabeled_split_is_other_training_bucket_text_and_joins_with_train():
     assert task.format(unlabeled[0]) == ("stdlib_docs text: " + unlabeled[0]["text"], "")
 
 
+def _demo_paths() -> set[str]:
+    """Every `demo_workdir/...` path that the docs, the Makefile and the code name."""
+    files = ["README.md", "Makefile", "docs/DESIGN.md", "benchmarks/README.md",
+             *glob.glob("variator_jax/**/*.py", root_dir=REPO, recursive=True),
+             *glob.glob("benchmarks/*.py", root_dir=REPO)]
+    found = set()
+    for name in files:
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            found |= set(re.findall(r"demo_workdir/([\w./-]*\w)", f.read()))
+    return found
+
+
 def test_quality_command_writes_every_row(tmp_path):
-    from benchmarks import quality
-    quality.main(["--preset=tiny", "--ratios=2", "--ablation_ratios=2", "--speed_repeats=1",
-                  f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"])
+    # At k = 4, as `make demo`: its workdir then holds every path the docs say it does.
+    argv = ["--preset=tiny", "--ratios=4", "--ablation_ratios=4", "--speed_repeats=1",
+            f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"]
+    stages.main(argv)
     (path,) = [p for p in os.listdir(tmp_path / "out") if p.endswith(".json")]
     assert path.startswith("quality-stdlib_docs-cpu-")
     with open(tmp_path / "out" / path) as f:
@@ -101,8 +118,8 @@ def test_quality_command_writes_every_row(tmp_path):
     majority = collections.Counter(e["label"] for e in test).most_common(1)[0][1]
     assert results["chance"] == pytest.approx(majority / len(test))
     assert [(r["method"], r["k"]) for r in results["rows"]] == [
-        ("teacher", 1), ("variator", 2), ("variator_no_pretrain", 2), ("variator_task_loss", 2),
-        ("mean_pool", 2), ("tome", 2), ("strided", 2)]
+        ("teacher", 1), ("variator", 4), ("variator_no_pretrain", 4), ("variator_task_loss", 4),
+        ("mean_pool", 4), ("tome", 4), ("strided", 4)]
     for row in results["rows"]:
         assert set(row) >= {"method", "k", "accuracy", "encoder_flops_saved", "speedup", "params"}
         assert 0 <= row["accuracy"] <= 1 and np.isfinite(row["speedup"])
@@ -116,12 +133,12 @@ def test_quality_command_writes_every_row(tmp_path):
     assert use["ce"] > 0 and use["ce_swapped_encoder"] > 0 and use["gap"] != 0
     assert use["gap"] == pytest.approx(use["ce_swapped_encoder"] - use["ce"], abs=2e-4)
     # Training time per stage, kept in WORKDIR/stage_seconds.json across invocations.
-    stages = results["pipeline_seconds"]["stages"]
-    assert list(stages) == ["lm", "finetune", "pretrain-k2", "adapt-k2", "adapt-k2-no-pretrain",
-                            "adapt-k2-task-loss"] and all(v > 0 for v in stages.values())
-    assert results["pipeline_seconds"]["train"] == round(sum(stages.values()))
+    seconds = results["pipeline_seconds"]["stages"]
+    assert list(seconds) == ["lm", "finetune", "pretrain-k4", "adapt-k4", "adapt-k4-no-pretrain",
+                             "adapt-k4-task-loss"] and all(v > 0 for v in seconds.values())
+    assert results["pipeline_seconds"]["train"] == round(sum(seconds.values()))
     with open(tmp_path / "work" / "stage_seconds.json") as f:
-        assert json.load(f) == stages
+        assert json.load(f) == seconds
     held = results["lm"]["encoder_use_held_out"]  # All of (a)'s held-out rows: its eval CE.
     assert held["rows"] >= 1 and held["ce"] == pytest.approx(results["lm"]["eval"]["ce"], rel=1e-4)
     # Accuracy by input length: every test example in one bin, and each row's bins, weighted
@@ -137,14 +154,25 @@ def test_quality_command_writes_every_row(tmp_path):
         assert "17-32 tokens: %d examples" % by["examples"][2] in f.read()
     for suffix in (".md", ".png"):
         assert os.path.isfile(tmp_path / "out" / path.replace(".json", suffix))
+    # The layout the docs and `make serve` name (demo_workdir/finetune/backbone, ...).
+    named = _demo_paths()
+    assert {"finetune/backbone", "adapt-k4/plugin"} <= named
+    assert [p for p in named if not os.path.exists(tmp_path / "work" / p)] == []
+    # Run again, every stage is finished (its result.json): nothing left to train, and a
+    # stage returns its result without training or adding to its time.
+    again = stages.Pipeline(stages._parse(argv))
+    assert again.steps_to_train() == {}
+    finetune = again.stage("finetune", again.finetune_config(results["lm"]["backbone"]))
+    assert finetune["backbone_dir"] == str(tmp_path / "work" / "finetune" / "backbone")
+    with open(tmp_path / "work" / "stage_seconds.json") as f:
+        assert json.load(f) == seconds
 
 
 def test_quality_stage_two_learning_rate_is_chosen_per_ratio(tmp_path):
-    from benchmarks import quality
-    pipeline = quality.Pipeline(quality._parse([f"--workdir={tmp_path}"]))
+    pipeline = stages.Pipeline(stages._parse([f"--workdir={tmp_path}"]))
     lrs = {k: pipeline.plugin_config("adapt", str(tmp_path), k).lr for k in (2, 3, 4, 8)}
     assert lrs == {2: 1e-3, 3: 1e-3, 4: 1e-2, 8: 1e-3}
     # Stage 1 has no per-k rate; the paper preset keeps the configs' released ones.
     assert pipeline.plugin_config("pretrain", str(tmp_path), 4).lr == 1e-3
-    paper = quality.Pipeline(quality._parse(["--preset=paper", f"--workdir={tmp_path}"]))
+    paper = stages.Pipeline(stages._parse(["--preset=paper", f"--workdir={tmp_path}"]))
     assert paper.plugin_config("adapt", str(tmp_path), 4).lr == 1e-5

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import test_utils as tu
-from variator_jax import (errors, experiment, load_hf_t5, load_plugin, objectives, train,
+from variator_jax import (cli, errors, experiment, load_hf_t5, load_plugin, objectives, train,
                           trainer)
 from variator_jax.plugins import PluginConfig, init_plugin
 from variator_jax.t5 import init_t5
@@ -133,23 +133,24 @@ def _first_last_loss(workdir):
     return lines[0]["loss"], lines[-1]["loss"]
 
 
-def test_demo_chain_then_adapt_on_sst2(tmp_path):
-    """Stage 0 (tiny T5 from scratch) -> stage 1 (plugin pre-training) via configs/demo.py,
-    shrunk; a rerun skips both; stage 2 adapts the plugin to a mock SST-2."""
+def test_chained_stages_then_adapt_on_sst2(tmp_path):
+    """Stage 0 (tiny T5 from scratch) -> stage 1 (plugin pre-training) chained in one config
+    file (tests/data/chained_config.py), shrunk; a rerun skips both; stage 2 adapts the
+    plugin to a mock SST-2."""
     import tensorflow as tf
     tf.config.set_visible_devices([], "GPU")
     import tensorflow_datasets as tfds
 
-    demo = tu.load_config("demo")
+    chained = cli.load_config(os.path.join(tu.REPO, "tests", "data", "chained_config.py"))
     small = dict(batch_size=8, eval_batch_size=8, max_input_length=32, max_target_length=8,
                  log_every=4, checkpoint_every=8, warmup_steps=2)
-    tu.override(demo, dict(small, total_steps=12, lr=1e-2, **{"plugin.bottleneck": 8}))
-    tu.override(demo.backbone_stage, dict(small, total_steps=8))
-    demo.backbone_stage.model_overrides.update(d_model=32, d_kv=16, num_heads=2, d_ff=64)
-    for c in (demo, demo.backbone_stage):
+    tu.override(chained, dict(small, total_steps=12, lr=1e-2, **{"plugin.bottleneck": 8}))
+    tu.override(chained.backbone_stage, dict(small, total_steps=8))
+    chained.backbone_stage.model_overrides.update(d_model=32, d_kv=16, num_heads=2, d_ff=64)
+    for c in (chained, chained.backbone_stage):
         c.data.train_split, c.data.eval_split = "train[:10%]", "train[95%:]"
-    workdir = str(tmp_path / "demo")
-    result = train.train_and_evaluate(demo, workdir)
+    workdir = str(tmp_path / "chained")
+    result = train.train_and_evaluate(chained, workdir)
 
     backbone_dir = os.path.join(workdir, "backbone_stage", "backbone")
     cfg, backbone = load_hf_t5(backbone_dir)  # An HF directory, with the tokenizer beside it.
@@ -166,7 +167,7 @@ def test_demo_chain_then_adapt_on_sst2(tmp_path):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
     tic = time.time()  # Same command again: both stages are recognised as done.
-    assert train.train_and_evaluate(demo, workdir)["plugin_dir"] == result["plugin_dir"]
+    assert train.train_and_evaluate(chained, workdir)["plugin_dir"] == result["plugin_dir"]
     assert time.time() - tic < 20
 
     adapt = tu.tiny_plugin_config(backbone_dir, "stage=adapt,task=sst2", loss="task+hidden",
@@ -350,8 +351,7 @@ REQUIRED_FIELDS = ("backbone", "tokenizer", "stage", "data.train", "data.eval", 
 
 @pytest.mark.parametrize("name,arg", [("plugin", "stage=pretrain"),
                                       ("plugin", "stage=adapt,task=mnli,size=base,ratio=8"),
-                                      ("finetune", "task=squad,size=flan-t5-small"),
-                                      ("demo", None)])
+                                      ("finetune", "task=squad,size=flan-t5-small")])
 def test_configs_have_the_issue_fields_and_a_comment_on_each(name, arg):
     c = tu.load_config(name, arg)
     for field in REQUIRED_FIELDS:

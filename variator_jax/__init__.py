@@ -1,9 +1,9 @@
 """variator_jax: Variator compression plugins for a frozen T5, in JAX (Findings of EMNLP 2023).
 
     import variator_jax as vj
-    cfg, backbone = vj.load_hf_t5("demo_workdir/backbone_stage/backbone")  # or /models/t5-base
-    pcfg, plugin = vj.load_plugin("demo_workdir/plugin", cfg=cfg, backbone=backbone)
-    tokenizer = vj.load_tokenizer(None, "demo_workdir/backbone_stage/backbone")
+    cfg, backbone = vj.load_hf_t5("demo_workdir/finetune/backbone")  # or /models/t5-base
+    pcfg, plugin = vj.load_plugin("demo_workdir/adapt-k4/plugin", cfg=cfg, backbone=backbone)
+    tokenizer = vj.load_tokenizer(None, "demo_workdir/finetune/backbone")
     batch = tokenizer(["Return the absolute value of x."], return_tensors="np")
     out = vj.forward(cfg, backbone, batch["input_ids"], batch["attention_mask"],
                      vj.shift_right(batch["input_ids"]), plugin=(pcfg, plugin))

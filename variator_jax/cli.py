@@ -109,8 +109,9 @@ def field_comments(get_config: Callable, *args) -> tuple[object, dict[str, str]]
     """Calls a config's `get_config(*args)` and returns (config, {dotted field: comment}).
 
     Every config line sets one field and says what it is in a trailing comment. Tracing
-    the lines as they run ties each comment to the ConfigDict it set, so the demo's
-    `backbone_stage.lr` gets the comment of the line that set it, not some other file's `lr`.
+    the lines as they run ties each comment to the ConfigDict it set, so a chained
+    config's `backbone_stage.lr` gets the comment of the line that set it, not some other
+    file's `lr`.
     """
     records = []  # (id of the ConfigDict assigned to, relative path, comment), in run order.
     cache = {}

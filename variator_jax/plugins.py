@@ -386,10 +386,10 @@ def load_plugin(directory, *, cfg: T5Config | None = None, backbone=None):
     from the one the plugin was trained on.
 
     Example:
-      >>> cfg, backbone = vj.load_hf_t5("demo_workdir/backbone_stage/backbone")
-      >>> pcfg, plugin = vj.load_plugin("demo_workdir/plugin", cfg=cfg, backbone=backbone)
+      >>> cfg, backbone = vj.load_hf_t5("demo_workdir/finetune/backbone")
+      >>> pcfg, plugin = vj.load_plugin("demo_workdir/adapt-k4/plugin", cfg=cfg, backbone=backbone)
       >>> pcfg.ratio, pcfg.bottleneck
-      (4, 64)
+      (4, 16)
     """
     directory = os.fspath(directory)
     weights_path = os.path.join(directory, PLUGIN_FILE)

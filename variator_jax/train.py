@@ -14,7 +14,8 @@ backbone stage first if the config asks for one, then the config made concrete
 
 A config with an empty `backbone` and a `backbone_stage` sub-config first runs that stage
 (a `finetune` config) in `WORKDIR/backbone_stage` and uses its output: this is how
-`configs/demo.py` chains "pre-train a tiny T5" and "train a plugin on it". A finished stage
+a config file can chain "fine-tune a T5" and "train a plugin on it" (tests/data/chained_config.py
+is one). A finished stage
 is recognised by its `result.json` and skipped.
 
 Example (what `python train.py --config=configs/plugin.py:stage=pretrain` does):
@@ -43,9 +44,8 @@ USAGE = r"""Trains a Variator plugin (or fine-tunes a backbone).
 
   variator-train --config=plugin:stage=pretrain --config.backbone=DIR --workdir=RUN
   python train.py --config=configs/plugin.py:stage=pretrain --config.backbone=DIR --workdir=RUN
-  python -m variator_jax.train --config=demo --workdir=demo_workdir
 
---config is a config file or a packaged one (demo, finetune, plugin), with presets after
+--config is a config file or a packaged one (finetune, plugin), with presets after
 ':'; --config.FIELD=VALUE overrides any field; --show_config (or --help after --config=...)
 prints every field, its value and what it means. Running the same command again resumes
 from RUN's latest checkpoint; a changed result-defining field is refused unless named in
@@ -152,7 +152,7 @@ def _define_flags() -> None:
     """`variator-train`'s flags, defined when it runs (not on import: a program or test that
     imports this module and another entry point must not see its flags defined twice)."""
     config_flags.DEFINE_config_file(
-        "config", None, "Config file or packaged config (demo, finetune, plugin), presets "
+        "config", None, "Config file or packaged config (finetune, plugin), presets "
         "after ':'.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
     flags.DEFINE_bool("show_config", False, "Print the resolved config's fields and exit.")

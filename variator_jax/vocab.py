@@ -1,7 +1,7 @@
 """A T5-style subword vocabulary trained on a local corpus, for models built from scratch.
 
 T5 reads SentencePiece unigram pieces; its own vocabulary cannot be downloaded here, so the
-miniature experiment (benchmarks/quality.py) trains a subword vocabulary (byte-pair merges, which on a corpus this small split words more
+miniature experiment (variator_jax/stages.py) trains a subword vocabulary (byte-pair merges, which on a corpus this small split words more
 sensibly than a unigram model did) on the text it has,
 with T5's conventions: `<pad>` = 0, `</s>` = 1, `<unk>` = 2, pieces, then 100 sentinels with
 `<extra_id_0>` as the last id (span corruption, data.sentinel_ids). Words start with "▁"

@@ -1,11 +1,11 @@
 r"""Training configs: ml_collections files with `get_config(arg)` and presets after a colon.
 
-  demo      the embedded default (`make demo`): a tiny byte-level T5, then a k = 4 plugin
   finetune  stage 0: full fine-tuning of the backbone on a task (task=..., size=...)
   plugin    stages 1 and 2: plugin pre-training and adaptation (stage=, task=, size=, ratio=)
 
 The entry points take a file path or a packaged name (`variator-train --config=plugin:stage=adapt`
-is `python train.py --config=configs/plugin.py:stage=adapt` in a checkout); in Python:
+is `python train.py --config=configs/plugin.py:stage=adapt` in a checkout; the demo chains
+them: `python -m variator_jax.stages`); in Python:
 
   >>> from variator_jax import configs
   >>> c = configs.get_config("plugin", "stage=adapt,task=sst2,size=base")
@@ -14,7 +14,7 @@ is `python train.py --config=configs/plugin.py:stage=adapt` in a checkout); in P
 """
 import importlib
 
-NAMES = ("demo", "finetune", "plugin")  # The packaged configs, by module name.
+NAMES = ("finetune", "plugin")  # The packaged configs, by module name.
 
 
 def get_config(name: str, arg: str | None = None):

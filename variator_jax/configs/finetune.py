@@ -18,7 +18,8 @@ prints, from process 0:
 
 `runs/t5-base-sst2/backbone` is what `configs/plugin.py:stage=adapt` takes as `backbone`.
 With `backbone=""` and a `variant`, the backbone starts from a random init of that variant
-(plus `model_overrides`): `configs/demo.py` pre-trains a tiny byte-level T5 this way.
+(plus `model_overrides`): stage (a) of `python -m variator_jax.stages` pre-trains
+its small T5 this way.
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
