@@ -11,8 +11,8 @@ Prints a Markdown table and writes RUN/eval/results.json, results.md and, when q
 speed were both measured, speed_accuracy.png. --show_config (or --help after --config=...)
 prints the config's fields.
 """
-# This module is the command too: importing it must load neither NumPy nor JAX (host.py's
-# malloc settings come first, cli.run_absl), so the driver imports them where it runs.
+# This module is the command too: importing it loads neither NumPy nor JAX, so that `--help`
+# and a bad flag answer at once; the driver imports them where it runs.
 from __future__ import annotations
 
 import json

@@ -37,8 +37,8 @@ from ml_collections import config_flags
 from variator_jax import cli
 
 # The library is imported where it is used: importing this module loads neither NumPy nor
-# JAX, so that the command line tunes the process (host.py, cli.py) before their threads
-# exist, and `jax.distributed` is set up before anything touches the devices.
+# JAX, so that `--help` and a bad flag answer at once, and `jax.distributed` is set up before
+# anything touches the devices.
 
 USAGE = r"""Trains a Variator plugin (or fine-tunes a backbone).
 
