@@ -40,10 +40,12 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import speed  # noqa: E402
+from benchmarks import (
+    host,  # noqa: E402
+    speed,  # noqa: E402
+)
 from benchmarks.train_step import _batch  # noqa: E402
 from tests.test_utils import load_config, override  # noqa: E402
-from benchmarks import host  # noqa: E402
 from variator_jax import fit, objectives, sharding, timing, trainer  # noqa: E402
 from variator_jax.plugins import PluginConfig, init_plugin  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402

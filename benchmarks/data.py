@@ -92,6 +92,7 @@ def _run_child(path, index_dir, seconds, batch) -> dict:
 def step_tokens_per_s(variant: str, batch: int, repeats: int) -> tuple[float, float]:
     """The plugin pre-training step at `variant` widths: -> (seconds per step, tokens/s)."""
     import jax
+
     from benchmarks.train_step import _batch, _measure
     from variator_jax import objectives, sharding
     from variator_jax.plugins import PluginConfig, init_plugin

@@ -54,11 +54,13 @@ import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
 from benchmarks import host  # noqa: E402
-from variator_jax import cli  # noqa: E402
+from variator_jax import (
+    cli,  # noqa: E402
+    stacking,  # noqa: E402
+    t5,  # noqa: E402
+    timing,  # noqa: E402
+)
 from variator_jax import plugins as plugins_lib  # noqa: E402
-from variator_jax import stacking  # noqa: E402
-from variator_jax import t5  # noqa: E402
-from variator_jax import timing  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.model import encode  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import test_utils as tu
 from variator_jax import checkpoint, sharding
@@ -136,6 +137,7 @@ def _rewrite_pre_scan(workdir: str, step: int) -> None:
     """Rewrites checkpoint `step` as the code before scanned layers wrote it: the plugin
     params and both Adam moments as `{block_i: layer}`, not stacked (1-device run)."""
     import shutil
+
     import orbax.checkpoint as ocp
     path = os.path.join(workdir, "checkpoints", str(step))
     state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
@@ -183,6 +185,7 @@ def test_finetune_resumes_across_scan_layers(hf_dir, tmp_path, capsys):
     """Stage 0 (the backbone is the trained tree): a checkpoint of unrolled layers resumes
     scanned, and one of scanned layers resumes unrolled, to the uninterrupted run's weights."""
     from safetensors.numpy import load_file
+
     from variator_jax import train
 
     def config(scan):

@@ -5,9 +5,8 @@ import sys
 
 import pytest
 
-from variator_jax import cli
-
 import test_utils as tu
+from variator_jax import cli
 
 # A user's own config file that chains stage 0 before a plugin stage (`backbone_stage`).
 CHAINED = os.path.join(tu.REPO, "tests", "data", "chained_config.py")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import variator_jax as vj
+from tests import test_utils as tu
 from variator_jax import evaluate, flops, progress
 from variator_jax.errors import UserError
-from tests import test_utils as tu
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +163,7 @@ def test_speedup_spread_and_the_flops_ceiling():
 
 def test_interleaved_rounds_rotate_the_order_and_time_each_call():
     import time as time_lib
+
     from variator_jax import timing
     calls = []
 

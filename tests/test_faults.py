@@ -31,8 +31,16 @@ import sys
 import pytest
 
 import test_utils as tu
-from variator_jax import (boundary, checkpoint, errors, fileio, integrity, plugin_file, train,
-                          trainer)
+from variator_jax import (
+    boundary,
+    checkpoint,
+    errors,
+    fileio,
+    integrity,
+    plugin_file,
+    train,
+    trainer,
+)
 from variator_jax import run as run_lib
 from variator_jax.convert import torch_load_weights_only
 from variator_jax.errors import CheckpointError

@@ -6,8 +6,8 @@ import re
 import jax
 import jax.numpy as jnp
 
-from variator_jax import fit, t5
 from tests import test_utils as tu
+from variator_jax import fit, t5
 
 
 def _tiny_dir(tmp_path):

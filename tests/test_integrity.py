@@ -316,8 +316,9 @@ BAD_PLUGINS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_PLUGINS))
 def test_5_bad_plugin_files_are_refused_by_jax_and_torch_naming_the_key(tmp_path, case):
-    from variator_jax import torch_plugin
     import transformers
+
+    from variator_jax import torch_plugin
     edits, message = BAD_PLUGINS[case]
     directory = _plugin_dir(tmp_path, case, **edits)
     with pytest.raises(ValueError, match=message) as err:
@@ -331,8 +332,9 @@ def test_5_bad_plugin_files_are_refused_by_jax_and_torch_naming_the_key(tmp_path
 
 
 def test_5_attach_plugin_on_a_truncated_file_is_one_line_with_the_path(tmp_path):
-    from variator_jax import torch_plugin
     import transformers
+
+    from variator_jax import torch_plugin
     directory = _plugin_dir(tmp_path, "cut")
     path = directory / "plugin.safetensors"
     path.write_bytes(path.read_bytes()[:-100])

@@ -10,9 +10,8 @@ import shlex
 import jax
 
 import variator_jax as vj
-from variator_jax import cli, stages, vocab
 from tests import test_utils as tu
-from variator_jax import cli, vocab
+from variator_jax import cli, stages, vocab
 
 with open(os.path.join(tu.REPO, "README.md")) as f:
     README = f.read()

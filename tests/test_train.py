@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 import test_utils as tu
-from variator_jax import (cli, errors, experiment, load_hf_t5, load_plugin, objectives, train,
-                          trainer)
+from variator_jax import (
+    cli,
+    errors,
+    experiment,
+    load_hf_t5,
+    load_plugin,
+    objectives,
+    train,
+    trainer,
+)
 from variator_jax.plugins import PluginConfig, init_plugin
 from variator_jax.t5 import init_t5
 

@@ -55,10 +55,17 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # For type checkers and IDEs: the same names, imported eagerly.
     from variator_jax.convert import load_hf_t5, save_hf_t5
-    from variator_jax.errors import CheckpointError
     from variator_jax.data import load_tokenizer
+    from variator_jax.errors import CheckpointError
     from variator_jax.model import encode, forward, generate, shift_right
-    from variator_jax.plugins import (Plugin, PluginConfig, backbone_fingerprint,
-                                      backbone_identity, init_plugin, load_plugin,
-                                      plugin_param_count, save_plugin)
+    from variator_jax.plugins import (
+        Plugin,
+        PluginConfig,
+        backbone_fingerprint,
+        backbone_identity,
+        init_plugin,
+        load_plugin,
+        plugin_param_count,
+        save_plugin,
+    )
     from variator_jax.t5 import T5Config, init_t5

@@ -24,12 +24,13 @@ import contextlib
 import os
 import re
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from variator_jax import integrity, sharding, stacking
 from variator_jax.fileio import get_path, set_path

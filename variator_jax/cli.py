@@ -22,7 +22,7 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from variator_jax import boundary
 

@@ -84,6 +84,7 @@ def source_fingerprint(spec: str) -> dict:
     `builtin:` the Python version whose library it is read from; `tfds:` datasets are
     versioned by tfds itself and recorded by name."""
     import platform
+
     from variator_jax import corpus
     scheme, _, rest = spec.partition(":")
     if scheme in ("text", "jsonl"):

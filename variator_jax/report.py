@@ -11,7 +11,7 @@ and a row with the wrong number of cells fails loudly instead of shifting the co
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # Alignment codes -> the alignment row's cell. "l" is Markdown's default (no colon).
 _ALIGN = {"l": "---", "r": "---:", "c": ":---:"}
