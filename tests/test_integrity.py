@@ -14,7 +14,7 @@ import safetensors.numpy
 
 import test_utils as tu
 import variator_jax as vj
-from variator_jax import checkpoint, errors, integrity, reporting, sharding, train, trainer
+from variator_jax import checkpoint, errors, integrity, progress, sharding, train, trainer
 from variator_jax import run as run_lib
 from variator_jax.plugins import _legacy_fingerprint
 
@@ -401,7 +401,7 @@ def test_7_unwritable_metrics_and_full_disk_are_one_line_and_lose_nothing(hf_dir
     def refuse(self, step, scalars):
         raise PermissionError(errno.EACCES, "Permission denied", self._path)
     with monkeypatch.context() as m:
-        m.setattr(reporting.MetricWriter, "write", refuse)
+        m.setattr(progress.MetricWriter, "write", refuse)
         with pytest.raises(errors.UserError, match="metrics.jsonl: Permission denied") as err:
             _run(hf_dir, tmp_path / "ro")
     assert "\n" not in str(err.value)
