@@ -62,7 +62,7 @@ def test_every_entry_point_reports_bad_input_in_one_line(tmp_path):
         "config file 'nope.py' not found":
             ["train.py", "--config=nope.py", "--workdir=w"],
         "config.eval.evaluators: unknown evaluator 'bleu'; known: classification, cost, "
-        "generation, speed": ["eval.py", "--config=demo", "--workdir=w",
+        "generation, speed": ["eval.py", "--config=plugin", "--workdir=w",
                               "--config.eval.evaluators=bleu"],
         "flag --config.lr=abc: could not convert string to float: 'abc'":
             ["eval.py", "--config=plugin", "--workdir=w", "--config.lr=abc"],

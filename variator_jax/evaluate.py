@@ -21,7 +21,6 @@ import os
 from variator_jax import cli
 from variator_jax.fileio import atomic_write, write_text
 from variator_jax.report import markdown_table
-from variator_jax.run import RESULT_FILE
 
 PLOT_FILE = "speed_accuracy.png"
 
@@ -80,6 +79,7 @@ def _setting(config, exp, backbone):
 def _backbone_dir(config, workdir: str) -> str:
     """`config.backbone`, or the backbone a `backbone_stage` made (the demo)."""
     from variator_jax.errors import UserError
+    from variator_jax.run import RESULT_FILE
     if config.backbone:
         return config.backbone
     result = os.path.join(workdir, "backbone_stage", RESULT_FILE)
