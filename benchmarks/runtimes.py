@@ -32,8 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
-from benchmarks import speed  # noqa: E402
-from benchmarks import host  # noqa: E402
+from benchmarks import host, speed  # noqa: E402
 from variator_jax import cli, onnx_export, timing  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402

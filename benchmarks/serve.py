@@ -37,7 +37,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -45,9 +45,16 @@ import numpy as np
 from variator_jax import cli, serving
 from variator_jax.report import markdown_table
 from variator_jax.serving import OFF, AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig
+
 # The trace and its replay (also reached as benchmarks.serve.make_trace etc.).
-from variator_jax.simulation import (DEFAULT_PHASES, Phase, make_trace, parse_phases, simulate,
-                                     summarize)
+from variator_jax.simulation import (
+    DEFAULT_PHASES,
+    Phase,
+    make_trace,
+    parse_phases,
+    simulate,
+    summarize,
+)
 
 
 # -- Report ---------------------------------------------------------------------------------------

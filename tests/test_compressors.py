@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import variator_jax as vj
-from variator_jax import compressors, evaluate
 from tests.test_utils import tiny_t5
+from variator_jax import compressors, evaluate
 
 
 def _inputs(b=3, n=16, d=8, seed=0):
@@ -196,6 +196,7 @@ def test_a_compressor_serves_like_a_plugin():
 
 def test_attach_plugin_refuses_a_training_free_compressor(tmp_path):
     import transformers
+
     from variator_jax import torch_plugin
     cfg, backbone = _model()
     pcfg = vj.PluginConfig(ratio=4, compressor="mean_pool")

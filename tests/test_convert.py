@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import variator_jax as vj
-from variator_jax import convert
 from tests.hf_reference import build_hf_t5, padded_batch, rel_diff, save_hf_dir
+from variator_jax import convert
 
 
 @pytest.fixture(scope="module")

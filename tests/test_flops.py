@@ -2,7 +2,6 @@
 import types
 
 import numpy as np
-
 import pytest
 
 from variator_jax import flops
@@ -154,6 +153,7 @@ def test_analytic_count_agrees_with_xla(ratio):
     """The count agrees with XLA's own cost analysis of the compiled forward (issue: 10 %).
     Layers unrolled: XLA's cost analysis counts the body of a scan's loop once, not per layer."""
     import jax
+
     import variator_jax as vj
     cfg = vj.T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
                       scan_layers=False)

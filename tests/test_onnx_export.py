@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import variator_jax as vj
-from variator_jax import cli, onnx_export
-
 from tests.test_utils import REPO, make_hf_dir, tiny_t5
+from variator_jax import cli, onnx_export
 
 VOCAB = 64
 # (batch, n): one token; n < 4 and 8, batch 1; n a multiple of 2, 4 and 8 (nothing to pad to

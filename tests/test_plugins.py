@@ -11,9 +11,9 @@ import safetensors.numpy
 import torch
 
 import variator_jax as vj
-from variator_jax import plugins, t5, torch_plugin
 from tests import plugin_reference as ref
 from tests.hf_reference import build_hf_t5, padded_batch, rel_diff, save_hf_dir
+from variator_jax import plugins, t5, torch_plugin
 
 D, R = 12, 5  # r differs from d and 2d, so a transposed weight cannot pass unnoticed.
 

@@ -21,8 +21,8 @@ import transformers
 from torch import nn
 
 import variator_jax as vj
-from variator_jax import cli, convert, released, torch_plugin
 from tests.hf_reference import build_hf_t5, rel_diff, save_hf_dir
+from variator_jax import cli, convert, released, torch_plugin
 
 S = 100.0  # ModelCenter's `scale` for T5 / T5-v1.1
 K, R = 4, 16  # r = 16, not the default 64: the importer must infer it from the shapes

@@ -52,9 +52,9 @@ def bank_files(tmp_path_factory):
     """A tiny random HF T5 with ByT5's tokenizer saved beside it, and k = 2, 4 plugins."""
     import jax
     import transformers
-    from hf_reference import build_hf_t5, save_hf_dir
 
     import variator_jax as vj
+    from hf_reference import build_hf_t5, save_hf_dir
     root = tmp_path_factory.mktemp("bank")
     backbone_dir = save_hf_dir(build_hf_t5("v1_0", vocab_size=384, d_model=32, d_ff=64),
                                str(root / "backbone"), "v1_0")

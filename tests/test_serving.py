@@ -15,8 +15,14 @@ import variator_jax as vj
 from benchmarks import serve
 from tests.test_utils import tiny_t5
 from variator_jax import serving
-from variator_jax.serving import (OFF, AdaptivePolicy, Bucket, LatencyProfile, PolicyConfig,
-                                  QueueState)
+from variator_jax.serving import (
+    OFF,
+    AdaptivePolicy,
+    Bucket,
+    LatencyProfile,
+    PolicyConfig,
+    QueueState,
+)
 
 # d = 32, FFN 512 wide: the FFN dominates, as in real T5s, so FLOPs speedups are 1.6x-3.3x.
 TINY = tiny_t5(vocab_size=64, d_kv=8, num_heads=4, d_ff=512, num_layers=1, num_decoder_layers=1,

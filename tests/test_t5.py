@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import variator_jax as vj
-from variator_jax import t5
 from tests.hf_reference import VARIANTS, build_hf_t5, padded_batch, rel_diff, save_hf_dir
+from variator_jax import t5
 
 
 @pytest.fixture(scope="module", params=[(v, scan) for v in sorted(VARIANTS)

@@ -19,7 +19,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import plugin_reference as ref  # noqa: E402  pylint: disable=wrong-import-position
-
 from variator_jax import torch_plugin  # noqa: E402  pylint: disable=wrong-import-position
 
 D_MODEL, NUM_LAYERS, BOTTLENECK = 32, 2, 16  # r differs from d and 2d: transposes show

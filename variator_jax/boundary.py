@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from variator_jax.errors import CheckpointError, Interrupted, UserError, describe_os_error
 

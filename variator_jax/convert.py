@@ -14,7 +14,8 @@ import os
 import pickle
 import re
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np

@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -5,7 +5,6 @@ but fileio, so that every module may import it."""
 from __future__ import annotations
 
 import contextlib
-
 import errno
 
 from variator_jax import fileio

@@ -32,7 +32,6 @@ import numpy as np
 
 from variator_jax.errors import UserError
 
-
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "last_hidden_state"
 TOLERANCE = 1e-3  # Relative; float32 reorderings between runtimes stay near 1e-6.

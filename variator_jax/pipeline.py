@@ -37,7 +37,7 @@ import atexit
 import json
 import math
 import weakref
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np

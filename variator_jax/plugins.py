@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import warnings
-
 from typing import TYPE_CHECKING, Any
 
 import flax.struct

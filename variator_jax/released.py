@@ -69,8 +69,15 @@ import numpy as np
 
 from variator_jax.convert import load_hf_t5, torch_load_weights_only
 from variator_jax.errors import CheckpointError
-from variator_jax.plugins import (CONFIG_FILE, PLUGIN_FILE, PluginConfig, as_plugin,
-                                  backbone_identity, plugin_param_count, save_plugin)
+from variator_jax.plugins import (
+    CONFIG_FILE,
+    PLUGIN_FILE,
+    PluginConfig,
+    as_plugin,
+    backbone_identity,
+    plugin_param_count,
+    save_plugin,
+)
 from variator_jax.t5 import T5Config
 
 MODELCENTER_SCALE = 100.0  # `scale` of ModelCenter's T5 / T5-v1.1 / mT5 transfer scripts.

@@ -33,13 +33,19 @@ import collections
 import dataclasses
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from variator_jax.engine import OFF, AdaptiveEngine, bucket_grid, compile_events
-from variator_jax.policy import (AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig,
-                                 QueueState)
+from variator_jax.policy import (
+    AdaptivePolicy,
+    FixedPolicy,
+    LatencyProfile,
+    PolicyConfig,
+    QueueState,
+)
 from variator_jax.serving import RateMeter
 
 # -- What a server holds ------------------------------------------------------------------------

@@ -154,5 +154,6 @@ def describe() -> dict:
 
 if __name__ == "__main__":
     import json
+
     from variator_jax import cli
     cli.run_main(lambda _: print(json.dumps(describe(), indent=2)))  # Errors: one line.

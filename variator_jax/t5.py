@@ -6,7 +6,8 @@ import difflib
 import functools
 import json
 import os
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -133,12 +134,12 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
-    def replace(self, **kw) -> "T5Config":
+    def replace(self, **kw) -> T5Config:
         return dataclasses.replace(self, **kw)
 
     # -- HF interop ------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "T5Config":
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> T5Config:
         """From an HF `config.json` (a file, its directory, or its dict).
 
         Absent fields take HF `T5Config` defaults. Reads both conventions for the output scaling:
@@ -183,7 +184,7 @@ class T5Config:
         return d
 
     @classmethod
-    def variant(cls, name: str, **overrides) -> "T5Config":
+    def variant(cls, name: str, **overrides) -> T5Config:
         """A published size: t5-{small,base,large,3b,11b}, t5-v1_1-* and flan-t5-* {small..xxl}."""
         short = name.split("/")[-1]
         for prefix, table, kw in (

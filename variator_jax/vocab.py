@@ -18,7 +18,7 @@ beside a backbone like any HF tokenizer.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
 SENTINELS = 100
