@@ -102,8 +102,8 @@ def write_models(args, directory):
         # Weights at a scale where merging and decompression both move the output: a wrong
         # plugin wiring in any runtime then shows in its difference to JAX.
         params = vj.init_plugin(jax.random.key(args.seed + k), cfg, pcfg)
-        params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(k), x.shape),
-                              params)
+        params = jax.tree.map(
+            lambda x, k=k: x + 0.05 * jax.random.normal(jax.random.key(k), x.shape), params)
         plugin_dirs[k] = os.path.join(directory, f"plugin-k{k}")
         vj.save_plugin(plugin_dirs[k], pcfg, params, identity)
     return backbone_dir, plugin_dirs

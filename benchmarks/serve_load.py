@@ -163,7 +163,7 @@ async def drive(session, url: str, load: Load, times, ratio: int | None, per_req
         if record["status"] == 200:
             gold = [load.labels[j] for j in picks[i]]
             record.update(ratio=out["ratio"], ratios=out["ratios"],
-                          correct=sum(a == b for a, b in zip(out["labels"], gold)),
+                          correct=sum(a == b for a, b in zip(out["labels"], gold, strict=True)),
                           inputs=per_request, queue_ms=out["queue_ms"],
                           compute_ms=out["compute_ms"])
         return record
@@ -226,7 +226,7 @@ async def overhead_probe(session, url: str, load: Load, n: int) -> dict:
                                 json={"inputs": [load.texts[i % len(load.texts)]]}) as r:
             out = await r.json()
         rows.append(((time.monotonic() - sent) * 1e3, out["compute_ms"], out["queue_ms"]))
-    total, compute, queue = map(np.median, zip(*rows))
+    total, compute, queue = map(np.median, zip(*rows, strict=True))
     return dict(requests=n, latency_ms=float(total), compute_ms=float(compute),
                 queue_ms=float(queue), overhead_ms=float(total - compute),
                 overhead_share=float((total - compute) / compute))
@@ -251,7 +251,7 @@ def plot(runs: dict, budget_s: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.6 * len(runs)), sharex=True)
-    for ax, (name, records) in zip(np.atleast_1d(axes), runs.items()):
+    for ax, (name, records) in zip(np.atleast_1d(axes), runs.items(), strict=True):
         ok = [r for r in records if r["status"] == 200]
         shed = [r["t"] for r in records if r["status"] != 200]
         ax.scatter([r["t"] for r in ok], [r["latency"] * 1e3 for r in ok], s=3, alpha=0.5)

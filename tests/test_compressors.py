@@ -34,6 +34,9 @@ def np_mean_pool(x, mask, k):
 
 def np_tome(x, mask, k):
     """ToMe's bipartite soft matching written as lists of (sum, size, members)."""
+    def unit(v):
+        return v / max(np.linalg.norm(v), 1e-12)
+
     b, n, d = x.shape
     merged, assign = np.zeros((b, n // k, d)), np.zeros((b, n), int)
     for row in range(b):
@@ -43,7 +46,6 @@ def np_tome(x, mask, k):
             m = len(tokens)
             r = min(m // 2, m - n // k)
             a_set, b_set = tokens[0::2], tokens[1::2]
-            unit = lambda v: v / max(np.linalg.norm(v), 1e-12)
             best, partner = [], []
             for a_sum, a_size, _ in a_set:
                 scores = [unit(a_sum) @ unit(b_sum) if b_size > 0 else -np.inf

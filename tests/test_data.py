@@ -554,7 +554,7 @@ def test_tfds_glue_sst2(tfds, tmp_path, tok):
     assert all(isinstance(e["sentence"], str) and e["label"] in (0, 1) for e in examples)
     b = next(it)
     got = sorted((tok.decode(ids, skip_special_tokens=True), int(label))
-                 for ids, label in zip(b["input_ids"], b["label"]))
+                 for ids, label in zip(b["input_ids"], b["label"], strict=True))
     want = sorted(("sst2 sentence: " + e["sentence"], e["label"]) for e in examples)
     assert got == want
     labels = [tok.decode(ids, skip_special_tokens=True) for ids in b["labels"]]

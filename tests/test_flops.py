@@ -105,8 +105,10 @@ def _closed_form_ratio(cfg, n, k, r):
 
 def test_large_n_approaches_closed_form():
     cfg = T5Config.variant("t5-base")
-    ratio = lambda n, k: (flops.encoder_flops(cfg, n, k)["total"]
-                          / flops.encoder_flops(cfg, n)["total"])
+
+    def ratio(n, k):
+        return flops.encoder_flops(cfg, n, k)["total"] / flops.encoder_flops(cfg, n)["total"]
+
     assert ratio(4096, 4) == pytest.approx(_closed_form_ratio(cfg, 4096, 4, 64), rel=1e-12)
     # Off a multiple of k, padding costs O(k/n): gone for large n, visible for small n.
     small, large = 4 * 8 + 1, 4 * 4096 + 1

@@ -46,7 +46,7 @@ def _plugin_dir(path, backbone_dir, k, seed=1):
     leaves, tree = jax.tree.flatten(plugin)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     plugin = jax.tree.unflatten(tree, [x + 0.5 * jax.random.normal(key, x.shape)
-                                       for x, key in zip(leaves, keys)])
+                                       for x, key in zip(leaves, keys, strict=True)])
     vj.save_plugin(path, pcfg, plugin, vj.backbone_identity(cfg, backbone))
     return str(path)
 

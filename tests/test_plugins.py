@@ -20,8 +20,10 @@ D, R = 12, 5  # r differs from d and 2d, so a transposed weight cannot pass unno
 
 def _file_layer_to_tree(layer):
     """Reference weights (file convention, [out, in]) -> one layer of the JAX plugin tree."""
-    lin = lambda name: {"kernel": jnp.asarray(layer[f"{name}.weight"].T, jnp.float32),
-                        "bias": jnp.asarray(layer[f"{name}.bias"], jnp.float32)}
+    def lin(name):
+        return {"kernel": jnp.asarray(layer[f"{name}.weight"].T, jnp.float32),
+                "bias": jnp.asarray(layer[f"{name}.bias"], jnp.float32)}
+
     return {"compress": lin("compress"),
             "decompress": {"wi": lin("decompress.wi"), "wo": lin("decompress.wo")}}
 
@@ -53,7 +55,10 @@ def test_ffn_block_matches_reference(k, n, mask_aware):
                                    mask_aware)
     pcfg = vj.PluginConfig(ratio=k, bottleneck=R, mask_aware=mask_aware)
     x = t5.RMSNorm(1e-6, jnp.float32).apply({"params": {"weight": jnp.asarray(norm_w)}}, jnp.asarray(h))
-    ffn = lambda c: jax.nn.relu(c @ wi.T.astype(np.float32)) @ wo.T.astype(np.float32)
+
+    def ffn(c):
+        return jax.nn.relu(c @ wi.T.astype(np.float32)) @ wo.T.astype(np.float32)
+
     got = h + plugins.compressed_ffn(x, jnp.asarray(mask), _file_layer_to_tree(layer), pcfg, ffn)
     assert rel_diff(got, want) < 1e-5
 
@@ -282,7 +287,10 @@ def test_switching_plugins_compiles_once_per_ratio():
     cfg, backbone = _tiny()
     ids, mask, dec = padded_batch(40, n=23)  # A shape no other test compiled.
     bank = {k: [random_plugin(cfg, vj.PluginConfig(k, R), seed=s) for s in range(2)] for k in (2, 4)}
-    run = lambda plugin: vj.forward(cfg, backbone, ids, mask, dec, plugin=plugin)["logits"]
+
+    def run(plugin):
+        return vj.forward(cfg, backbone, ids, mask, dec, plugin=plugin)["logits"]
+
     before = vj.forward._cache_size()
     outs = [run(None)]
     for k in (2, 4):

@@ -112,7 +112,8 @@ def run_released(mc, mux_layers, ids, mask):
         return hidden_states + mux.demux(x, x_before)
 
     mc = copy.deepcopy(mc)
-    for block, mux in zip(mc.encoder.block, mux_layers):
+    # `mux_layers` is one per block, or [] for ModelCenter's plain encoder (nothing patched).
+    for block, mux in zip(mc.encoder.block, mux_layers, strict=bool(mux_layers)):
         layer_ff = block.layer[-1]
         layer_ff.forward = lambda h, layer_ff=layer_ff, mux=mux: ffn_forward(layer_ff, mux, h)
     with torch.no_grad():

@@ -139,7 +139,7 @@ def test_generate_equals_vj_generate(server, reference, ratio):
         assert out["ratios"] == [ratio] * len(TEXTS)
     cfg, backbone, plugins, tok = reference
     expected = []
-    for text, r in zip(TEXTS, out["ratios"]):  # The ratio the server chose, input by input.
+    for text, r in zip(TEXTS, out["ratios"], strict=True):  # The ratio the server chose, input by input.
         ids, mask = _batch(tok, [text])
         tokens = np.asarray(vj.generate(cfg, backbone, ids, mask, 5, plugin=plugins[r]))
         expected.append(tok.decode(tokens[0], skip_special_tokens=True))
@@ -207,7 +207,10 @@ def test_admission_sheds_what_would_miss_the_budget():
     bank.policies = {"classify": AdaptivePolicy(profile, PolicyConfig(0.25, max_batch=4))}
     bank.meters, bank.pending = {"classify": RateMeter(1.0)}, {"classify": {}}
     bank.slowdown = {"classify": 1.0}
-    item = lambda ratio=None: server_lib.Item(10.0, np.ones(30, np.int32), ratio)
+
+    def item(ratio=None):
+        return server_lib.Item(10.0, np.ones(30, np.int32), ratio)
+
     for _ in range(6):  # 6 waiting: a batch of 4, then 2 + the new one padded into bucket 4.
         bank.admit("classify", [item()], now=10.0)
     assert bank.predicted_wait("classify", [item()], 10.0) == pytest.approx(0.04 + 0.04)

@@ -140,8 +140,10 @@ def test_attention_implementations_match_hf_and_the_blocked_path(pair, attention
     needs a GPU) give HF's encoder output and the CPU default's (blocked), padding included."""
     _, hf, cfg, backbone = pair
     ids, mask, _ = padded_batch(cfg.vocab_size)
-    encode = lambda c: np.asarray(t5.T5(c).apply(  # noqa: E731
-        {"params": backbone}, ids, mask, method=t5.T5.encode))
+
+    def encode(c):
+        return np.asarray(t5.T5(c).apply({"params": backbone}, ids, mask, method=t5.T5.encode))
+
     with torch.no_grad():
         ref = hf.get_encoder()(input_ids=torch.tensor(ids, dtype=torch.long),
                                attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
@@ -201,8 +203,11 @@ def test_dropout_is_seeded_and_active():
                       dropout_rate=0.2)
     backbone = vj.init_t5(jax.random.key(0), cfg)
     ids, mask, dec = padded_batch(64)
-    run = lambda seed: vj.forward(cfg, backbone, ids, mask, dec, deterministic=False,
-                                  dropout_rng=jax.random.key(seed, impl="rbg"))["logits"]
+
+    def run(seed):
+        return vj.forward(cfg, backbone, ids, mask, dec, deterministic=False,
+                          dropout_rng=jax.random.key(seed, impl="rbg"))["logits"]
+
     np.testing.assert_array_equal(run(1), run(1))
     assert rel_diff(run(1), run(2)) > 1e-3
     assert rel_diff(run(1), vj.forward(cfg, backbone, ids, mask, dec)["logits"]) > 1e-3
@@ -219,13 +224,16 @@ def test_fully_padded_row_gives_no_nan(pair):
 def test_init_tree_equals_loaded_tree(pair):
     _, _, cfg, backbone = pair
     fresh = jax.eval_shape(vj.init_t5, jax.random.key(0), cfg)
-    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), tree)
+
+    def shapes(tree):
+        return jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), tree)
+
     assert shapes(fresh) == shapes(backbone)
     axes = t5.logical_axes(cfg)
     # Every parameter is named for sharding, one logical name per dimension.
-    for leaf, spec in zip(jax.tree_util.tree_leaves(fresh),
-                          jax.tree_util.tree_leaves(axes, is_leaf=lambda s: s is not None and
-                                                    type(s).__name__ == "PartitionSpec")):
+    specs = jax.tree_util.tree_leaves(
+        axes, is_leaf=lambda s: s is not None and type(s).__name__ == "PartitionSpec")
+    for leaf, spec in zip(jax.tree_util.tree_leaves(fresh), specs, strict=True):
         assert len(spec) == leaf.ndim and all(isinstance(a, str) for a in spec)
 
 
@@ -265,8 +273,11 @@ def test_remat_policies_give_the_same_gradients():
 
     def grads(remat):
         c = cfg.replace(remat=remat)
-        loss = lambda p: jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
-                                 ["encoder_hidden"] * proj)
+
+        def loss(p):
+            return jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
+                           ["encoder_hidden"] * proj)
+
         return jax.grad(loss)(plugin), str(jax.make_jaxpr(jax.grad(loss))(plugin))
 
     want, jaxpr = grads("none")

@@ -73,7 +73,10 @@ class _ReferenceFF(nn.Module):
 
     def forward(self, h):
         dense = self.layer_ff.DenseReluDense
-        as_np = lambda t: t.detach().double().numpy()  # noqa: E731
+
+        def as_np(t):
+            return t.detach().double().numpy()
+
         if hasattr(dense, "wi_0"):
             ffn = ref.reference_gated_gelu_ffn(as_np(dense.wi_0.weight), as_np(dense.wi_1.weight),
                                                as_np(dense.wo.weight))
@@ -89,7 +92,7 @@ def reference_encoder(model, layers, k, mask_aware, ids, mask):
     """[batch, n, d] float64: HF attention + reference FFN blocks, in float64."""
     ref_model = copy.deepcopy(model).double()
     np_mask = None if mask is None else mask.numpy()
-    for block, layer in zip(ref_model.encoder.block, layers):
+    for block, layer in zip(ref_model.encoder.block, layers, strict=True):
         block.layer[-1] = _ReferenceFF(block.layer[-1], layer, k, mask_aware, np_mask)
     with torch.no_grad():
         return ref_model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -243,7 +246,7 @@ def test_detach_restores_exactly(tmp_path):
     assert rel_diff(logits(), before) > 1e-2
     torch_plugin.detach_plugin(model)
     assert torch.equal(logits(), before)
-    assert all(block.layer[-1] is orig for block, orig in zip(model.encoder.block, originals))
+    assert all(block.layer[-1] is orig for block, orig in zip(model.encoder.block, originals, strict=True))
     assert list(model.state_dict()) == keys
     assert (len(model.encoder._forward_pre_hooks), len(model.encoder._forward_hooks)) == hook_counts
     torch_plugin.attach_plugin(model, plugin_dir)  # attachable again after detach

@@ -188,7 +188,7 @@ def _split_long(f, starts: np.ndarray, ends: np.ndarray, sink: _Sink) -> None:
     for lo in range(0, len(starts), 1 << 20):
         s, e = np.asarray(starts[lo:lo + (1 << 20)]), np.asarray(ends[lo:lo + (1 << 20)])
         out_s, out_e = [], []
-        for start, end in zip(s.tolist(), e.tolist()):
+        for start, end in zip(s.tolist(), e.tolist(), strict=True):
             while end - start > MAX_RECORD_BYTES:
                 f.seek(start)
                 chunk = f.read(MAX_RECORD_BYTES + 1)

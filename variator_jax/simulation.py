@@ -79,7 +79,7 @@ def make_trace(phases: Sequence[Phase], *, unit_rate: float, unit_time: float, m
     u = u[u < total]
     edges = np.cumsum([0.0] + [p.duration for p in phases])
     index = np.searchsorted(edges, u, side="right") - 1
-    rate = np.array([phases[i].rate((t - edges[i]) / phases[i].duration) for t, i in zip(u, index)])
+    rate = np.array([phases[i].rate((t - edges[i]) / phases[i].duration) for t, i in zip(u, index, strict=True)])
     keep = rng.random(len(u)) < rate * unit_rate / peak
     u, index = u[keep], index[keep]
     lengths = rng.integers(min_len, max_len + 1, len(u))

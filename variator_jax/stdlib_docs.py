@@ -145,7 +145,8 @@ def describe() -> dict:
     out = {"python": sys.version.split()[0], "labels": list(LABELS)}
     for split, examples in build().items():
         counts = collections.Counter(LABELS[e["label"]] for e in examples)
-        out[split] = {"examples": len(examples), "per_label": {l: counts[l] for l in LABELS}}
+        out[split] = {"examples": len(examples),
+                      "per_label": {label: counts[label] for label in LABELS}}
     out[UNLABELED] = {"examples": len(build_unlabeled())}
     test_counts = out["test"]["per_label"].values()
     out["chance"] = max(test_counts) / sum(test_counts)

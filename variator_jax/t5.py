@@ -434,8 +434,10 @@ def blocked_attention(q, k, v, bias: ToeplitzBias, block: tuple[int, int], dropo
         # Block j holds examples j, j + b/examples, ...: the batch axis is split minor-major, so
         # a batch sharded over devices stays sharded inside every block, and each device
         # works on its own examples (`examples` counts all devices' examples per block).
-        split = lambda x: sharding.constrain(jnp.swapaxes(
-            x.reshape(examples, b // examples, *x.shape[1:]), 0, 1), (None, "batch"))
+        def split(x):
+            return sharding.constrain(jnp.swapaxes(
+                x.reshape(examples, b // examples, *x.shape[1:]), 0, 1), (None, "batch"))
+
         out = jax.lax.map(example_block, tuple(map(split, (q, k, v, bias.mask))))
         out = jnp.swapaxes(out, 0, 1).reshape(q.shape)
     return out[:, :, :n].transpose(0, 2, 1, 3)
@@ -522,8 +524,9 @@ class DenseReluDense(nn.Module):
         dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=jnp.float32)
         act = _act(cfg.activation)
         if cfg.is_gated:
-            up = lambda z: dense(cfg.d_ff, name="wi_0", kernel_init=_dense_init(("embed", "mlp")))(z)
-            h = act(up(x)) * dense(cfg.d_ff, name="wi_1", kernel_init=_dense_init(("embed", "mlp")))(x)
+            wi_0 = dense(cfg.d_ff, name="wi_0", kernel_init=_dense_init(("embed", "mlp")))(x)
+            wi_1 = dense(cfg.d_ff, name="wi_1", kernel_init=_dense_init(("embed", "mlp")))(x)
+            h = act(wi_0) * wi_1
         else:
             h = act(dense(cfg.d_ff, name="wi", kernel_init=_dense_init(("embed", "mlp")))(x))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)

@@ -297,7 +297,7 @@ def attach_plugin(hf_model, plugin_dir, *, mask_aware=None):
 
     mask_box = _MaskBox()
     originals = []
-    for block, weights in zip(hf_model.encoder.block, layers):
+    for block, weights in zip(hf_model.encoder.block, layers, strict=True):
         layer_ff = block.layer[-1]
         like = layer_ff.layer_norm.weight
         plugin = VariatorPlugin(config["d_model"], config["ratio"], config["bottleneck"])
@@ -321,7 +321,7 @@ def detach_plugin(hf_model):
         raise RuntimeError("no plugin is attached to this model")
     for hook in state.hooks:
         hook.remove()
-    for block, layer_ff in zip(hf_model.encoder.block, state.originals):
+    for block, layer_ff in zip(hf_model.encoder.block, state.originals, strict=True):
         block.layer[-1] = layer_ff
     delattr(hf_model, _STATE_ATTR)
 
