@@ -171,8 +171,8 @@ def build_bank(args):
         cfg = tiny_config()
         backbone = vj.init_t5(jax.random.key(args.seed), cfg)
     if args.plugins:
-        plugins = dict((pc.ratio, (pc, p)) for pc, p in
-                       (vj.load_plugin(d, cfg=cfg, backbone=backbone) for d in args.plugins.split(",")))
+        loaded = (vj.load_plugin(d, cfg=cfg, backbone=backbone) for d in args.plugins.split(","))
+        plugins = {pc.ratio: (pc, p) for pc, p in loaded}
     else:  # Untrained plugins: right for timing, and the quality proxy says how far off they are.
         plugins = {}
         for k in _ints(args.ratios):

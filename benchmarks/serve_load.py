@@ -8,10 +8,11 @@ what is served is scored. The arrival trace is open-loop Poisson in machine-inde
 as the simulation's (`variator_jax/simulation.py`): rates in units of C1, the uncompressed
 capacity: by default the inputs/s the server answers through HTTP at ratio 1, measured just
 before (`--units profile`: full batches of the largest bucket by the start-up profile, which
-overstates it where HTTP handling shares the host with the model),
-the durations of its phases shares of `--seconds`, the wall-clock length of the trace. The same trace is sent once per policy, pinned by the request's "ratio"
-(always uncompressed, always k = 4) or left to the server (adaptive), and then an overload
-trace (a burst of 3 x C1) against the adaptive server, which must shed the excess with 503.
+overstates it where HTTP handling shares the host with the model), the durations of its phases
+shares of `--seconds`, the wall-clock length of the trace. The same trace is sent once per
+policy, pinned by the request's "ratio" (always uncompressed, always k = 4) or left to the
+server (adaptive), and then an overload trace (a burst of 3 x C1) against the adaptive server,
+which must shed the excess with 503.
 
 Reported per policy: answered inputs/s, p50/p95/p99 latency (arrival to answer, as the client
 sees it), the share of requests answered within the server's latency budget (a shed or failed
@@ -398,7 +399,8 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=1, default=str)
     with open(stem + ".md", "w") as f:
         f.write(f"# variator-serve under load ({info['cpu']}, {info['cores']} cores, "
-                f"{info['date']})\n\nT0 {load.t0 * 1e3:.1f} ms, profiled C1 {load.c1:.0f} inputs/s, "
+                f"{info['date']})\n\nT0 {load.t0 * 1e3:.1f} ms, "
+                f"profiled C1 {load.c1:.0f} inputs/s, "
                 f"measured through HTTP {result['c1_measured_inputs_s']:.0f} inputs/s (load in "
                 f"units of the {result['units']} one), "
                 f"budget {load.budget_s * 1e3:.0f} ms, {args.per_request} inputs per request; "

@@ -173,7 +173,8 @@ def test_compressor_plugin_files_round_trip(tmp_path):
 
 
 def test_unknown_compressor_is_one_clear_error():
-    with pytest.raises(ValueError, match="compressor 'avg'.*known: variator, mean_pool, tome, strided"):
+    with pytest.raises(ValueError,
+                       match="compressor 'avg'.*known: variator, mean_pool, tome, strided"):
         vj.PluginConfig(ratio=4, compressor="avg")
 
 

@@ -346,7 +346,8 @@ def test_source_errors(tmp_path):
         data.read_source(f"jsonl:{_write(tmp_path / 'e.jsonl', '')}")
     with pytest.raises(ValueError, match=r"b.jsonl:2: invalid JSON"):
         data.read_source(f"jsonl:{_write(tmp_path / 'b.jsonl', '{}' + chr(10) + '{oops')}")
-    with pytest.raises(ValueError, match="unknown builtin corpus 'wiki'; known: pydoc, stdlib_docs"):
+    with pytest.raises(ValueError,
+                       match="unknown builtin corpus 'wiki'; known: pydoc, stdlib_docs"):
         data.read_source("builtin:wiki")
     with pytest.raises(ValueError, match="bad split"):
         data.read_source("builtin:pydoc", split="train[a:b]")

@@ -139,7 +139,8 @@ def test_generate_equals_vj_generate(server, reference, ratio):
         assert out["ratios"] == [ratio] * len(TEXTS)
     cfg, backbone, plugins, tok = reference
     expected = []
-    for text, r in zip(TEXTS, out["ratios"], strict=True):  # The ratio the server chose, input by input.
+    # The ratio the server chose, input by input.
+    for text, r in zip(TEXTS, out["ratios"], strict=True):
         ids, mask = _batch(tok, [text])
         tokens = np.asarray(vj.generate(cfg, backbone, ids, mask, 5, plugin=plugins[r]))
         expected.append(tok.decode(tokens[0], skip_special_tokens=True))
@@ -219,7 +220,8 @@ def test_admission_sheds_what_would_miss_the_budget():
     assert len(bank.pending["classify"]) == 7
     with pytest.raises(server_lib.HTTPError) as e:  # Pinned uncompressed, 0.15 s late already.
         bank.admit("classify", [item(1)], now=10.15)
-    assert e.value.status == 503 and e.value.retry_after == 1 and "would wait 350 ms" in str(e.value)
+    assert (e.value.status, e.value.retry_after) == (503, 1)
+    assert "would wait 350 ms" in str(e.value)
     assert len(bank.pending["classify"]) == 7  # A refused request is not queued.
     # Batches measured at twice their profiled time: predictions follow (moving average).
     for _ in range(40):
@@ -242,7 +244,8 @@ def test_health_and_models(server):
     assert models["ratios"] == [1, 2, 4] and models["task"]["name"] == TASK
     assert [b["batch"] for b in models["buckets"]] == [1, 4]
     entries = models["profiles"]["classify"]["entries"]
-    assert {(e["ratio"], e["batch"]) for e in entries} == {(r, b) for r in (1, 2, 4) for b in (1, 4)}
+    assert ({(e["ratio"], e["batch"]) for e in entries}
+            == {(r, b) for r in (1, 2, 4) for b in (1, 4)})
     assert models["backbone"]["fingerprint"] and models["budget_ms"]["generate"] > 0
 
 

@@ -165,7 +165,8 @@ def test_relative_position_bucket_matches_hf():
     rel = np.arange(-300, 300)
     for bidirectional in (True, False):
         for buckets, dist in ((32, 128), (8, 20)):
-            ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional, buckets, dist)
+            ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional,
+                                                        buckets, dist)
             ours = t5.relative_position_bucket(jnp.array(rel), bidirectional, buckets, dist)
             np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
@@ -186,9 +187,11 @@ def test_frozen_backbone_stored_in_bfloat16_gives_the_per_step_cast(pair):
     _, _, cfg, backbone = pair
     cfg = cfg.replace(dtype="bfloat16")
     stored = t5.frozen_in_compute_dtype(cfg, backbone)
-    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+    dtypes = {jax.tree_util.keystr(p): x.dtype
+              for p, x in jax.tree_util.tree_leaves_with_path(stored)}
     assert {d for k, d in dtypes.items() if "kernel" in k} == {jnp.dtype(jnp.bfloat16)}
-    assert {d for k, d in dtypes.items() if "layer_norm" in k or "relative" in k} == {jnp.dtype(jnp.float32)}
+    assert ({d for k, d in dtypes.items() if "layer_norm" in k or "relative" in k}
+            == {jnp.dtype(jnp.float32)})
     ids, mask, dec = padded_batch(cfg.vocab_size)
     per_step, once = (vj.forward(cfg, b, ids, mask, dec) for b in (backbone, stored))
     for key in ("logits", "encoder_hidden", "decoder_hidden"):
@@ -245,7 +248,8 @@ def test_variant_table():
     assert (flan.d_model, flan.d_ff, flan.feed_forward_proj) == (1024, 2816, "gated-gelu")
     assert not flan.tie_word_embeddings and not flan.scale_decoder_outputs
     # T5-base parameter count as published (docs/DESIGN.md §1: 222,903,552).
-    n = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(vj.init_t5, jax.random.key(0), base)))
+    shapes = jax.eval_shape(vj.init_t5, jax.random.key(0), base)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
     assert n == 222_903_552
     with pytest.raises(ValueError, match="unknown T5 variant 't5-huge'"):
         vj.T5Config.variant("t5-huge")

@@ -477,8 +477,8 @@ class EvalBatches:
             rows = [self._row(i) if ok else None for i, ok in zip(indices, real, strict=True)]
             batch = data_lib.collate(rows, *self._lengths, self._with_label)
             batch["weight"] = np.asarray(real, np.float32)
-            batch["index"] = np.asarray([i if ok else -1 for i, ok in zip(indices, real, strict=True)],
-                                        np.int32)
+            batch["index"] = np.asarray(
+                [i if ok else -1 for i, ok in zip(indices, real, strict=True)], np.int32)
             yield batch
 
 

@@ -1,4 +1,4 @@
-"""Named splits of file sources (`text:`, `jsonl:`), as HF datasets' `data_files` and tfds give them.
+"""Named splits of `text:` and `jsonl:` sources, as HF datasets' `data_files` and tfds give them.
 
 A split spec is `NAME`, `NAME[start:end]` (ints or percents, as tfds slices) or several joined
 by "+" (`train+unlabeled`); `all` is every record whatever its split. Where a source's splits

@@ -121,8 +121,9 @@ def build_unlabeled(root: str | None = None) -> list[dict]:
     labelled = {e["text"] for examples in build(root).values() for e in examples}
     others = set()
     for name in sorted(os.listdir(root)):
-        if name not in _SKIP_DIRS and (name.endswith(".py") or os.path.isdir(os.path.join(root, name))):
-            others.update(_package_docstrings(os.path.join(root, name)))
+        path = os.path.join(root, name)
+        if name not in _SKIP_DIRS and (name.endswith(".py") or os.path.isdir(path)):
+            others.update(_package_docstrings(path))
     return sorted(({"text": text, "label": -1} for text in others
                    if split_of(text) == "train" and text not in labelled),
                   key=lambda e: _digest("order:" + e["text"]))

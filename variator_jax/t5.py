@@ -1,4 +1,4 @@
-"""T5 in Flax Linen: `T5Config` (HF config.json, variant table) and modules named as HF names them."""
+"""T5 in Flax Linen: `T5Config` (HF config.json, variant table) and modules named as in HF."""
 from __future__ import annotations
 
 import dataclasses
@@ -92,11 +92,13 @@ class T5Config:
     name: str = ""  # Identity of the backbone (variant name or path), for plugin fingerprints.
     # How the model runs, not what it is (never written to config.json; see RUNTIME_FIELDS):
     scan_layers: bool = True  # nn.scan over each stack's layers (params stacked on `layers`).
-    remat: str = "none"  # Per-layer rematerialisation: "none", "full", or a jax.checkpoint_policies name.
+    # Per-layer rematerialisation: "none", "full", or a jax.checkpoint_policies name.
+    remat: str = "none"
     # Encoder self-attention: "dense", "blocked", "auto" (blocked on CPU, else dense), or
     # `jax.nn.dot_product_attention`'s "xla" or "cudnn" (fused; GPU, bf16/fp16 only).
     attention: str = "auto"
-    attention_block_bytes: int = 4 << 20  # "blocked": bytes of float32 scores per block, per device.
+    # "blocked": bytes of float32 scores per block, per device.
+    attention_block_bytes: int = 4 << 20
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -164,7 +166,8 @@ class T5Config:
         _check_hf_types(d, name or "config")
         model_type = d.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
-            raise ValueError(f"config model_type is {model_type!r}, not a T5 (expected 't5' or 'mt5')")
+            raise ValueError(f"config model_type is {model_type!r}, not a T5 "
+                             "(expected 't5' or 'mt5')")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields and k not in RUNTIME_FIELDS}
         kw.setdefault("tie_word_embeddings", True)
@@ -187,10 +190,10 @@ class T5Config:
     def variant(cls, name: str, **overrides) -> T5Config:
         """A published size: t5-{small,base,large,3b,11b}, t5-v1_1-* and flan-t5-* {small..xxl}."""
         short = name.split("/")[-1]
-        for prefix, table, kw in (
-                ("t5-v1_1-", _T5_V1_1, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-                ("flan-t5-", _T5_V1_1, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-                ("t5-", _T5_V1_0, dict(feed_forward_proj="relu", tie_word_embeddings=True))):
+        v1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        v1_0 = dict(feed_forward_proj="relu", tie_word_embeddings=True)
+        for prefix, table, kw in (("t5-v1_1-", _T5_V1_1, v1_1), ("flan-t5-", _T5_V1_1, v1_1),
+                                  ("t5-", _T5_V1_0, v1_0)):
             if short.startswith(prefix) and short[len(prefix):] in table:
                 d_model, d_kv, d_ff, layers, heads = table[short[len(prefix):]]
                 kw = dict(kw, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
@@ -292,8 +295,9 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
     # float32 log, then truncation toward zero: bit-compatible with HF's `.to(torch.long)`.
-    large = max_exact + (jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
-                         / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    log_ratio = jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
+    large = max_exact + (log_ratio / np.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return buckets + jnp.where(is_small, relative_position, large)
 
@@ -476,8 +480,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, kv, bias, deterministic=True, cache=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        proj = functools.partial(nn.DenseGeneral, features=(cfg.num_heads, cfg.d_kv), use_bias=False,
-                                 dtype=dt, param_dtype=jnp.float32,
+        proj = functools.partial(nn.DenseGeneral, features=(cfg.num_heads, cfg.d_kv),
+                                 use_bias=False, dtype=dt, param_dtype=jnp.float32,
                                  kernel_init=_dense_init(("embed", "heads", "kv")))
         if x is None:  # Cross-attention keys/values for a decoding cache.
             return None, {"k": proj(name="k")(kv), "v": proj(name="v")(kv)}
@@ -586,7 +590,8 @@ RESIDUAL_AXES = ("batch", "length", "embed")
 
 
 class EncoderBlock(nn.Module):
-    """One encoder layer, in the form `nn.scan` wants: (h, *broadcast, plugin layer) -> (h, None)."""
+    """One encoder layer, in the form `nn.scan` wants:
+    (h, *broadcast, plugin layer) -> (h, None)."""
     cfg: T5Config
     pcfg: PluginConfig | None = None
     deterministic: bool = True
