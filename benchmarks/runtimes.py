@@ -32,8 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
-from benchmarks import speed  # noqa: E402
-from benchmarks import host  # noqa: E402
+from benchmarks import host, speed  # noqa: E402
 from variator_jax import cli, onnx_export, timing  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402
@@ -103,8 +102,8 @@ def write_models(args, directory):
         # Weights at a scale where merging and decompression both move the output: a wrong
         # plugin wiring in any runtime then shows in its difference to JAX.
         params = vj.init_plugin(jax.random.key(args.seed + k), cfg, pcfg)
-        params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(k), x.shape),
-                              params)
+        params = jax.tree.map(
+            lambda x, k=k: x + 0.05 * jax.random.normal(jax.random.key(k), x.shape), params)
         plugin_dirs[k] = os.path.join(directory, f"plugin-k{k}")
         vj.save_plugin(plugin_dirs[k], pcfg, params, identity)
     return backbone_dir, plugin_dirs
@@ -129,7 +128,8 @@ def measure_shape(cfg, runners, batch: int, n: int, args) -> list[dict]:
                    over_jax=speed.paired_ratio(off, times["jax", None]),
                    max_rel_diff=max(d for (rt, _), d in diffs.items() if rt == runtime))
         for k in args.ratios:
-            ceiling = base_flops / encoder_flops(cfg, n, ratio=k, bottleneck=args.bottleneck)["total"]
+            flops_k = encoder_flops(cfg, n, ratio=k, bottleneck=args.bottleneck)["total"]
+            ceiling = base_flops / flops_k
             stats = timing.speedup_stats(off, times[runtime, k], ceiling)
             row[f"k={k}"] = dict(stats, fraction=stats["speedup"] / ceiling)
         rows.append(row)
@@ -156,7 +156,8 @@ def parse_args(argv):
     p.add_argument("--lengths", default="128,512", help="encoder lengths n")
     p.add_argument("--ratios", default="2,4,8", help="plugin compression ratios k")
     p.add_argument("--bottleneck", type=int, default=64, help="plugin bottleneck r")
-    p.add_argument("--runtimes", default=",".join(RUNTIMES), help="a subset of " + ",".join(RUNTIMES))
+    p.add_argument("--runtimes", default=",".join(RUNTIMES),
+                   help="a subset of " + ",".join(RUNTIMES))
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
     p.add_argument("--attention", default="auto",
                    help="JAX's T5Config.attention: auto (blocked on CPU, dense elsewhere), "

@@ -37,7 +37,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -45,9 +45,16 @@ import numpy as np
 from variator_jax import cli, serving
 from variator_jax.report import markdown_table
 from variator_jax.serving import OFF, AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig
+
 # The trace and its replay (also reached as benchmarks.serve.make_trace etc.).
-from variator_jax.simulation import (DEFAULT_PHASES, Phase, make_trace, parse_phases, simulate,
-                                     summarize)
+from variator_jax.simulation import (
+    DEFAULT_PHASES,
+    Phase,
+    make_trace,
+    parse_phases,
+    simulate,
+    summarize,
+)
 
 
 # -- Report ---------------------------------------------------------------------------------------
@@ -164,8 +171,8 @@ def build_bank(args):
         cfg = tiny_config()
         backbone = vj.init_t5(jax.random.key(args.seed), cfg)
     if args.plugins:
-        plugins = dict((pc.ratio, (pc, p)) for pc, p in
-                       (vj.load_plugin(d, cfg=cfg, backbone=backbone) for d in args.plugins.split(",")))
+        loaded = (vj.load_plugin(d, cfg=cfg, backbone=backbone) for d in args.plugins.split(","))
+        plugins = {pc.ratio: (pc, p) for pc, p in loaded}
     else:  # Untrained plugins: right for timing, and the quality proxy says how far off they are.
         plugins = {}
         for k in _ints(args.ratios):

@@ -8,10 +8,11 @@ what is served is scored. The arrival trace is open-loop Poisson in machine-inde
 as the simulation's (`variator_jax/simulation.py`): rates in units of C1, the uncompressed
 capacity: by default the inputs/s the server answers through HTTP at ratio 1, measured just
 before (`--units profile`: full batches of the largest bucket by the start-up profile, which
-overstates it where HTTP handling shares the host with the model),
-the durations of its phases shares of `--seconds`, the wall-clock length of the trace. The same trace is sent once per policy, pinned by the request's "ratio"
-(always uncompressed, always k = 4) or left to the server (adaptive), and then an overload
-trace (a burst of 3 x C1) against the adaptive server, which must shed the excess with 503.
+overstates it where HTTP handling shares the host with the model), the durations of its phases
+shares of `--seconds`, the wall-clock length of the trace. The same trace is sent once per
+policy, pinned by the request's "ratio" (always uncompressed, always k = 4) or left to the
+server (adaptive), and then an overload trace (a burst of 3 x C1) against the adaptive server,
+which must shed the excess with 503.
 
 Reported per policy: answered inputs/s, p50/p95/p99 latency (arrival to answer, as the client
 sees it), the share of requests answered within the server's latency budget (a shed or failed
@@ -163,7 +164,7 @@ async def drive(session, url: str, load: Load, times, ratio: int | None, per_req
         if record["status"] == 200:
             gold = [load.labels[j] for j in picks[i]]
             record.update(ratio=out["ratio"], ratios=out["ratios"],
-                          correct=sum(a == b for a, b in zip(out["labels"], gold)),
+                          correct=sum(a == b for a, b in zip(out["labels"], gold, strict=True)),
                           inputs=per_request, queue_ms=out["queue_ms"],
                           compute_ms=out["compute_ms"])
         return record
@@ -226,7 +227,7 @@ async def overhead_probe(session, url: str, load: Load, n: int) -> dict:
                                 json={"inputs": [load.texts[i % len(load.texts)]]}) as r:
             out = await r.json()
         rows.append(((time.monotonic() - sent) * 1e3, out["compute_ms"], out["queue_ms"]))
-    total, compute, queue = map(np.median, zip(*rows))
+    total, compute, queue = map(np.median, zip(*rows, strict=True))
     return dict(requests=n, latency_ms=float(total), compute_ms=float(compute),
                 queue_ms=float(queue), overhead_ms=float(total - compute),
                 overhead_share=float((total - compute) / compute))
@@ -251,7 +252,7 @@ def plot(runs: dict, budget_s: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.6 * len(runs)), sharex=True)
-    for ax, (name, records) in zip(np.atleast_1d(axes), runs.items()):
+    for ax, (name, records) in zip(np.atleast_1d(axes), runs.items(), strict=True):
         ok = [r for r in records if r["status"] == 200]
         shed = [r["t"] for r in records if r["status"] != 200]
         ax.scatter([r["t"] for r in ok], [r["latency"] * 1e3 for r in ok], s=3, alpha=0.5)
@@ -398,7 +399,8 @@ def main(argv=None) -> dict:
         json.dump(result, f, indent=1, default=str)
     with open(stem + ".md", "w") as f:
         f.write(f"# variator-serve under load ({info['cpu']}, {info['cores']} cores, "
-                f"{info['date']})\n\nT0 {load.t0 * 1e3:.1f} ms, profiled C1 {load.c1:.0f} inputs/s, "
+                f"{info['date']})\n\nT0 {load.t0 * 1e3:.1f} ms, "
+                f"profiled C1 {load.c1:.0f} inputs/s, "
                 f"measured through HTTP {result['c1_measured_inputs_s']:.0f} inputs/s (load in "
                 f"units of the {result['units']} one), "
                 f"budget {load.budget_s * 1e3:.0f} ms, {args.per_request} inputs per request; "

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import variator_jax as vj
-from variator_jax import compressors, evaluate
 from tests.test_utils import tiny_t5
+from variator_jax import compressors, evaluate
 
 
 def _inputs(b=3, n=16, d=8, seed=0):
@@ -34,6 +34,9 @@ def np_mean_pool(x, mask, k):
 
 def np_tome(x, mask, k):
     """ToMe's bipartite soft matching written as lists of (sum, size, members)."""
+    def unit(v):
+        return v / max(np.linalg.norm(v), 1e-12)
+
     b, n, d = x.shape
     merged, assign = np.zeros((b, n // k, d)), np.zeros((b, n), int)
     for row in range(b):
@@ -43,7 +46,6 @@ def np_tome(x, mask, k):
             m = len(tokens)
             r = min(m // 2, m - n // k)
             a_set, b_set = tokens[0::2], tokens[1::2]
-            unit = lambda v: v / max(np.linalg.norm(v), 1e-12)
             best, partner = [], []
             for a_sum, a_size, _ in a_set:
                 scores = [unit(a_sum) @ unit(b_sum) if b_size > 0 else -np.inf
@@ -171,7 +173,8 @@ def test_compressor_plugin_files_round_trip(tmp_path):
 
 
 def test_unknown_compressor_is_one_clear_error():
-    with pytest.raises(ValueError, match="compressor 'avg'.*known: variator, mean_pool, tome, strided"):
+    with pytest.raises(ValueError,
+                       match="compressor 'avg'.*known: variator, mean_pool, tome, strided"):
         vj.PluginConfig(ratio=4, compressor="avg")
 
 
@@ -196,6 +199,7 @@ def test_a_compressor_serves_like_a_plugin():
 
 def test_attach_plugin_refuses_a_training_free_compressor(tmp_path):
     import transformers
+
     from variator_jax import torch_plugin
     cfg, backbone = _model()
     pcfg = vj.PluginConfig(ratio=4, compressor="mean_pool")

@@ -11,8 +11,8 @@ import torch
 import transformers
 
 import variator_jax as vj
-from variator_jax import convert
 from tests.hf_reference import build_hf_t5, padded_batch, rel_diff, save_hf_dir
+from variator_jax import convert
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_save_then_from_pretrained_is_exact(variant, tmp_path):
     assert again.config.scale_decoder_outputs == model.config.scale_decoder_outputs
     ids, mask, dec = padded_batch(cfg.vocab_size)
     with torch.no_grad():
-        ref = again(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+        ref = again(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask),
                     decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
     assert rel_diff(vj.forward(cfg, backbone, ids, mask, dec)["logits"], ref) < 1e-4
 
@@ -81,7 +82,8 @@ def test_bfloat16_checkpoint_loads_as_float32(hf_dir, tmp_path):
     _, backbone = vj.load_hf_t5(tmp_path)
     leaf = backbone["shared"]["embedding"]
     assert leaf.dtype == np.float32
-    np.testing.assert_array_equal(leaf, model.shared.weight.detach().to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(
+        leaf, model.shared.weight.detach().to(torch.bfloat16).float().numpy())
 
 
 def _copy(path, tmp_path):
@@ -115,7 +117,8 @@ def test_other_architecture_and_mismatched_config(hf_dir, tmp_path):
     with pytest.raises(ValueError, match="model_type is 'bert', not a T5"):
         vj.load_hf_t5(other)
     (other / "config.json").write_text(json.dumps(dict(config, d_ff=48)))
-    with pytest.raises(vj.CheckpointError, match=r"DenseReluDense.wi_0.weight has shape \(40, 24\), expected \(48, 24\)"):
+    with pytest.raises(vj.CheckpointError, match=r"DenseReluDense.wi_0.weight has shape "
+                                                 r"\(40, 24\), expected \(48, 24\)"):
         vj.load_hf_t5(other)
     (other / "config.json").write_text(json.dumps(dict(config, num_layers=3)))
     with pytest.raises(vj.CheckpointError, match=r"missing keys \(\d+\): encoder.block.2"):
@@ -132,7 +135,8 @@ def test_key_table_covers_hf_state_dict():
         cfg = vj.T5Config.from_hf(model.config.to_dict(),
                                   tie_word_embeddings=variant == "v1_0")
         table = {row.hf_key for row in convert.key_table(cfg)}
-        tied_head = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # Same tensor as shared.
+        # The tied head is the same tensor as `shared`.
+        tied_head = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
         assert table == set(model.state_dict()) - convert._IGNORED - tied_head
 
 
@@ -156,7 +160,8 @@ def test_save_hf_t5_with_a_tokenizer_is_a_complete_hf_directory(tmp_path):
     text = "Return the absolute value of x."
     assert tok(text)["input_ids"] == transformers.ByT5Tokenizer()(text)["input_ids"]
     assert tok(text)["input_ids"][:3] == [ord("R") + 3, ord("e") + 3, ord("t") + 3]  # Bytes + 3.
-    assert transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out").config.vocab_size == 384
+    reloaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert reloaded.config.vocab_size == 384
     assert len(vj.load_tokenizer(None, str(tmp_path / "out"))) == len(tok)
     small = cfg.replace(vocab_size=100)  # ByT5's 384 tokens cannot fit: nothing is written.
     with pytest.raises(ValueError, match="384 tokens, more than the model's vocab_size 100"):

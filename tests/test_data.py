@@ -346,7 +346,8 @@ def test_source_errors(tmp_path):
         data.read_source(f"jsonl:{_write(tmp_path / 'e.jsonl', '')}")
     with pytest.raises(ValueError, match=r"b.jsonl:2: invalid JSON"):
         data.read_source(f"jsonl:{_write(tmp_path / 'b.jsonl', '{}' + chr(10) + '{oops')}")
-    with pytest.raises(ValueError, match="unknown builtin corpus 'wiki'; known: pydoc, stdlib_docs"):
+    with pytest.raises(ValueError,
+                       match="unknown builtin corpus 'wiki'; known: pydoc, stdlib_docs"):
         data.read_source("builtin:wiki")
     with pytest.raises(ValueError, match="bad split"):
         data.read_source("builtin:pydoc", split="train[a:b]")
@@ -554,7 +555,7 @@ def test_tfds_glue_sst2(tfds, tmp_path, tok):
     assert all(isinstance(e["sentence"], str) and e["label"] in (0, 1) for e in examples)
     b = next(it)
     got = sorted((tok.decode(ids, skip_special_tokens=True), int(label))
-                 for ids, label in zip(b["input_ids"], b["label"]))
+                 for ids, label in zip(b["input_ids"], b["label"], strict=True))
     want = sorted(("sst2 sentence: " + e["sentence"], e["label"]) for e in examples)
     assert got == want
     labels = [tok.decode(ids, skip_special_tokens=True) for ids in b["labels"]]

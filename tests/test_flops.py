@@ -2,7 +2,6 @@
 import types
 
 import numpy as np
-
 import pytest
 
 from variator_jax import flops
@@ -106,8 +105,10 @@ def _closed_form_ratio(cfg, n, k, r):
 
 def test_large_n_approaches_closed_form():
     cfg = T5Config.variant("t5-base")
-    ratio = lambda n, k: (flops.encoder_flops(cfg, n, k)["total"]
-                          / flops.encoder_flops(cfg, n)["total"])
+
+    def ratio(n, k):
+        return flops.encoder_flops(cfg, n, k)["total"] / flops.encoder_flops(cfg, n)["total"]
+
     assert ratio(4096, 4) == pytest.approx(_closed_form_ratio(cfg, 4096, 4, 64), rel=1e-12)
     # Off a multiple of k, padding costs O(k/n): gone for large n, visible for small n.
     small, large = 4 * 8 + 1, 4 * 4096 + 1
@@ -154,6 +155,7 @@ def test_analytic_count_agrees_with_xla(ratio):
     """The count agrees with XLA's own cost analysis of the compiled forward (issue: 10 %).
     Layers unrolled: XLA's cost analysis counts the body of a scan's loop once, not per layer."""
     import jax
+
     import variator_jax as vj
     cfg = vj.T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
                       scan_layers=False)
@@ -167,4 +169,5 @@ def test_analytic_count_agrees_with_xla(ratio):
     cost = vj.forward.lower(cfg, backbone, ids, ids, dec, plugin=plugin).compile().cost_analysis()
     xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     for elementwise in (False, True):
-        assert abs(flops.forward_flops(cfg, n, m, ratio=ratio, elementwise=elementwise) / xla - 1) < 0.1
+        count = flops.forward_flops(cfg, n, m, ratio=ratio, elementwise=elementwise)
+        assert abs(count / xla - 1) < 0.1

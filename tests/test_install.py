@@ -37,7 +37,8 @@ def test_wheel_installs_into_a_fresh_venv_and_its_cli_trains(tmp_path):
     venv = tmp_path / "venv"
     _check([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = str(venv / "bin" / "python")
-    site = _check([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+    site = _check([python, "-c",
+                   "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
     with open(os.path.join(site, "borrowed_deps.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     with open(os.path.join(site, "no_tensorflow.pth"), "w") as f:  # TF is opt-in ([tfds]).

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import variator_jax as vj
-from variator_jax import cli, onnx_export
-
 from tests.test_utils import REPO, make_hf_dir, tiny_t5
+from variator_jax import cli, onnx_export
 
 VOCAB = 64
 # (batch, n): one token; n < 4 and 8, batch 1; n a multiple of 2, 4 and 8 (nothing to pad to
@@ -47,7 +46,7 @@ def _plugin_dir(path, backbone_dir, k, seed=1):
     leaves, tree = jax.tree.flatten(plugin)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     plugin = jax.tree.unflatten(tree, [x + 0.5 * jax.random.normal(key, x.shape)
-                                       for x, key in zip(leaves, keys)])
+                                       for x, key in zip(leaves, keys, strict=True)])
     vj.save_plugin(path, pcfg, plugin, vj.backbone_identity(cfg, backbone))
     return str(path)
 

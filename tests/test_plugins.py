@@ -1,4 +1,5 @@
-"""The plugin (docs/DESIGN.md §1) against an independent NumPy restatement and the PyTorch export."""
+"""The plugin (docs/DESIGN.md §1) against an independent NumPy restatement and the PyTorch
+export."""
 import json
 import os
 import warnings
@@ -11,17 +12,19 @@ import safetensors.numpy
 import torch
 
 import variator_jax as vj
-from variator_jax import plugins, t5, torch_plugin
 from tests import plugin_reference as ref
 from tests.hf_reference import build_hf_t5, padded_batch, rel_diff, save_hf_dir
+from variator_jax import plugins, t5, torch_plugin
 
 D, R = 12, 5  # r differs from d and 2d, so a transposed weight cannot pass unnoticed.
 
 
 def _file_layer_to_tree(layer):
     """Reference weights (file convention, [out, in]) -> one layer of the JAX plugin tree."""
-    lin = lambda name: {"kernel": jnp.asarray(layer[f"{name}.weight"].T, jnp.float32),
-                        "bias": jnp.asarray(layer[f"{name}.bias"], jnp.float32)}
+    def lin(name):
+        return {"kernel": jnp.asarray(layer[f"{name}.weight"].T, jnp.float32),
+                "bias": jnp.asarray(layer[f"{name}.bias"], jnp.float32)}
+
     return {"compress": lin("compress"),
             "decompress": {"wi": lin("decompress.wi"), "wo": lin("decompress.wo")}}
 
@@ -30,8 +33,8 @@ def random_plugin(cfg, pcfg, seed=0, scale=0.3, per_layer=False):
     """Plugin params with non-trivial weights (the init is near zero and would hide bugs),
     stacked over layers as `init_plugin` makes them, or `per_layer` ({"block_i": ...})."""
     rng = np.random.default_rng(seed)
-    layers = {f"block_{i}": _file_layer_to_tree(ref.random_plugin_layer(rng, cfg.d_model, pcfg.ratio,
-                                                                        pcfg.bottleneck, scale))
+    layers = {f"block_{i}": _file_layer_to_tree(
+                  ref.random_plugin_layer(rng, cfg.d_model, pcfg.ratio, pcfg.bottleneck, scale))
               for i in range(cfg.num_layers)}
     return layers if per_layer else plugins.as_plugin((pcfg, layers)).params
 
@@ -47,13 +50,18 @@ def test_ffn_block_matches_reference(k, n, mask_aware):
     h = rng.normal(size=(2, n, D))
     mask = np.ones((2, n), np.int32)
     mask[1, 2:] = 0  # Row 2: groups that mix real and pad members, and all-pad groups.
-    wi, wo, norm_w = rng.normal(size=(20, D)) * 0.3, rng.normal(size=(D, 20)) * 0.3, rng.normal(size=D)
+    wi, wo, norm_w = (rng.normal(size=(20, D)) * 0.3, rng.normal(size=(D, 20)) * 0.3,
+                      rng.normal(size=D))
     layer = ref.random_plugin_layer(rng, D, k, R)
     want = ref.reference_ffn_block(h, mask, ref.reference_relu_ffn(wi, wo), norm_w, 1e-6, layer, k,
                                    mask_aware)
     pcfg = vj.PluginConfig(ratio=k, bottleneck=R, mask_aware=mask_aware)
-    x = t5.RMSNorm(1e-6, jnp.float32).apply({"params": {"weight": jnp.asarray(norm_w)}}, jnp.asarray(h))
-    ffn = lambda c: jax.nn.relu(c @ wi.T.astype(np.float32)) @ wo.T.astype(np.float32)
+    x = t5.RMSNorm(1e-6, jnp.float32).apply({"params": {"weight": jnp.asarray(norm_w)}},
+                                            jnp.asarray(h))
+
+    def ffn(c):
+        return jax.nn.relu(c @ wi.T.astype(np.float32)) @ wo.T.astype(np.float32)
+
     got = h + plugins.compressed_ffn(x, jnp.asarray(mask), _file_layer_to_tree(layer), pcfg, ffn)
     assert rel_diff(got, want) < 1e-5
 
@@ -86,7 +94,8 @@ def test_jax_matches_pytorch_attach_plugin(variant, k, tmp_path):
                   decoder_input_ids=torch.tensor(dec, dtype=torch.long))
     got = vj.forward(cfg, backbone, ids, mask, dec, plugin=(pcfg, plugin))
     real = mask > 0
-    assert rel_diff(got["encoder_hidden"][real], want.encoder_last_hidden_state.numpy()[real]) < 1e-4
+    want_hidden = want.encoder_last_hidden_state.numpy()
+    assert rel_diff(got["encoder_hidden"][real], want_hidden[real]) < 1e-4
     assert rel_diff(got["logits"], want.logits.numpy()) < 1e-4
     # ... and the plugin changes the model: a no-op plugin could not pass this.
     assert rel_diff(got["logits"], vj.forward(cfg, backbone, ids, mask, dec)["logits"]) > 0.05
@@ -145,7 +154,8 @@ def test_gradients_reach_only_the_plugin():
     teacher = vj.forward(cfg, backbone, ids, mask, dec)
 
     def loss(plugin, backbone):
-        out = vj.forward(cfg, jax.lax.stop_gradient(backbone), ids, mask, dec, plugin=(pcfg, plugin))
+        out = vj.forward(cfg, jax.lax.stop_gradient(backbone), ids, mask, dec,
+                         plugin=(pcfg, plugin))
         return jnp.mean((out["encoder_hidden"] - teacher["encoder_hidden"]) ** 2)
 
     g_plugin, g_backbone = jax.grad(loss, argnums=(0, 1))(plugin, backbone)
@@ -177,7 +187,8 @@ def test_param_count_formula():
     for k, r in ((2, 7), (3, 64)):
         pcfg = vj.PluginConfig(ratio=k, bottleneck=r)
         tree = jax.eval_shape(vj.init_plugin, jax.random.key(0), cfg, pcfg)
-        assert sum(x.size for x in jax.tree_util.tree_leaves(tree)) == vj.plugin_param_count(cfg, pcfg)
+        count = sum(x.size for x in jax.tree_util.tree_leaves(tree))
+        assert count == vj.plugin_param_count(cfg, pcfg)
 
 
 def test_plugin_file_round_trip_and_layout(tmp_path):
@@ -260,12 +271,14 @@ def test_plugin_file_errors(tmp_path):
              "missing key encoder.block.1.plugin.decompress.wo.bias"),
             (lambda t: t.update({"encoder.block.0.plugin.extra.weight": np.zeros(2, np.float32)}),
              "unexpected key encoder.block.0.plugin.extra.weight"),
-            (lambda t: t.update({"encoder.block.0.plugin.compress.weight": np.zeros((2, 5), np.float32)}),
+            (lambda t: t.update({"encoder.block.0.plugin.compress.weight":
+                                 np.zeros((2, 5), np.float32)}),
              r"encoder.block.0.plugin.compress.weight has shape \(2, 5\), expected \(2, 24\)")):
         changed = dict(tensors)
         edit(changed)
         (tmp_path / "q").mkdir(exist_ok=True)
-        (tmp_path / "q" / "plugin_config.json").write_text((tmp_path / "p" / "plugin_config.json").read_text())
+        config = (tmp_path / "p" / "plugin_config.json").read_text()
+        (tmp_path / "q" / "plugin_config.json").write_text(config)
         safetensors.numpy.save_file(changed, str(tmp_path / "q" / "plugin.safetensors"))
         with pytest.raises(ValueError, match=message):
             vj.load_plugin(tmp_path / "q")
@@ -281,8 +294,12 @@ def test_plugin_file_errors(tmp_path):
 def test_switching_plugins_compiles_once_per_ratio():
     cfg, backbone = _tiny()
     ids, mask, dec = padded_batch(40, n=23)  # A shape no other test compiled.
-    bank = {k: [random_plugin(cfg, vj.PluginConfig(k, R), seed=s) for s in range(2)] for k in (2, 4)}
-    run = lambda plugin: vj.forward(cfg, backbone, ids, mask, dec, plugin=plugin)["logits"]
+    bank = {k: [random_plugin(cfg, vj.PluginConfig(k, R), seed=s) for s in range(2)]
+            for k in (2, 4)}
+
+    def run(plugin):
+        return vj.forward(cfg, backbone, ids, mask, dec, plugin=plugin)["logits"]
+
     before = vj.forward._cache_size()
     outs = [run(None)]
     for k in (2, 4):

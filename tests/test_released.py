@@ -21,8 +21,8 @@ import transformers
 from torch import nn
 
 import variator_jax as vj
-from variator_jax import cli, convert, released, torch_plugin
 from tests.hf_reference import build_hf_t5, rel_diff, save_hf_dir
+from variator_jax import cli, convert, released, torch_plugin
 
 S = 100.0  # ModelCenter's `scale` for T5 / T5-v1.1
 K, R = 4, 16  # r = 16, not the default 64: the importer must infer it from the shapes
@@ -112,7 +112,8 @@ def run_released(mc, mux_layers, ids, mask):
         return hidden_states + mux.demux(x, x_before)
 
     mc = copy.deepcopy(mc)
-    for block, mux in zip(mc.encoder.block, mux_layers):
+    # `mux_layers` is one per block, or [] for ModelCenter's plain encoder (nothing patched).
+    for block, mux in zip(mc.encoder.block, mux_layers, strict=bool(mux_layers)):
         layer_ff = block.layer[-1]
         layer_ff.forward = lambda h, layer_ff=layer_ff, mux=mux: ffn_forward(layer_ff, mux, h)
     with torch.no_grad():
@@ -139,7 +140,8 @@ def raw_weights(d, num_layers, regime, seed=0):
             layer["demux_adapter.w_in.weight"][:, :d] *= S
             layer["demux_adapter.w_out.weight"] /= S
             layer["demux_adapter.w_out.bias"] /= S
-        raw.update({f"{i}.{name}": torch.tensor(v, dtype=torch.float32) for name, v in layer.items()})
+        raw.update({f"{i}.{name}": torch.tensor(v, dtype=torch.float32)
+                    for name, v in layer.items()})
     return raw
 
 
@@ -271,7 +273,8 @@ def test_cli_writes_plugin_that_torch_and_jax_run_alike(t5, tmp_path):
     model = transformers.T5ForConditionalGeneration.from_pretrained(t5["hf_dir"]).eval()
     torch_plugin.attach_plugin(model, out)
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+        ref = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask),
                     decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
     assert rel_diff(logits, ref) < 1e-4, rel_diff(logits, ref)
     teacher = np.asarray(vj.forward(cfg, backbone, ids, mask, dec)["logits"])
@@ -291,7 +294,7 @@ def test_scale_check_against_the_files_backbone(t5):
                                        backbone=t5["backbone"])
 
 
-# -- Item 4: bad input, one clear line each ---------------------------------------------------------
+# -- Item 4: bad input, one clear line each --------------------------------------------------------
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -341,9 +344,10 @@ def test_bad_inputs_get_one_clear_line(t5, tmp_path):
     torch.save(state, tmp_path / "missing.pkl")
     assert "lacks mux_layer.1.demux_adapter.w_out.bias" in error(str(tmp_path / "missing.pkl"))
     state = torch.load(path, weights_only=True)
-    state["mux_layer.1.demux_adapter.w_in.weight"] = state["mux_layer.1.demux_adapter.w_in.weight"][:8]
+    w_in = "mux_layer.1.demux_adapter.w_in.weight"
+    state[w_in] = state[w_in][:8]
     torch.save(state, tmp_path / "shape.pkl")
-    assert "mux_layer.1.demux_adapter.w_in.weight has shape (8, 48)" in error(str(tmp_path / "shape.pkl"))
+    assert f"{w_in} has shape (8, 48)" in error(str(tmp_path / "shape.pkl"))
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(t5, tmp_path):
@@ -354,8 +358,10 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(t5, tmp_path):
         [sys.executable, "-m", "variator_jax.convert", "released", str(truncated), str(out),
          "--backbone", t5["hf_dir"]],
         capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        env=dict(os.environ,
+                 PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "truncated or corrupt" in lines[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "truncated or corrupt" in lines[0], proc.stderr
     assert not out.exists()

@@ -20,8 +20,11 @@ def test_arrivals_follow_the_phase_rates_in_units_of_c1():
 
 def test_summary_counts_sheds_as_missed_and_scores_answers():
     phases = (Phase("steady", 1, 0.5, 0.5),)
-    ok = lambda t, lat, ratio, correct: dict(t=t, status=200, latency=lat, ratio=ratio,
-                                             ratios=[ratio] * 2, correct=correct, inputs=2)
+
+    def ok(t, lat, ratio, correct):
+        return dict(t=t, status=200, latency=lat, ratio=ratio, ratios=[ratio] * 2,
+                    correct=correct, inputs=2)
+
     records = [ok(0.0, 0.05, 1, 2), ok(1.0, 0.20, 4, 1), ok(2.0, 0.05, 4, 0),
                dict(t=3.0, status=503, latency=0.001, retry_after="1"),
                dict(t=3.5, status=-2, latency=None, error="TimeoutError")]

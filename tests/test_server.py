@@ -52,9 +52,9 @@ def bank_files(tmp_path_factory):
     """A tiny random HF T5 with ByT5's tokenizer saved beside it, and k = 2, 4 plugins."""
     import jax
     import transformers
-    from hf_reference import build_hf_t5, save_hf_dir
 
     import variator_jax as vj
+    from hf_reference import build_hf_t5, save_hf_dir
     root = tmp_path_factory.mktemp("bank")
     backbone_dir = save_hf_dir(build_hf_t5("v1_0", vocab_size=384, d_model=32, d_ff=64),
                                str(root / "backbone"), "v1_0")
@@ -139,7 +139,8 @@ def test_generate_equals_vj_generate(server, reference, ratio):
         assert out["ratios"] == [ratio] * len(TEXTS)
     cfg, backbone, plugins, tok = reference
     expected = []
-    for text, r in zip(TEXTS, out["ratios"]):  # The ratio the server chose, input by input.
+    # The ratio the server chose, input by input.
+    for text, r in zip(TEXTS, out["ratios"], strict=True):
         ids, mask = _batch(tok, [text])
         tokens = np.asarray(vj.generate(cfg, backbone, ids, mask, 5, plugin=plugins[r]))
         expected.append(tok.decode(tokens[0], skip_special_tokens=True))
@@ -207,7 +208,10 @@ def test_admission_sheds_what_would_miss_the_budget():
     bank.policies = {"classify": AdaptivePolicy(profile, PolicyConfig(0.25, max_batch=4))}
     bank.meters, bank.pending = {"classify": RateMeter(1.0)}, {"classify": {}}
     bank.slowdown = {"classify": 1.0}
-    item = lambda ratio=None: server_lib.Item(10.0, np.ones(30, np.int32), ratio)
+
+    def item(ratio=None):
+        return server_lib.Item(10.0, np.ones(30, np.int32), ratio)
+
     for _ in range(6):  # 6 waiting: a batch of 4, then 2 + the new one padded into bucket 4.
         bank.admit("classify", [item()], now=10.0)
     assert bank.predicted_wait("classify", [item()], 10.0) == pytest.approx(0.04 + 0.04)
@@ -216,7 +220,8 @@ def test_admission_sheds_what_would_miss_the_budget():
     assert len(bank.pending["classify"]) == 7
     with pytest.raises(server_lib.HTTPError) as e:  # Pinned uncompressed, 0.15 s late already.
         bank.admit("classify", [item(1)], now=10.15)
-    assert e.value.status == 503 and e.value.retry_after == 1 and "would wait 350 ms" in str(e.value)
+    assert (e.value.status, e.value.retry_after) == (503, 1)
+    assert "would wait 350 ms" in str(e.value)
     assert len(bank.pending["classify"]) == 7  # A refused request is not queued.
     # Batches measured at twice their profiled time: predictions follow (moving average).
     for _ in range(40):
@@ -239,7 +244,8 @@ def test_health_and_models(server):
     assert models["ratios"] == [1, 2, 4] and models["task"]["name"] == TASK
     assert [b["batch"] for b in models["buckets"]] == [1, 4]
     entries = models["profiles"]["classify"]["entries"]
-    assert {(e["ratio"], e["batch"]) for e in entries} == {(r, b) for r in (1, 2, 4) for b in (1, 4)}
+    assert ({(e["ratio"], e["batch"]) for e in entries}
+            == {(r, b) for r in (1, 2, 4) for b in (1, 4)})
     assert models["backbone"]["fingerprint"] and models["budget_ms"]["generate"] > 0
 
 

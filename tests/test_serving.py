@@ -15,8 +15,14 @@ import variator_jax as vj
 from benchmarks import serve
 from tests.test_utils import tiny_t5
 from variator_jax import serving
-from variator_jax.serving import (OFF, AdaptivePolicy, Bucket, LatencyProfile, PolicyConfig,
-                                  QueueState)
+from variator_jax.serving import (
+    OFF,
+    AdaptivePolicy,
+    Bucket,
+    LatencyProfile,
+    PolicyConfig,
+    QueueState,
+)
 
 # d = 32, FFN 512 wide: the FFN dominates, as in real T5s, so FLOPs speedups are 1.6x-3.3x.
 TINY = tiny_t5(vocab_size=64, d_kv=8, num_heads=4, d_ff=512, num_layers=1, num_decoder_layers=1,
@@ -69,13 +75,15 @@ def test_smallest_bucket_that_fits_and_chunks():
 def test_policy_picks_least_compression_by_queue_depth(depth, expected):
     policy = AdaptivePolicy(hand_profile(), PolicyConfig(budget_s=0.0301, margin=0.0))
     decision = policy.choose(queue(depth))
-    assert (decision.ratio, decision.meets_budget, decision.batch) == (expected, True, min(depth, 8))
+    assert ((decision.ratio, decision.meets_budget, decision.batch)
+            == (expected, True, min(depth, 8)))
     assert decision.predicted_s <= 0.0301 + 1e-12
 
 
 def test_policy_respects_allowed_ratios_margin_and_arrival_rate():
     profile = hand_profile()
-    assert AdaptivePolicy(profile, PolicyConfig(0.0301, ratios=(1, 4), margin=0)).choose(queue(32)).ratio == 4
+    only_1_4 = AdaptivePolicy(profile, PolicyConfig(0.0301, ratios=(1, 4), margin=0))
+    assert only_1_4.choose(queue(32)).ratio == 4
     # A 25 % margin turns off's 30 ms for 24 requests into 37.5 ms; k=2: 21 * 1.25 = 26.25.
     assert AdaptivePolicy(profile, PolicyConfig(0.0301, margin=0.25)).choose(queue(24)).ratio == 2
     # One request waiting, but the arrival rate decides: per request, full batches take
@@ -87,7 +95,8 @@ def test_policy_respects_allowed_ratios_margin_and_arrival_rate():
 
 
 def test_policy_falls_back_to_most_compression():
-    policy = AdaptivePolicy(hand_profile(), PolicyConfig(budget_s=0.0301, ratios=(1, 2, 4), margin=0))
+    policy = AdaptivePolicy(hand_profile(),
+                            PolicyConfig(budget_s=0.0301, ratios=(1, 2, 4), margin=0))
     late = policy.choose(queue(4, waited=0.031))  # Everyone already over budget.
     assert (late.ratio, late.meets_budget) == (4, False)
     # 80 requests: at k=4 only the first 6 batches (30 ms) can make it; they do at k=4 only.
@@ -107,7 +116,8 @@ def drain_by_hand(profile, ratio, q, max_batch, margin):
 
 
 def test_policy_never_exceeds_budget_when_a_ratio_could_meet_it():
-    profile = LatencyProfile.from_flops(TINY, (1, 2, 4, 8), serving.bucket_grid((1, 4, 8), (16, 32)),
+    profile = LatencyProfile.from_flops(TINY, (1, 2, 4, 8),
+                                        serving.bucket_grid((1, 4, 8), (16, 32)),
                                         flops_per_s=2e9, overhead_s=2e-4, bottleneck=8)
     rng = np.random.default_rng(0)
     met = fell_back = 0
@@ -169,7 +179,8 @@ def test_profile_from_flops_monotone_and_round_trip():
     assert [profile.seconds[r, big] for r in (1, 2, 4, 8)] == sorted(
         (profile.seconds[r, big] for r in (1, 2, 4, 8)), reverse=True)
     assert profile.capacity(8, 32) / profile.capacity(OFF, 32) > 3
-    assert LatencyProfile.from_dict(json.loads(json.dumps(profile.to_dict()))).seconds == profile.seconds
+    round_trip = LatencyProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert round_trip.seconds == profile.seconds
     # A noisy small bucket measured slower than the big one that contains it is capped.
     noisy = dict(profile.seconds)
     noisy[1, Bucket(2, 16)] = 1.0

@@ -71,7 +71,8 @@ def test_a_split_field_selects_rows(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:4: no 'split' field; the first record has "
                                          r"one, so every record needs one of train"):
         data.read_source(spec, "test")
-    only_train = f"jsonl:{_write_jsonl(tmp_path / 'tr.jsonl', [dict(r, split='train') for r in rows])}"
+    train_rows = [dict(r, split="train") for r in rows]
+    only_train = f"jsonl:{_write_jsonl(tmp_path / 'tr.jsonl', train_rows)}"
     with pytest.raises(ValueError, match="has no split 'test'; its splits: train "):
         pipeline.open_source(only_train, split="test")
 

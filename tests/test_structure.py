@@ -190,7 +190,9 @@ def test_every_document_reference_is_in_the_repository():
 
 
 def test_reference_pattern():
-    found = lambda text: [(m.group(1), m.group(2)) for m in _REFERENCE.finditer(text)]
+    def found(text):
+        return [(m.group(1), m.group(2)) for m in _REFERENCE.finditer(text)]
+
     assert found("see docs/DESIGN.md §1.1, and README.md") == [("docs/DESIGN.md", "1.1"),
                                                                 ("README.md", None)]
     assert found("writes RUN/eval/results.md") == [("RUN/eval/results.md", None)]

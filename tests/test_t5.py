@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import variator_jax as vj
-from variator_jax import t5
 from tests.hf_reference import VARIANTS, build_hf_t5, padded_batch, rel_diff, save_hf_dir
+from variator_jax import t5
 
 
 @pytest.fixture(scope="module", params=[(v, scan) for v in sorted(VARIANTS)
@@ -140,8 +140,10 @@ def test_attention_implementations_match_hf_and_the_blocked_path(pair, attention
     needs a GPU) give HF's encoder output and the CPU default's (blocked), padding included."""
     _, hf, cfg, backbone = pair
     ids, mask, _ = padded_batch(cfg.vocab_size)
-    encode = lambda c: np.asarray(t5.T5(c).apply(  # noqa: E731
-        {"params": backbone}, ids, mask, method=t5.T5.encode))
+
+    def encode(c):
+        return np.asarray(t5.T5(c).apply({"params": backbone}, ids, mask, method=t5.T5.encode))
+
     with torch.no_grad():
         ref = hf.get_encoder()(input_ids=torch.tensor(ids, dtype=torch.long),
                                attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
@@ -163,7 +165,8 @@ def test_relative_position_bucket_matches_hf():
     rel = np.arange(-300, 300)
     for bidirectional in (True, False):
         for buckets, dist in ((32, 128), (8, 20)):
-            ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional, buckets, dist)
+            ref = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional,
+                                                        buckets, dist)
             ours = t5.relative_position_bucket(jnp.array(rel), bidirectional, buckets, dist)
             np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
 
@@ -184,9 +187,11 @@ def test_frozen_backbone_stored_in_bfloat16_gives_the_per_step_cast(pair):
     _, _, cfg, backbone = pair
     cfg = cfg.replace(dtype="bfloat16")
     stored = t5.frozen_in_compute_dtype(cfg, backbone)
-    dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+    dtypes = {jax.tree_util.keystr(p): x.dtype
+              for p, x in jax.tree_util.tree_leaves_with_path(stored)}
     assert {d for k, d in dtypes.items() if "kernel" in k} == {jnp.dtype(jnp.bfloat16)}
-    assert {d for k, d in dtypes.items() if "layer_norm" in k or "relative" in k} == {jnp.dtype(jnp.float32)}
+    assert ({d for k, d in dtypes.items() if "layer_norm" in k or "relative" in k}
+            == {jnp.dtype(jnp.float32)})
     ids, mask, dec = padded_batch(cfg.vocab_size)
     per_step, once = (vj.forward(cfg, b, ids, mask, dec) for b in (backbone, stored))
     for key in ("logits", "encoder_hidden", "decoder_hidden"):
@@ -201,8 +206,11 @@ def test_dropout_is_seeded_and_active():
                       dropout_rate=0.2)
     backbone = vj.init_t5(jax.random.key(0), cfg)
     ids, mask, dec = padded_batch(64)
-    run = lambda seed: vj.forward(cfg, backbone, ids, mask, dec, deterministic=False,
-                                  dropout_rng=jax.random.key(seed, impl="rbg"))["logits"]
+
+    def run(seed):
+        return vj.forward(cfg, backbone, ids, mask, dec, deterministic=False,
+                          dropout_rng=jax.random.key(seed, impl="rbg"))["logits"]
+
     np.testing.assert_array_equal(run(1), run(1))
     assert rel_diff(run(1), run(2)) > 1e-3
     assert rel_diff(run(1), vj.forward(cfg, backbone, ids, mask, dec)["logits"]) > 1e-3
@@ -219,13 +227,16 @@ def test_fully_padded_row_gives_no_nan(pair):
 def test_init_tree_equals_loaded_tree(pair):
     _, _, cfg, backbone = pair
     fresh = jax.eval_shape(vj.init_t5, jax.random.key(0), cfg)
-    shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), tree)
+
+    def shapes(tree):
+        return jax.tree_util.tree_map(lambda x: (x.shape, str(x.dtype)), tree)
+
     assert shapes(fresh) == shapes(backbone)
     axes = t5.logical_axes(cfg)
     # Every parameter is named for sharding, one logical name per dimension.
-    for leaf, spec in zip(jax.tree_util.tree_leaves(fresh),
-                          jax.tree_util.tree_leaves(axes, is_leaf=lambda s: s is not None and
-                                                    type(s).__name__ == "PartitionSpec")):
+    specs = jax.tree_util.tree_leaves(
+        axes, is_leaf=lambda s: s is not None and type(s).__name__ == "PartitionSpec")
+    for leaf, spec in zip(jax.tree_util.tree_leaves(fresh), specs, strict=True):
         assert len(spec) == leaf.ndim and all(isinstance(a, str) for a in spec)
 
 
@@ -237,7 +248,8 @@ def test_variant_table():
     assert (flan.d_model, flan.d_ff, flan.feed_forward_proj) == (1024, 2816, "gated-gelu")
     assert not flan.tie_word_embeddings and not flan.scale_decoder_outputs
     # T5-base parameter count as published (docs/DESIGN.md §1: 222,903,552).
-    n = sum(x.size for x in jax.tree_util.tree_leaves(jax.eval_shape(vj.init_t5, jax.random.key(0), base)))
+    shapes = jax.eval_shape(vj.init_t5, jax.random.key(0), base)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
     assert n == 222_903_552
     with pytest.raises(ValueError, match="unknown T5 variant 't5-huge'"):
         vj.T5Config.variant("t5-huge")
@@ -265,8 +277,11 @@ def test_remat_policies_give_the_same_gradients():
 
     def grads(remat):
         c = cfg.replace(remat=remat)
-        loss = lambda p: jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
-                                 ["encoder_hidden"] * proj)
+
+        def loss(p):
+            return jnp.sum(vj.forward(c, backbone, ids, mask, dec, plugin=(pcfg, p))
+                           ["encoder_hidden"] * proj)
+
         return jax.grad(loss)(plugin), str(jax.make_jaxpr(jax.grad(loss))(plugin))
 
     want, jaxpr = grads("none")

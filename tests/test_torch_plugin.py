@@ -19,7 +19,6 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 import plugin_reference as ref  # noqa: E402  pylint: disable=wrong-import-position
-
 from variator_jax import torch_plugin  # noqa: E402  pylint: disable=wrong-import-position
 
 D_MODEL, NUM_LAYERS, BOTTLENECK = 32, 2, 16  # r differs from d and 2d: transposes show
@@ -38,7 +37,8 @@ def tiny_t5(ffn="relu", seed=0):
 def random_layers(k, seed=0, d=D_MODEL, num_layers=NUM_LAYERS, r=BOTTLENECK):
     """Per-layer plugin weights, rounded to float32 as they are stored."""
     rng = np.random.default_rng(seed)
-    return [{name: v.astype(np.float32) for name, v in ref.random_plugin_layer(rng, d, k, r).items()}
+    return [{name: v.astype(np.float32)
+             for name, v in ref.random_plugin_layer(rng, d, k, r).items()}
             for _ in range(num_layers)]
 
 
@@ -74,15 +74,19 @@ class _ReferenceFF(nn.Module):
 
     def forward(self, h):
         dense = self.layer_ff.DenseReluDense
-        as_np = lambda t: t.detach().double().numpy()  # noqa: E731
+
+        def as_np(t):
+            return t.detach().double().numpy()
+
         if hasattr(dense, "wi_0"):
             ffn = ref.reference_gated_gelu_ffn(as_np(dense.wi_0.weight), as_np(dense.wi_1.weight),
                                                as_np(dense.wo.weight))
         else:
             ffn = ref.reference_relu_ffn(as_np(dense.wi.weight), as_np(dense.wo.weight))
         norm = self.layer_ff.layer_norm
-        out = ref.reference_ffn_block(as_np(h), self.mask, ffn, as_np(norm.weight), norm.variance_epsilon,
-                                      self.plugin_layer, self.k, self.mask_aware)
+        out = ref.reference_ffn_block(as_np(h), self.mask, ffn, as_np(norm.weight),
+                                      norm.variance_epsilon, self.plugin_layer, self.k,
+                                      self.mask_aware)
         return torch.from_numpy(out).to(h.dtype)
 
 
@@ -90,7 +94,7 @@ def reference_encoder(model, layers, k, mask_aware, ids, mask):
     """[batch, n, d] float64: HF attention + reference FFN blocks, in float64."""
     ref_model = copy.deepcopy(model).double()
     np_mask = None if mask is None else mask.numpy()
-    for block, layer in zip(ref_model.encoder.block, layers):
+    for block, layer in zip(ref_model.encoder.block, layers, strict=True):
         block.layer[-1] = _ReferenceFF(block.layer[-1], layer, k, mask_aware, np_mask)
     with torch.no_grad():
         return ref_model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -116,7 +120,8 @@ def test_reference_reduces_to_plain_t5(ffn):
         layer["decompress.wo.bias"][:] = 0
     ids, mask = batch()
     with torch.no_grad():
-        plain = copy.deepcopy(model).double().encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = copy.deepcopy(model).double().encoder(input_ids=ids,
+                                                      attention_mask=mask).last_hidden_state
     # mask_aware=False: with k = 1 every position is its own group, pads included.
     assert rel_diff(reference_encoder(model, layers, 1, False, ids, mask), plain) < 1e-6
 
@@ -244,7 +249,8 @@ def test_detach_restores_exactly(tmp_path):
     assert rel_diff(logits(), before) > 1e-2
     torch_plugin.detach_plugin(model)
     assert torch.equal(logits(), before)
-    assert all(block.layer[-1] is orig for block, orig in zip(model.encoder.block, originals))
+    assert all(block.layer[-1] is orig
+               for block, orig in zip(model.encoder.block, originals, strict=True))
     assert list(model.state_dict()) == keys
     assert (len(model.encoder._forward_pre_hooks), len(model.encoder._forward_hooks)) == hook_counts
     torch_plugin.attach_plugin(model, plugin_dir)  # attachable again after detach
@@ -280,7 +286,8 @@ def test_generate_with_plugin(tmp_path):
     model.encoder.register_forward_hook(lambda mod, args, out: seen.append(out.last_hidden_state))
     # transformers 5.23 sizes generate's default decoder cache by the encoder's
     # num_layers (2 < 3 decoder layers here), so hand it a growable cache.
-    cache = transformers.EncoderDecoderCache(transformers.DynamicCache(), transformers.DynamicCache())
+    cache = transformers.EncoderDecoderCache(transformers.DynamicCache(),
+                                             transformers.DynamicCache())
     # transformers 5.25 renamed the argument `cache` (`past_key_values` is deprecated).
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
@@ -354,7 +361,8 @@ def test_bad_keys_are_named(tmp_path, case):
         layers[0]["decompress.gate.weight"] = np.zeros((3,), np.float32)
         key = "encoder.block.0.plugin.decompress.gate.weight"
     else:
-        layers[1]["decompress.wi.weight"] = np.ascontiguousarray(layers[1]["decompress.wi.weight"].T)
+        wi = layers[1]["decompress.wi.weight"]
+        layers[1]["decompress.wi.weight"] = np.ascontiguousarray(wi.T)
         key = "encoder.block.1.plugin.decompress.wi.weight"
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         torch_plugin.attach_plugin(model, write_plugin(tmp_path, layers, 2))
@@ -374,7 +382,8 @@ def test_second_attach_and_bad_detach_raise(tmp_path):
 def test_unsupported_scope_and_bad_mask(tmp_path):
     model = tiny_t5()
     with pytest.raises(ValueError, match="scope 'layer'"):
-        torch_plugin.attach_plugin(model, write_plugin(tmp_path / "a", random_layers(2), 2, scope="layer"))
+        torch_plugin.attach_plugin(model, write_plugin(tmp_path / "a", random_layers(2), 2,
+                                                       scope="layer"))
     _assert_untouched(model)
     torch_plugin.attach_plugin(model, write_plugin(tmp_path / "b", random_layers(2), 2))
     ids, mask = batch()

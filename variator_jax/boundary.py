@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from variator_jax.errors import CheckpointError, Interrupted, UserError, describe_os_error
 
@@ -59,7 +59,8 @@ def describe(e: BaseException) -> str:
     """The one line a user sees for `e` (without the `error: ` prefix)."""
     if isinstance(e, (UserError, CheckpointError)):
         return str(e)
-    if isinstance(e, OSError) and e.strerror:  # SaveError & co. have no strerror: their text is the line.
+    # SaveError & co. have no strerror: their text is the line.
+    if isinstance(e, OSError) and e.strerror:
         return describe_os_error(e)
     if isinstance(e, (OSError, ValueError, KeyError, LookupError)):
         return first_line(e)

@@ -14,7 +14,8 @@ import os
 import pickle
 import re
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -72,11 +73,12 @@ def key_table(cfg: T5Config) -> list[_Row]:
                 if i == 0 and j == 0:  # The first layer owns the relative position bias.
                     rows.append(_Row(f"{pre}.{att}.relative_attention_bias.weight",
                                      path + (att, "relative_attention_bias", "embedding"), "copy"))
-                rows.append(_Row(f"{pre}.layer_norm.weight", path + ("layer_norm", "weight"), "copy"))
+                rows.append(_Row(f"{pre}.layer_norm.weight", path + ("layer_norm", "weight"),
+                                 "copy"))
             j = len(attentions)
             pre, path = f"{stack}.block.{i}.layer.{j}", block + (f"layer_{j}",)
-            rows += [_Row(f"{pre}.DenseReluDense.{w}.weight", path + ("DenseReluDense", w, "kernel"),
-                          "linear") for w in ffn]
+            rows += [_Row(f"{pre}.DenseReluDense.{w}.weight",
+                          path + ("DenseReluDense", w, "kernel"), "linear") for w in ffn]
             rows.append(_Row(f"{pre}.layer_norm.weight", path + ("layer_norm", "weight"), "copy"))
         rows.append(_Row(f"{stack}.final_layer_norm.weight", (stack, "final_layer_norm", "weight"),
                          "copy"))
@@ -100,7 +102,8 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
                 out[key] = np.asarray(f.get_tensor(key), dtype=np.float32)
         return out
     except Exception as e:  # safetensors raises its own error types for corrupt files.
-        raise CheckpointError(f"{file}: cannot read safetensors file ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: cannot read safetensors file "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def _read_torch_bin(file: str) -> dict[str, np.ndarray]:
@@ -117,7 +120,8 @@ def torch_load_weights_only(file: str) -> dict:
         import torch
     except ImportError:
         raise CheckpointError(f"{file}: reading PyTorch checkpoints needs torch "
-                              "(pip install 'variator_jax[torch]'), or convert it to safetensors") from None
+                              "(pip install 'variator_jax[torch]'), or convert it to "
+                              "safetensors") from None
     if not os.path.isfile(file):
         raise CheckpointError(f"{file}: no such file")
     with open(file, "rb") as f:
@@ -132,7 +136,8 @@ def torch_load_weights_only(file: str) -> dict:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint ({e})") from None
+            raise CheckpointError(f"{file}: truncated or corrupt PyTorch checkpoint "
+                                  f"({e})") from None
         raise CheckpointError(f"{file}: {_torch_load_problem(e)}") from None
     except PermissionError as e:
         raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
@@ -253,8 +258,8 @@ def tree_from_hf(cfg: T5Config, tensors: dict[str, np.ndarray], source: str = "c
 def tree_to_hf(cfg: T5Config, backbone) -> dict[str, np.ndarray]:
     """Backbone tree (any layout) -> HF state dict (numpy float32, contiguous)."""
     backbone = stacking.to_per_layer(backbone, take=lambda x, i: np.asarray(x[i], np.float32))
-    return {row.hf_key: np.ascontiguousarray(_to_hf(row.kind, np.asarray(get_path(backbone, row.path),
-                                                                         np.float32), cfg))
+    return {row.hf_key: np.ascontiguousarray(
+                _to_hf(row.kind, np.asarray(get_path(backbone, row.path), np.float32), cfg))
             for row in key_table(cfg)}
 
 

@@ -6,7 +6,8 @@ directory (every non-hidden file in it) or a glob (`/data/wiki/*.txt`), plain or
 
 Nothing keeps the text in memory. The first use of a file scans it once (numpy over 16 MiB
 blocks) and writes an index: the byte span of every record (and, for JSONL, its line
-number) as raw int64 files, appended block by block and memory-mapped afterwards; a record is read with one `pread`.
+number) as raw int64 files, appended block by block and memory-mapped afterwards; a record
+is read with one `pread`.
 The index records the file's size and mtime; a file that changed or shrank since is
 re-indexed on the next open. A text document longer than `MAX_RECORD_BYTES` is cut at
 line boundaries into several records, so that one giant "document" (a file without
@@ -32,7 +33,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -188,7 +189,7 @@ def _split_long(f, starts: np.ndarray, ends: np.ndarray, sink: _Sink) -> None:
     for lo in range(0, len(starts), 1 << 20):
         s, e = np.asarray(starts[lo:lo + (1 << 20)]), np.asarray(ends[lo:lo + (1 << 20)])
         out_s, out_e = [], []
-        for start, end in zip(s.tolist(), e.tolist()):
+        for start, end in zip(s.tolist(), e.tolist(), strict=True):
             while end - start > MAX_RECORD_BYTES:
                 f.seek(start)
                 chunk = f.read(MAX_RECORD_BYTES + 1)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -345,11 +346,12 @@ class Task:
             raise ValueError(f"task {self.name} has no labels: verbalizers are for "
                              f"classification tasks")
         first = [tokenizer.encode(label, add_special_tokens=False)[0] for label in self.labels]
-        for i, j in [(i, j) for i in range(len(first)) for j in range(i)]:
-            if first[i] == first[j]:
-                raise ValueError(f"{self.origin or self.name}: labels {self.labels[j]!r} and "
-                                 f"{self.labels[i]!r} share their first token (id {first[i]}); "
-                                 f"the classifier reads one token per label")
+        for i in range(len(first)):
+            for j in range(i):
+                if first[i] == first[j]:
+                    raise ValueError(f"{self.origin or self.name}: labels {self.labels[j]!r} "
+                                     f"and {self.labels[i]!r} share their first token (id "
+                                     f"{first[i]}); the classifier reads one token per label")
         return np.asarray(first, np.int32)
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -106,7 +107,7 @@ class CompileCounter:
       >>> assert c.count == 0
     """
 
-    def __enter__(self) -> "CompileCounter":
+    def __enter__(self) -> CompileCounter:
         self._start, self.count = compile_events(), 0
         return self
 

@@ -7,7 +7,6 @@ of the package but fileio, so that every module may import it."""
 from __future__ import annotations
 
 import contextlib
-
 import errno
 
 from variator_jax import fileio

@@ -5,7 +5,7 @@ import errno
 import os
 import shutil
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 
 def atomic_write(directory: str, name: str, write: Callable[[str], object]) -> None:

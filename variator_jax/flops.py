@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from variator_jax import cli, compressors
-from variator_jax.t5 import T5Config
 from variator_jax.report import markdown_table
+from variator_jax.t5 import T5Config
 
 
 def _plugin_args(ratio: Any, bottleneck: int) -> tuple[int | None, int]:

@@ -29,8 +29,14 @@ from variator_jax.convert import save_hf_t5
 from variator_jax.errors import UserError, user_errors
 from variator_jax.metrics import classification_metrics
 from variator_jax.model import apply_forward as forward  # Un-jitted: steps jit as a whole.
-from variator_jax.plugins import (Plugin, PluginConfig, init_plugin, load_plugin,
-                                  plugin_param_count, save_plugin)
+from variator_jax.plugins import (
+    Plugin,
+    PluginConfig,
+    init_plugin,
+    load_plugin,
+    plugin_param_count,
+    save_plugin,
+)
 from variator_jax.plugins import logical_axes as plugin_logical_axes
 from variator_jax.t5 import T5Config, frozen_in_compute_dtype, init_t5, logical_axes
 

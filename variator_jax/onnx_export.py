@@ -32,7 +32,6 @@ import numpy as np
 
 from variator_jax.errors import UserError
 
-
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "last_hidden_state"
 TOLERANCE = 1e-3  # Relative; float32 reorderings between runtimes stay near 1e-6.
@@ -181,7 +180,8 @@ def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = No
     is above `tolerance`, ValueError for a plugin of another backbone.
 
     Example:
-      >>> export_encoder("export/backbone", "export/encoder-k4.onnx", "demo_workdir/adapt-k4/plugin")
+      >>> export_encoder("export/backbone", "export/encoder-k4.onnx",
+      ...                "demo_workdir/adapt-k4/plugin")
       {'onnx': 1.1e-07, 'torch': 9.6e-08, 'shape': [3, 37]}
     """
     _require_exporter()
@@ -207,8 +207,9 @@ def export_encoder(backbone_dir: str, out_path: str, plugin_dir: str | None = No
         for runtime in ("onnx", "torch"):
             if not result[runtime] <= tolerance:  # `not <=`: NaN fails too.
                 raise ExportError(f"{runtime} output differs from JAX's encoder by "
-                                  f"{result[runtime]:.3g} (relative) on a padded {ids.shape} batch, "
-                                  f"above the tolerance {tolerance:g}; {out_path} not written")
+                                  f"{result[runtime]:.3g} (relative) on a padded {ids.shape} "
+                                  f"batch, above the tolerance {tolerance:g}; {out_path} not "
+                                  "written")
         for name in os.listdir(scratch):
             os.replace(os.path.join(scratch, name), os.path.join(out_dir, name))
     finally:

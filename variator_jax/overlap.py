@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def _hash(text: str) -> int:

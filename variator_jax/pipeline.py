@@ -37,7 +37,7 @@ import atexit
 import json
 import math
 import weakref
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -327,7 +327,7 @@ def gather_state(state: dict) -> dict:
     padded[:raw.size] = raw
     everyone = multihost_utils.process_allgather(padded)
     merged = dict(state, grain={"rows": {}})
-    for size, buf in zip(np.ravel(sizes), everyone):
+    for size, buf in zip(np.ravel(sizes), everyone, strict=True):
         merged["grain"]["rows"].update(json.loads(bytes(buf[:int(size)]))["grain"]["rows"])
     return merged
 
@@ -379,7 +379,10 @@ def train_batches(spec: str, task, tokenizer, *, global_batch_size: int,
             source = _Subset(source, np.flatnonzero(has_label))
     stream = grain.MapDataset.source(source).shuffle(seed=_shuffle_seed(seed)).repeat()
     lengths = (max_input_length, max_target_length)
-    collate = lambda rows_: data_lib.collate(rows_, *lengths, task.kind == "classification")
+
+    def collate(rows_):
+        return data_lib.collate(rows_, *lengths, task.kind == "classification")
+
     block = None
     if task.kind == "pretrain":
         workers = min(int(workers), len(rows))
@@ -471,11 +474,11 @@ class EvalBatches:
         for b in range(self.num_batches):
             indices = [b * self._global_batch_size + r for r in self._rows]
             real = [i < self.num_examples for i in indices]
-            rows = [self._row(i) if ok else None for i, ok in zip(indices, real)]
+            rows = [self._row(i) if ok else None for i, ok in zip(indices, real, strict=True)]
             batch = data_lib.collate(rows, *self._lengths, self._with_label)
             batch["weight"] = np.asarray(real, np.float32)
-            batch["index"] = np.asarray([i if ok else -1 for i, ok in zip(indices, real)],
-                                        np.int32)
+            batch["index"] = np.asarray(
+                [i if ok else -1 for i, ok in zip(indices, real, strict=True)], np.int32)
             yield batch
 
 

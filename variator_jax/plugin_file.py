@@ -37,8 +37,9 @@ KNOWN_FIELDS = REQUIRED_FIELDS + ("compressor", "backbone", "format")
 
 
 def _describe(value) -> str:
-    kind = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
-            list: "a list", dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    kinds = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+             list: "a list", dict: "an object", type(None): "null"}
+    kind = kinds.get(type(value), type(value).__name__)
     return f"{json.dumps(value)} ({kind})"
 
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import warnings
-
 from typing import TYPE_CHECKING, Any
 
 import flax.struct
@@ -217,7 +216,8 @@ def expand(y, x, layer, pcfg: PluginConfig):
     wi, wo = layer["decompress"]["wi"], layer["decompress"]["wo"]
     wi_kernel = wi["kernel"].astype(dt)
     from_y = y @ wi_kernel[:d]  # [batch, n/k, r]
-    pre = (x @ wi_kernel[d:]).reshape(b, n // k, k, -1) + from_y[:, :, None, :] + wi["bias"].astype(dt)
+    from_x = (x @ wi_kernel[d:]).reshape(b, n // k, k, -1)  # [batch, n/k, k, r]
+    pre = from_x + from_y[:, :, None, :] + wi["bias"].astype(dt)
     out = jnp.tanh(pre) @ wo["kernel"].astype(dt) + wo["bias"].astype(dt)  # [batch, n/k, k, d]
     return (out + y[:, :, None, :]).reshape(b, n, d)
 
@@ -244,13 +244,16 @@ def _check_layer_shapes(layer, pcfg, d_model):
     """One layer's params, or all layers' stacked: the compress kernel is [..., k*d, k]."""
     if not pcfg.trainable:
         if layer:
-            raise ValueError(f"a {pcfg.compressor} compressor has no parameters, got {sorted(layer)}")
+            raise ValueError(f"a {pcfg.compressor} compressor has no parameters, "
+                             f"got {sorted(layer)}")
         return
     kernel = layer["compress"]["kernel"]
     if kernel.shape[-2] // max(kernel.shape[-1], 1) != d_model:
-        raise ValueError(f"plugin d_model {kernel.shape[-2] // kernel.shape[-1]} != model d_model {d_model}")
+        raise ValueError(f"plugin d_model {kernel.shape[-2] // kernel.shape[-1]} != model "
+                         f"d_model {d_model}")
     if kernel.shape[-1] != pcfg.ratio:
-        raise ValueError(f"plugin weights have ratio {kernel.shape[-1]} != PluginConfig.ratio {pcfg.ratio}")
+        raise ValueError(f"plugin weights have ratio {kernel.shape[-1]} != PluginConfig.ratio "
+                         f"{pcfg.ratio}")
 
 
 def check_compatible(cfg: T5Config, pcfg: PluginConfig, plugin) -> None:
@@ -260,7 +263,8 @@ def check_compatible(cfg: T5Config, pcfg: PluginConfig, plugin) -> None:
     if d is not None and d != cfg.d_model:
         raise ValueError(f"plugin d_model {d} != model d_model {cfg.d_model}")
     if layers is not None and layers != cfg.num_layers:
-        raise ValueError(f"plugin num_layers {layers} != model num_layers (encoder) {cfg.num_layers}")
+        raise ValueError(f"plugin num_layers {layers} != model num_layers (encoder) "
+                         f"{cfg.num_layers}")
     _check_layer_shapes(plugin, pcfg, cfg.d_model)
 
 

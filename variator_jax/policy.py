@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from variator_jax import flops, timing
 from variator_jax.engine import OFF, AdaptiveEngine, Bucket, plan_chunks
 from variator_jax.report import markdown_table
 from variator_jax.t5 import T5Config
+
 
 # -- Latency profile ------------------------------------------------------------------------------
 class LatencyProfile:
@@ -56,7 +57,7 @@ class LatencyProfile:
 
     @classmethod
     def measure(cls, engine: AdaptiveEngine, repeats: int = 5, warmup: int = 1,
-                stat: str = "median", seed: int = 0) -> "LatencyProfile":
+                stat: str = "median", seed: int = 0) -> LatencyProfile:
         """Times `engine.run` (host padding, transfer, compute, copy back) per ratio x bucket.
 
         Rounds are interleaved (`timing.interleaved_times`: each round visits every ratio x
@@ -87,7 +88,7 @@ class LatencyProfile:
         """Requests/s sustained with full batches of sequences of `length` tokens."""
         return self.max_batch / self.latency(ratio, self.max_batch, length)
 
-    def monotone(self) -> "LatencyProfile":
+    def monotone(self) -> LatencyProfile:
         """A bucket is never predicted slower than a larger bucket that contains it (per ratio).
 
         Noise can make a measured 8x64 call look slower than 8x128 (the policy would then pad
@@ -101,7 +102,7 @@ class LatencyProfile:
     @classmethod
     def from_flops(cls, cfg: T5Config, ratios: Sequence[int], buckets: Sequence[Bucket], *,
                    flops_per_s: float, overhead_s: float = 0.0, bottleneck: int = 64,
-                   decoder_tokens: int = 0) -> "LatencyProfile":
+                   decoder_tokens: int = 0) -> LatencyProfile:
         """Analytic profile: overhead + FLOPs / rate, FLOPs from `flops.encoder_flops`.
 
         Deterministic, for capacity planning before a machine exists and for tests that must
@@ -124,7 +125,7 @@ class LatencyProfile:
                             for (r, b), s in sorted(self.seconds.items())]}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "LatencyProfile":
+    def from_dict(cls, d: Mapping) -> LatencyProfile:
         return cls({(e["ratio"], Bucket(e["batch"], e["length"])): e["seconds"]
                     for e in d["entries"]}, d.get("source", "file"))
 

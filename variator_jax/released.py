@@ -69,13 +69,21 @@ import numpy as np
 
 from variator_jax.convert import load_hf_t5, torch_load_weights_only
 from variator_jax.errors import CheckpointError
-from variator_jax.plugins import (CONFIG_FILE, PLUGIN_FILE, PluginConfig, as_plugin,
-                                  backbone_identity, plugin_param_count, save_plugin)
+from variator_jax.plugins import (
+    CONFIG_FILE,
+    PLUGIN_FILE,
+    PluginConfig,
+    as_plugin,
+    backbone_identity,
+    plugin_param_count,
+    save_plugin,
+)
 from variator_jax.t5 import T5Config
 
 MODELCENTER_SCALE = 100.0  # `scale` of ModelCenter's T5 / T5-v1.1 / mT5 transfer scripts.
 
-# The released module names -> ours (docs/DESIGN.md §4 file keys without `encoder.block.{i}.plugin.`).
+# The released module names -> ours (docs/DESIGN.md §4 file keys without
+# `encoder.block.{i}.plugin.`).
 _NAMES = {"mux_layer": "compress", "demux_adapter.w_in": "decompress.wi",
           "demux_adapter.w_out": "decompress.wo"}
 _KEY = re.compile(r"^(?P<prefix>.*?)mux_layer\.(?P<layer>\d+)\.(?P<name>"
@@ -158,7 +166,8 @@ def _released_layers(state, source) -> tuple[list[dict], str]:
     if len(prefixes) > 1:
         raise CheckpointError(f"{source}: mux_layer.* keys under several prefixes {prefixes}")
     prefix = prefixes[0]
-    stray = sorted(key for key in state if key.startswith(prefix + "mux_layer.") and key not in found)
+    stray = sorted(key for key in state
+                   if key.startswith(prefix + "mux_layer.") and key not in found)
     if stray:
         raise CheckpointError(f"{source}: unexpected key {stray[0]} in the released plugin")
     by_layer: dict[int, dict] = {}
@@ -238,7 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mask_aware", choices=("true", "false"), default="true",
                         help="false: merge padding unmasked, as the released code does")
     parser.add_argument("--modelcenter_scale", type=float, default=MODELCENTER_SCALE,
-                        help="ModelCenter's conversion scale: 100 for T5/T5-v1.1/mT5, 1 for FLAN-T5")
+                        help="ModelCenter's conversion scale: 100 for T5/T5-v1.1/mT5, "
+                             "1 for FLAN-T5")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a plugin already in OUT_DIR")
     args = parser.parse_args(argv)  # Errors: one line from the boundary (`convert`'s main).
@@ -252,7 +262,8 @@ def main(argv=None) -> int:
     pcfg, plugin = _convert(released, args.mask_aware == "true", args.modelcenter_scale,
                             backbone)
     save_plugin(args.out_dir, pcfg, plugin, backbone_identity(cfg, backbone))
-    print(f"{args.out_dir}: k={pcfg.ratio}, bottleneck={pcfg.bottleneck}, {cfg.num_layers} layers, "
-          f"d_model={cfg.d_model}, {plugin_param_count(cfg, pcfg):,} parameters, "
-          f"mask_aware={pcfg.mask_aware}, from {args.src} (ModelCenter scale {args.modelcenter_scale:g})")
+    print(f"{args.out_dir}: k={pcfg.ratio}, bottleneck={pcfg.bottleneck}, "
+          f"{cfg.num_layers} layers, d_model={cfg.d_model}, "
+          f"{plugin_param_count(cfg, pcfg):,} parameters, mask_aware={pcfg.mask_aware}, "
+          f"from {args.src} (ModelCenter scale {args.modelcenter_scale:g})")
     return 0

@@ -33,13 +33,19 @@ import collections
 import dataclasses
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from variator_jax.engine import OFF, AdaptiveEngine, bucket_grid, compile_events
-from variator_jax.policy import (AdaptivePolicy, FixedPolicy, LatencyProfile, PolicyConfig,
-                                 QueueState)
+from variator_jax.policy import (
+    AdaptivePolicy,
+    FixedPolicy,
+    LatencyProfile,
+    PolicyConfig,
+    QueueState,
+)
 from variator_jax.serving import RateMeter
 
 # -- What a server holds ------------------------------------------------------------------------
@@ -331,7 +337,7 @@ class Bank:
                "queue_ms": round(max(d.queue_ms for d in done), 3),
                "compute_ms": round(max(d.compute_ms for d in done), 3)}
         if endpoint == "generate":
-            rows = [d.row[:it.max_new_tokens] for d, it in zip(done, items)]
+            rows = [d.row[:it.max_new_tokens] for d, it in zip(done, items, strict=True)]
             out["outputs"] = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
         else:
             logits = np.stack([d.row for d in done])

@@ -30,11 +30,27 @@ from typing import Any
 
 import numpy as np
 
-from variator_jax.engine import (OFF, AdaptiveEngine, Bucket, CompileCounter,
-                                 CompiledOnRequestPath, bucket_grid, compile_events,
-                                 pick_bucket, plan_chunks)
-from variator_jax.policy import (QUALITY_KEYS, AdaptivePolicy, Decision, FixedPolicy,
-                                 LatencyProfile, PolicyConfig, QueueState, load_quality)
+from variator_jax.engine import (
+    OFF,
+    AdaptiveEngine,
+    Bucket,
+    CompileCounter,
+    CompiledOnRequestPath,
+    bucket_grid,
+    compile_events,
+    pick_bucket,
+    plan_chunks,
+)
+from variator_jax.policy import (
+    QUALITY_KEYS,
+    AdaptivePolicy,
+    Decision,
+    FixedPolicy,
+    LatencyProfile,
+    PolicyConfig,
+    QueueState,
+    load_quality,
+)
 
 # The serving API as one namespace (README, benchmarks/serve.py, tests): this module's
 # request path and the engine's and policy's names.

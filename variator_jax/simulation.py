@@ -18,7 +18,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -78,7 +79,8 @@ def make_trace(phases: Sequence[Phase], *, unit_rate: float, unit_time: float, m
     u = u[u < total]
     edges = np.cumsum([0.0] + [p.duration for p in phases])
     index = np.searchsorted(edges, u, side="right") - 1
-    rate = np.array([phases[i].rate((t - edges[i]) / phases[i].duration) for t, i in zip(u, index)])
+    rate = np.array([phases[i].rate((t - edges[i]) / phases[i].duration)
+                     for t, i in zip(u, index, strict=True)])
     keep = rng.random(len(u)) < rate * unit_rate / peak
     u, index = u[keep], index[keep]
     lengths = rng.integers(min_len, max_len + 1, len(u))
@@ -126,7 +128,8 @@ def summarize(sim: dict, trace: Trace, budget_s: float, quality: Mapping[int, fl
                mix={int(r): float((used == r).mean()) for r in ratios})
     walls = [b["wall_s"] / b["service_s"] for b in sim["batches"] if b["wall_s"] is not None]
     row["wall_over_profile"] = float(np.median(walls)) if walls else None
-    row["by_phase"] = {int(p): dict(within_budget=float(within[trace.phase == p].mean()),
-                                    quality=float(np.mean([quality[r] for r in used[trace.phase == p]])))
-                       for p in np.unique(trace.phase)}
+    row["by_phase"] = {
+        int(p): dict(within_budget=float(within[trace.phase == p].mean()),
+                     quality=float(np.mean([quality[r] for r in used[trace.phase == p]])))
+        for p in np.unique(trace.phase)}
     return row

@@ -1,4 +1,4 @@
-"""Named splits of file sources (`text:`, `jsonl:`), as HF datasets' `data_files` and tfds give them.
+"""Named splits of `text:` and `jsonl:` sources, as HF datasets' `data_files` and tfds give them.
 
 A split spec is `NAME`, `NAME[start:end]` (ints or percents, as tfds slices) or several joined
 by "+" (`train+unlabeled`); `all` is every record whatever its split. Where a source's splits
@@ -171,7 +171,8 @@ def open_split(scheme: str, target: str, split: str | None, index_dir: str | Non
 def _named(sources: dict, split: str, where: str) -> SplitSource:
     """`split` of a source whose splits are separate random-access sources {name: source}."""
     # Joined as one, each split a range of record indices.
-    starts = dict(zip(sources, np.cumsum([0] + [len(c) for c in sources.values()])))
+    sizes = [len(c) for c in sources.values()]
+    starts = dict(zip(sources, np.cumsum([0] + sizes)[:-1], strict=True))
     parts = _select_parts(split, tuple(sources),
                           lambda n: np.arange(len(sources[n])) + starts[n], where)
     joined = SplitSource([(c, np.arange(len(c))) for c in sources.values()])

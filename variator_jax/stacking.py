@@ -15,7 +15,8 @@ Pure dict manipulation, no model code: convert.py and plugins.py both use it.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 STACKS = ("encoder", "decoder")
 BIAS = "relative_attention_bias"

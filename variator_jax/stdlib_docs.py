@@ -121,8 +121,9 @@ def build_unlabeled(root: str | None = None) -> list[dict]:
     labelled = {e["text"] for examples in build(root).values() for e in examples}
     others = set()
     for name in sorted(os.listdir(root)):
-        if name not in _SKIP_DIRS and (name.endswith(".py") or os.path.isdir(os.path.join(root, name))):
-            others.update(_package_docstrings(os.path.join(root, name)))
+        path = os.path.join(root, name)
+        if name not in _SKIP_DIRS and (name.endswith(".py") or os.path.isdir(path)):
+            others.update(_package_docstrings(path))
     return sorted(({"text": text, "label": -1} for text in others
                    if split_of(text) == "train" and text not in labelled),
                   key=lambda e: _digest("order:" + e["text"]))
@@ -145,7 +146,8 @@ def describe() -> dict:
     out = {"python": sys.version.split()[0], "labels": list(LABELS)}
     for split, examples in build().items():
         counts = collections.Counter(LABELS[e["label"]] for e in examples)
-        out[split] = {"examples": len(examples), "per_label": {l: counts[l] for l in LABELS}}
+        out[split] = {"examples": len(examples),
+                      "per_label": {label: counts[label] for label in LABELS}}
     out[UNLABELED] = {"examples": len(build_unlabeled())}
     test_counts = out["test"]["per_label"].values()
     out["chance"] = max(test_counts) / sum(test_counts)
@@ -154,5 +156,6 @@ def describe() -> dict:
 
 if __name__ == "__main__":
     import json
+
     from variator_jax import cli
     cli.run_main(lambda _: print(json.dumps(describe(), indent=2)))  # Errors: one line.

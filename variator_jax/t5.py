@@ -1,4 +1,4 @@
-"""T5 in Flax Linen: `T5Config` (HF config.json, variant table) and modules named as HF names them."""
+"""T5 in Flax Linen: `T5Config` (HF config.json, variant table) and modules named as in HF."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +6,8 @@ import difflib
 import functools
 import json
 import os
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -91,11 +92,13 @@ class T5Config:
     name: str = ""  # Identity of the backbone (variant name or path), for plugin fingerprints.
     # How the model runs, not what it is (never written to config.json; see RUNTIME_FIELDS):
     scan_layers: bool = True  # nn.scan over each stack's layers (params stacked on `layers`).
-    remat: str = "none"  # Per-layer rematerialisation: "none", "full", or a jax.checkpoint_policies name.
+    # Per-layer rematerialisation: "none", "full", or a jax.checkpoint_policies name.
+    remat: str = "none"
     # Encoder self-attention: "dense", "blocked", "auto" (blocked on CPU, else dense), or
     # `jax.nn.dot_product_attention`'s "xla" or "cudnn" (fused; GPU, bf16/fp16 only).
     attention: str = "auto"
-    attention_block_bytes: int = 4 << 20  # "blocked": bytes of float32 scores per block, per device.
+    # "blocked": bytes of float32 scores per block, per device.
+    attention_block_bytes: int = 4 << 20
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
@@ -133,12 +136,12 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
-    def replace(self, **kw) -> "T5Config":
+    def replace(self, **kw) -> T5Config:
         return dataclasses.replace(self, **kw)
 
     # -- HF interop ------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "T5Config":
+    def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> T5Config:
         """From an HF `config.json` (a file, its directory, or its dict).
 
         Absent fields take HF `T5Config` defaults. Reads both conventions for the output scaling:
@@ -163,7 +166,8 @@ class T5Config:
         _check_hf_types(d, name or "config")
         model_type = d.get("model_type", "t5")
         if model_type not in ("t5", "mt5"):
-            raise ValueError(f"config model_type is {model_type!r}, not a T5 (expected 't5' or 'mt5')")
+            raise ValueError(f"config model_type is {model_type!r}, not a T5 "
+                             "(expected 't5' or 'mt5')")
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in fields and k not in RUNTIME_FIELDS}
         kw.setdefault("tie_word_embeddings", True)
@@ -183,13 +187,13 @@ class T5Config:
         return d
 
     @classmethod
-    def variant(cls, name: str, **overrides) -> "T5Config":
+    def variant(cls, name: str, **overrides) -> T5Config:
         """A published size: t5-{small,base,large,3b,11b}, t5-v1_1-* and flan-t5-* {small..xxl}."""
         short = name.split("/")[-1]
-        for prefix, table, kw in (
-                ("t5-v1_1-", _T5_V1_1, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-                ("flan-t5-", _T5_V1_1, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-                ("t5-", _T5_V1_0, dict(feed_forward_proj="relu", tie_word_embeddings=True))):
+        v1_1 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        v1_0 = dict(feed_forward_proj="relu", tie_word_embeddings=True)
+        for prefix, table, kw in (("t5-v1_1-", _T5_V1_1, v1_1), ("flan-t5-", _T5_V1_1, v1_1),
+                                  ("t5-", _T5_V1_0, v1_0)):
             if short.startswith(prefix) and short[len(prefix):] in table:
                 d_model, d_kv, d_ff, layers, heads = table[short[len(prefix):]]
                 kw = dict(kw, d_model=d_model, d_kv=d_kv, d_ff=d_ff, num_layers=layers,
@@ -291,8 +295,9 @@ def relative_position_bucket(relative_position, bidirectional, num_buckets, max_
     max_exact = num_buckets // 2
     is_small = relative_position < max_exact
     # float32 log, then truncation toward zero: bit-compatible with HF's `.to(torch.long)`.
-    large = max_exact + (jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
-                         / np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    log_ratio = jnp.log(jnp.maximum(relative_position, 1).astype(jnp.float32) / max_exact)
+    large = max_exact + (log_ratio / np.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return buckets + jnp.where(is_small, relative_position, large)
 
@@ -433,8 +438,10 @@ def blocked_attention(q, k, v, bias: ToeplitzBias, block: tuple[int, int], dropo
         # Block j holds examples j, j + b/examples, ...: the batch axis is split minor-major, so
         # a batch sharded over devices stays sharded inside every block, and each device
         # works on its own examples (`examples` counts all devices' examples per block).
-        split = lambda x: sharding.constrain(jnp.swapaxes(
-            x.reshape(examples, b // examples, *x.shape[1:]), 0, 1), (None, "batch"))
+        def split(x):
+            return sharding.constrain(jnp.swapaxes(
+                x.reshape(examples, b // examples, *x.shape[1:]), 0, 1), (None, "batch"))
+
         out = jax.lax.map(example_block, tuple(map(split, (q, k, v, bias.mask))))
         out = jnp.swapaxes(out, 0, 1).reshape(q.shape)
     return out[:, :, :n].transpose(0, 2, 1, 3)
@@ -473,8 +480,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, kv, bias, deterministic=True, cache=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        proj = functools.partial(nn.DenseGeneral, features=(cfg.num_heads, cfg.d_kv), use_bias=False,
-                                 dtype=dt, param_dtype=jnp.float32,
+        proj = functools.partial(nn.DenseGeneral, features=(cfg.num_heads, cfg.d_kv),
+                                 use_bias=False, dtype=dt, param_dtype=jnp.float32,
                                  kernel_init=_dense_init(("embed", "heads", "kv")))
         if x is None:  # Cross-attention keys/values for a decoding cache.
             return None, {"k": proj(name="k")(kv), "v": proj(name="v")(kv)}
@@ -521,8 +528,9 @@ class DenseReluDense(nn.Module):
         dense = functools.partial(nn.Dense, use_bias=False, dtype=dt, param_dtype=jnp.float32)
         act = _act(cfg.activation)
         if cfg.is_gated:
-            up = lambda z: dense(cfg.d_ff, name="wi_0", kernel_init=_dense_init(("embed", "mlp")))(z)
-            h = act(up(x)) * dense(cfg.d_ff, name="wi_1", kernel_init=_dense_init(("embed", "mlp")))(x)
+            wi_0 = dense(cfg.d_ff, name="wi_0", kernel_init=_dense_init(("embed", "mlp")))(x)
+            wi_1 = dense(cfg.d_ff, name="wi_1", kernel_init=_dense_init(("embed", "mlp")))(x)
+            h = act(wi_0) * wi_1
         else:
             h = act(dense(cfg.d_ff, name="wi", kernel_init=_dense_init(("embed", "mlp")))(x))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
@@ -582,7 +590,8 @@ RESIDUAL_AXES = ("batch", "length", "embed")
 
 
 class EncoderBlock(nn.Module):
-    """One encoder layer, in the form `nn.scan` wants: (h, *broadcast, plugin layer) -> (h, None)."""
+    """One encoder layer, in the form `nn.scan` wants:
+    (h, *broadcast, plugin layer) -> (h, None)."""
     cfg: T5Config
     pcfg: PluginConfig | None = None
     deterministic: bool = True

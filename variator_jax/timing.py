@@ -23,7 +23,8 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -50,7 +51,7 @@ def interleaved_times(fns: Sequence[Callable] | Mapping[Any, Callable], rounds: 
             for _ in range(max(calls, 1)):
                 jax.block_until_ready(fns[i]())
             times[i, r] = (time.perf_counter() - start) / max(calls, 1)
-    return times if keys is None else dict(zip(keys, times))
+    return times if keys is None else dict(zip(keys, times, strict=True))
 
 
 def speedup_stats(base: np.ndarray, times: np.ndarray, ceiling: float | None = None) -> dict:

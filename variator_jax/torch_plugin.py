@@ -86,7 +86,8 @@ class VariatorPlugin(nn.Module):
             # vectors (like the pad-to-k zeros); -inf scores alone would let
             # a pad token's content move the real members' weights.
             groups = groups * real[..., None].to(groups.dtype)
-        scores = self.compress(groups.reshape(batch, m // self.ratio, -1).to(self.compress.weight.dtype))
+        flat = groups.reshape(batch, m // self.ratio, -1)  # [batch, m/k, k*d]
+        scores = self.compress(flat.to(self.compress.weight.dtype))
         # Softmax in at least float32, as HF does for attention under fp16/bf16.
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
         if real is not None:
@@ -101,7 +102,8 @@ class VariatorPlugin(nn.Module):
         return torch.einsum("bgk,bgkd->bgd", weights.to(x.dtype), groups)
 
     def expand(self, y, x):
-        """Copy y_g back to its k positions and decompress: y [b, m/k, d], x [b, m, d] -> [b, m, d]."""
+        """Copy y_g back to its k positions and decompress:
+        y [b, m/k, d], x [b, m, d] -> [b, m, d]."""
         y_hat = torch.repeat_interleave(y, self.ratio, dim=1)  # y^_i = y_{floor(i/k)}
         return self.decompress(y_hat, x)
 
@@ -285,9 +287,10 @@ def attach_plugin(hf_model, plugin_dir, *, mask_aware=None):
     (`encoder.block.{i}.layer.{-1}.plugin.*`), created on the model's device and
     dtype, so `hf_model.to(...)` moves them too.
     """
-    if getattr(hf_model, _STATE_ATTR, None) is not None:
-        raise RuntimeError(f"a plugin is already attached (from {getattr(hf_model, _STATE_ATTR).plugin_dir})"
-                           "; call detach_plugin(model) before attaching another")
+    attached = getattr(hf_model, _STATE_ATTR, None)
+    if attached is not None:
+        raise RuntimeError(f"a plugin is already attached (from {attached.plugin_dir}); "
+                           "call detach_plugin(model) before attaching another")
     config = _read_config(plugin_dir)
     _check_against_model(config, hf_model)
     layers = _read_layers(plugin_dir, config)
@@ -297,7 +300,7 @@ def attach_plugin(hf_model, plugin_dir, *, mask_aware=None):
 
     mask_box = _MaskBox()
     originals = []
-    for block, weights in zip(hf_model.encoder.block, layers):
+    for block, weights in zip(hf_model.encoder.block, layers, strict=True):
         layer_ff = block.layer[-1]
         like = layer_ff.layer_norm.weight
         plugin = VariatorPlugin(config["d_model"], config["ratio"], config["bottleneck"])
@@ -321,7 +324,7 @@ def detach_plugin(hf_model):
         raise RuntimeError("no plugin is attached to this model")
     for hook in state.hooks:
         hook.remove()
-    for block, layer_ff in zip(hf_model.encoder.block, state.originals):
+    for block, layer_ff in zip(hf_model.encoder.block, state.originals, strict=True):
         block.layer[-1] = layer_ff
     delattr(hf_model, _STATE_ATTR)
 

@@ -1,11 +1,11 @@
 """A T5-style subword vocabulary trained on a local corpus, for models built from scratch.
 
 T5 reads SentencePiece unigram pieces; its own vocabulary cannot be downloaded here, so the
-miniature experiment (variator_jax/stages.py) trains a subword vocabulary (byte-pair merges, which on a corpus this small split words more
-sensibly than a unigram model did) on the text it has,
-with T5's conventions: `<pad>` = 0, `</s>` = 1, `<unk>` = 2, pieces, then 100 sentinels with
-`<extra_id_0>` as the last id (span corruption, data.sentinel_ids). Words start with "▁"
-(SentencePiece's metaspace), so decoding restores the spaces.
+miniature experiment (variator_jax/stages.py) trains a subword vocabulary (byte-pair merges,
+which on a corpus this small split words more sensibly than a unigram model did) on the text
+it has, with T5's conventions: `<pad>` = 0, `</s>` = 1, `<unk>` = 2, pieces, then 100
+sentinels with `<extra_id_0>` as the last id (span corruption, data.sentinel_ids). Words start
+with "▁" (SentencePiece's metaspace), so decoding restores the spaces.
 
   >>> tok = train_tokenizer(["def f(x): return x", "the cat sat"] * 50, 300, "/tmp/vocab")
   >>> tok.pad_token_id, tok.eos_token_id, tok.convert_tokens_to_ids("<extra_id_0>")
@@ -18,7 +18,7 @@ beside a backbone like any HF tokenizer.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 SPECIALS = ("<pad>", "</s>", "<unk>")
 SENTINELS = 100
