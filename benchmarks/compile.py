@@ -84,9 +84,10 @@ def compile_variant(variant: str, args) -> dict:
 
 def speed_ratio(args) -> dict:
     """`args.speed_variant`'s widths (t5-small unless told), 1 device: the plugin train step
-    with layers scanned vs unrolled, in interleaved rounds (`timing.interleaved_times`). Per round, the scan / unrolled ratio of
-    wall time and of CPU time (the process's user + system seconds: the work a step costs,
-    which other processes on a shared machine do not inflate); median and quartiles.
+    with layers scanned vs unrolled, in interleaved rounds (`timing.interleaved_times`). Per
+    round, the scan / unrolled ratio of wall time and of CPU time (the process's user + system
+    seconds: the work a step costs, which other processes on a shared machine do not inflate);
+    median and quartiles.
     `args.profile`: then `PROFILE_STEPS` more calls of each under the JAX profiler, and where
     their time goes (`timing.op_breakdown`), in `out["profile"]`."""
     import resource
@@ -120,7 +121,8 @@ def speed_ratio(args) -> dict:
                                          jax.tree.map(lambda _: repl, backbone))
         tic = time.perf_counter()
         compiled = step.lower(state, batch, backbone).compile()
-        print(f"  {variant} step, {name}: compiled in {time.perf_counter() - tic:.1f} s", flush=True)
+        print(f"  {variant} step, {name}: compiled in {time.perf_counter() - tic:.1f} s",
+              flush=True)
         if args.profile:
             hlo[name] = compiled.as_text()
             if name == "unrolled":  # One layer's parameter shapes, to tell weight slices apart.
@@ -140,14 +142,15 @@ def speed_ratio(args) -> dict:
            "target_length": 32, "rounds": args.speed_repeats, "load_average": list(os.getloadavg())}
     for what, t in (("wall", wall), ("cpu", cpu_s)):
         q25, med, q75 = np.percentile(t[0] / t[1], [25, 50, 75])
-        out[what] = {"median_seconds": {n: float(np.median(row)) for n, row in zip(names, t)},
+        medians = {n: float(np.median(row)) for n, row in zip(names, t, strict=True)}
+        out[what] = {"median_seconds": medians,
                      "scan_over_unrolled": float(med), "q25": float(q25), "q75": float(q75)}
         print(f"  {variant} step ({what} time): scan {out[what]['median_seconds']['scan']:.3f} s, "
               f"unrolled {out[what]['median_seconds']['unrolled']:.3f} s; scan / unrolled "
               f"{med:.3f} (IQR {q25:.3f}-{q75:.3f}, {args.speed_repeats} rounds)", flush=True)
     if args.profile:
         out["profile"] = {"steps": PROFILE_STEPS}
-        for name, fn in zip(names, fns):
+        for name, fn in zip(names, fns, strict=True):
             with tempfile.TemporaryDirectory() as tmp:
                 events = timing.trace_events(timing.profile_steps(fn, PROFILE_STEPS, tmp))
             out["profile"][name] = timing.op_breakdown(events, PROFILE_STEPS, hlo[name],

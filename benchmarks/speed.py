@@ -259,9 +259,10 @@ def layer_blocks(cfg, backbone, plugins, n, batch, torch_ffn=None):
         x = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         m = jnp.pad(mask, ((0, 0), (0, pad)))
         y = x[:, :x.shape[1] // pcfg.ratio]
-        fns[f"merge k={k}"] = (lambda x=x, m=m, p=_first_layer(params), c=pcfg:
+        first = _first_layer(params)
+        fns[f"merge k={k}"] = (lambda x=x, m=m, p=first, c=pcfg:
                                run_merge(x, m, p, c).block_until_ready())
-        fns[f"expand k={k}"] = (lambda y=y, x=x, p=_first_layer(params), c=pcfg:
+        fns[f"expand k={k}"] = (lambda y=y, x=x, p=first, c=pcfg:
                                 run_expand(y, x, p, c).block_until_ready())
         flops[f"merge k={k}"] = flops[f"expand k={k}"] = 0  # Reported as times only.
     # The plugin's largest matmul, x @ W_i^x ([batch*n, d] x [d, r]), in both frameworks.

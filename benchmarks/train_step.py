@@ -93,14 +93,17 @@ def main(argv=None):
     parser.add_argument("--target-length", type=int, default=32)
     parser.add_argument("--ratio", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
-    parser.add_argument("--remat", default="none", help="none, full or a jax.checkpoint_policies name")
+    parser.add_argument("--dtype", default="float32",
+                        help="compute dtype (bfloat16 on accelerators)")
+    parser.add_argument("--remat", default="none",
+                        help="none, full or a jax.checkpoint_policies name")
     parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                         help="nn.scan over the layers (--no-scan-layers: unrolled)")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the full fine-tuning step (--no-full: the plugin's alone)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak TFLOP/s for MFU (default: benchmarks/speed.py's table; none on CPU)")
+                        help="peak TFLOP/s for MFU "
+                             "(default: benchmarks/speed.py's table; none on CPU)")
     parser.add_argument("--out", default=None, help="write train_step-<machine>.json/.md here")
     args = parser.parse_args(argv)
 
@@ -170,7 +173,9 @@ def _table(rows, args, info) -> str:
         plugin, full = rows
         time_ratio = plugin["seconds"] / full["seconds"]
         mem_ratio = plugin["planned_peak_bytes"] / full["planned_peak_bytes"]
-        verdict = lambda ok: "ok" if ok else "MISSED"
+
+        def verdict(ok):
+            return "ok" if ok else "MISSED"
         lines += ["", f"plugin / full: time {time_ratio:.2f}x (target <= 0.75: "
                       f"{verdict(time_ratio <= 0.75)}), memory {mem_ratio:.2f}x (target <= 0.6: "
                       f"{verdict(mem_ratio <= 0.6)})"]

@@ -104,7 +104,7 @@ def test_sigkill_then_rerun_ends_bitwise_like_an_unbroken_run(hf_dir, tmp_path):
     ref_lines, our_lines = tu.read_metrics(unbroken), tu.read_metrics(killed)
     # The metrics of the repeated steps were replaced, not appended: one line per step.
     assert [m["step"] for m in our_lines] == list(range(10, 201, 10))
-    diverged = [m["step"] for m, r in zip(our_lines, ref_lines) if m != {
+    diverged = [m["step"] for m, r in zip(our_lines, ref_lines, strict=True) if m != {
         **r, "steps_per_sec": m["steps_per_sec"], "tokens_per_sec": m["tokens_per_sec"]}]
     why = f"killed at {killed_at}, {resumed}, metrics first differ at steps {diverged[:3]}"
     a = tu.read_plugin(os.path.join(unbroken, "plugin"))
@@ -143,8 +143,10 @@ def _rewrite_pre_scan(workdir: str, step: int) -> None:
     state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
     with open(os.path.join(path, "data", "metadata")) as f:
         data = json.load(f)
-    per_layer = lambda t: {f"block_{i}": jax.tree.map(lambda x: np.asarray(x)[i], t)
-                           for i in range(len(jax.tree.leaves(t)[0]))}
+
+    def per_layer(t):
+        return {f"block_{i}": jax.tree.map(lambda x, i=i: np.asarray(x)[i], t)
+                for i in range(len(jax.tree.leaves(t)[0]))}
     state["params"] = per_layer(state["params"])
     adam = state["opt_state"][1][0]
     adam["mu"], adam["nu"] = per_layer(adam["mu"]), per_layer(adam["nu"])
@@ -159,8 +161,10 @@ def test_a_pre_scan_checkpoint_resumes_into_scanned_layers(hf_dir, tmp_path, cap
     """A checkpoint from before layers were scanned (per-layer plugin params, unrolled
     model) resumes with scan_layers on, and with it off, to the uninterrupted run's plugin."""
     from variator_jax import train
-    config = lambda scan: tu.tiny_plugin_config(hf_dir, total_steps=8, checkpoint_every=4,
-                                                lr=1e-2, scan_layers=scan)
+
+    def config(scan):
+        return tu.tiny_plugin_config(hf_dir, total_steps=8, checkpoint_every=4, lr=1e-2,
+                                     scan_layers=scan)
     ref = str(tmp_path / "unbroken")
     train.train_and_evaluate(config(False), ref)
     expected = tu.read_plugin(os.path.join(ref, "plugin"))
@@ -224,7 +228,9 @@ def test_relayout_moves_layers_between_scanned_unrolled_and_pre_scan_trees():
         scan_layers=False)))
     unrolled = stacking.relayout(scanned, unrolled_like, np.stack)
     assert jax.tree.structure(unrolled) == jax.tree.structure(unrolled_like)
-    wo = lambda block: block["layer_1"]["DenseReluDense"]["wo"]["kernel"]
+
+    def wo(block):
+        return block["layer_1"]["DenseReluDense"]["wo"]["kernel"]
     np.testing.assert_array_equal(wo(unrolled["encoder"]["block_1"]),
                                   wo(scanned["encoder"]["layers"])[1])
     back = stacking.relayout(unrolled, scanned, np.stack)

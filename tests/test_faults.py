@@ -108,7 +108,8 @@ def _copy(t, name: str) -> str:
 # Runs ARGV under a file-size limit (RLIMIT_FSIZE, bytes): set in a small exec wrapper,
 # not a `preexec_fn`, which would fork this multithreaded (JAX) process.
 _LIMITED = ("import os, resource, sys; n = int(sys.argv[1]); "
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])")
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+            "os.execv(sys.argv[2], sys.argv[2:])")
 
 
 def _in_namespace(mounts: str, argv: list[str]) -> list[str]:
@@ -234,7 +235,7 @@ def outcomes(trained):
     before = {name: _snapshot(c["same"]) for name, c in cases.items() if c.get("same")
               and os.path.isdir(c["same"])}
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        runs = dict(zip(cases, pool.map(_run_case, cases.values())))
+        runs = dict(zip(cases, pool.map(_run_case, cases.values()), strict=True))
     return {name: (case, runs[name], before.get(name)) for name, case in cases.items()}
 
 

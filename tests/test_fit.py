@@ -22,8 +22,9 @@ def test_dry_run_on_8_devices_shards_params_under_fsdp(tmp_path):
     os.remove(os.path.join(backbone, "model.safetensors"))
     flags = dict(tu.TINY_OVERRIDES, **{"mesh.data": -1, "mesh.fsdp": True, "remat": "full",
                                        "batch_size": 16})
-    proc = tu.train_py(["--config=configs/plugin.py:stage=pretrain", f"--config.backbone={backbone}",
-                        f"--workdir={tmp_path / 'run'}", "--dry_run", *tu.cli_flags(flags)],
+    proc = tu.train_py(["--config=configs/plugin.py:stage=pretrain",
+                        f"--config.backbone={backbone}", f"--workdir={tmp_path / 'run'}",
+                        "--dry_run", *tu.cli_flags(flags)],
                        devices=8)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]

@@ -230,7 +230,7 @@ def test_3_two_train_py_started_together_one_trains_one_stops(hf_dir, tmp_path):
     outs = [p.communicate(timeout=400) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 1], outs
-    loser = [(p, err) for p, (_, err) in zip(procs, outs) if p.returncode == 1][0]
+    loser = [(p, err) for p, (_, err) in zip(procs, outs, strict=True) if p.returncode == 1][0]
     winner = [p for p in procs if p.returncode == 0][0]
     lines = [ln for ln in loser[1].splitlines() if ln.strip()]
     assert len(lines) == 1 and f"is in use by PID {winner.pid}" in lines[0], loser[1]
@@ -348,8 +348,10 @@ def test_5_attach_plugin_on_a_truncated_file_is_one_line_with_the_path(tmp_path)
 # -- 6. Checkpoint corruption -------------------------------------------------------------------
 def _two_checkpoints(tmp_path):
     mesh = sharding.make_mesh(1, 1)
-    state = lambda scale: {"w": jax.device_put(np.arange(4096.0, dtype=np.float32) * scale,
-                                               sharding.replicated(mesh))}
+
+    def state(scale):
+        return {"w": jax.device_put(np.arange(4096.0, dtype=np.float32) * scale,
+                                    sharding.replicated(mesh))}
     ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
     for step in (1, 2):
         ckpt.save(step, state(step), {"batch_index": step})

@@ -26,7 +26,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
                                   "--num_processes=2", f"--process_id={i}"], devices=2)
               for i in range(2)]
     outs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "{'data': 4, 'model': 1} over 4 device(s) (cpu), 2 process(es)" in outs[1][0]
     # Only process 0 prints (gloo's own connection lines aside), logs and writes outputs.

@@ -26,7 +26,8 @@ def test_speed_benchmark_tables(tmp_path):
         # products; FFN two matmuls on g merged vectors; plugin W_c, weighted sum, W_i, W_o.
         attn = 2 * (4 * n * d * h) + 2 * (2 * n * n * h)
         base = attn + 2 * 2 * n * d * ff
-        comp = attn + 2 * 2 * g * d * ff + 2 * g * k * k * d + 2 * g * k * d + 2 * g * k * 3 * d * 64
+        comp = (attn + 2 * 2 * g * d * ff + 2 * g * k * k * d + 2 * g * k * d
+                + 2 * g * k * 3 * d * 64)
         assert math.isclose(row["ceiling"], base / comp, rel_tol=1e-12)
     # Table 4: the FFN alone at n and ceil(n/k) rows; the plugin's time only where k > 1.
     costs = payload["plugin_costs"]

@@ -15,6 +15,16 @@ from variator_jax import data, stages, stdlib_docs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _docstrings(path: str) -> set[str]:
+    """The docstrings (module, classes, functions) of the Python file at `path`, each with its
+    whitespace collapsed to single spaces, as stdlib_docs stores them."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    kinds = (ast.FunctionDef, ast.ClassDef, ast.Module)
+    return {" ".join(ast.get_docstring(n).split()) for n in ast.walk(tree)
+            if isinstance(n, kinds) and ast.get_docstring(n)}
+
+
 def test_build_is_deterministic_and_splits_share_no_text():
     first, second = stdlib_docs.build.__wrapped__(), stdlib_docs.build.__wrapped__()
     assert first == second
@@ -32,9 +42,7 @@ def test_build_is_deterministic_and_splits_share_no_text():
 def test_labels_are_the_package_each_docstring_comes_from():
     root = stdlib_docs.stdlib_root()
     # Re-derive a few labels from the sources: a docstring of asyncio/events.py is "asyncio".
-    with open(os.path.join(root, "asyncio", "events.py"), encoding="utf-8") as f:
-        docs = {" ".join(ast.get_docstring(n).split()) for n in ast.walk(ast.parse(f.read()))
-                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module)) and ast.get_docstring(n)}
+    docs = _docstrings(os.path.join(root, "asyncio", "events.py"))
     examples = [e for split in stdlib_docs.build().values() for e in split]
     found = [e for e in examples if e["text"] in docs]
     assert len(found) > 10
@@ -72,12 +80,11 @@ def test_unlabeled_split_is_other_training_bucket_text_and_joins_with_train():
     assert {stdlib_docs.split_of(t) for t in texts} == {"train"}  # Never a test-bucket text.
     # Re-derived from the sources: json/decoder.py's docstrings (outside the eight packages)
     # are in it exactly when long enough and in the train bucket.
-    with open(os.path.join(stdlib_docs.stdlib_root(), "json", "decoder.py"), encoding="utf-8") as f:
-        docs = {" ".join(ast.get_docstring(n).split()) for n in ast.walk(ast.parse(f.read()))
-                if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Module)) and ast.get_docstring(n)}
+    docs = _docstrings(os.path.join(stdlib_docs.stdlib_root(), "json", "decoder.py"))
     wanted = {d for d in docs if len(d) >= 40 and stdlib_docs.split_of(d) == "train"}
     assert wanted and docs & texts == wanted
-    assert data.read_source("builtin:stdlib_docs", "train+unlabeled") == labelled["train"] + unlabeled
+    joined = data.read_source("builtin:stdlib_docs", "train+unlabeled")
+    assert joined == labelled["train"] + unlabeled
     task = data.get_task("stdlib_docs")
     assert task.format(unlabeled[0]) == ("stdlib_docs text: " + unlabeled[0]["text"], "")
 
@@ -146,12 +153,14 @@ def test_quality_command_writes_every_row(tmp_path):
     # (one example may flip on a near-tie between two batchings' float rounding).
     by = results["by_length"]
     assert by["bins"] == ["1-8", "9-16", "17-32"] and sum(by["examples"]) == len(test)
-    assert [(r["method"], r["k"]) for r in by["rows"]] == [(r["method"], r["k"]) for r in results["rows"]]
-    for row, overall in zip(by["rows"], results["rows"]):
-        pooled = sum(a * c for a, c in zip(row["accuracy"], by["examples"]) if c) / len(test)
+    assert ([(r["method"], r["k"]) for r in by["rows"]]
+            == [(r["method"], r["k"]) for r in results["rows"]])
+    for row, overall in zip(by["rows"], results["rows"], strict=True):
+        weighted = zip(row["accuracy"], by["examples"], strict=True)
+        pooled = sum(a * c for a, c in weighted if c) / len(test)
         assert pooled == pytest.approx(overall["accuracy"], abs=1.01 / len(test)), row
     with open(tmp_path / "out" / path.replace(".json", ".md")) as f:
-        assert "17-32 tokens: %d examples" % by["examples"][2] in f.read()
+        assert f"17-32 tokens: {by['examples'][2]} examples" in f.read()
     for suffix in (".md", ".png"):
         assert os.path.isfile(tmp_path / "out" / path.replace(".json", suffix))
     # The layout the docs and `make serve` name (demo_workdir/finetune/backbone, ...).

@@ -202,7 +202,9 @@ def _adam_history(workdir: str, steps) -> list[dict[str, list[np.ndarray]]]:
     """After each of `steps`: the plugin's leaves and AdamW's moments `mu`, `nu` (float64),
     read from the run's checkpoints."""
     import orbax.checkpoint as ocp
-    leaves = lambda tree: [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+    def leaves(tree):
+        return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
     out = []
     for step in steps:
         state = ocp.StandardCheckpointer().restore(
@@ -240,12 +242,12 @@ def test_one_device_and_a_4x2_mesh_train_the_same_plugin(hf_dir, tmp_path):
     np.testing.assert_allclose([m["loss"] for m in metrics8], [m["loss"] for m in metrics1],
                                rtol=2e-6)
     rho, eps, b2 = 1e-5, 1e-8, 0.999  # eps, b2: optax.adamw's defaults.
-    for g1, g8 in zip(adam1[0]["mu"], adam8[0]["mu"]):
+    for g1, g8 in zip(adam1[0]["mu"], adam8[0]["mu"], strict=True):
         assert np.abs(g8 - g1).max() <= rho * np.abs(g1).max()
     lrs = [m["lr"] for m in metrics1]
-    for i, (w1, w8) in enumerate(zip(adam1[-1]["params"], adam8[-1]["params"])):
+    for i, (w1, w8) in enumerate(zip(adam1[-1]["params"], adam8[-1]["params"], strict=True)):
         tol = 0.0
-        for t, (a1, a8) in enumerate(zip(adam1, adam8), 1):
+        for t, (a1, a8) in enumerate(zip(adam1, adam8, strict=True), 1):
             v1, v8 = (np.sqrt(a["nu"][i] / (1 - b2 ** t)) for a in (a1, a8))
             tol = tol + lrs[t - 1] * rho * v1.max() / (np.minimum(v1, v8) + eps)
         np.testing.assert_array_less(np.abs(w8 - w1), tol)

@@ -109,7 +109,8 @@ def dry_run(config, workdir: str) -> dict:
     report = make_report(config, parts["cfg"], parts["pcfg"], parts["mesh"], compiled, seconds,
                      parts["state"], parts["backbone"])
     os.makedirs(workdir, exist_ok=True)
-    atomic_write(workdir, FIT_FILE, lambda tmp: write_text(tmp, json.dumps(report, indent=2) + "\n"))
+    atomic_write(workdir, FIT_FILE,
+                 lambda tmp: write_text(tmp, json.dumps(report, indent=2) + "\n"))
     say(format_report(report) + f"\nWritten to {os.path.join(workdir, FIT_FILE)}")
     return report
 

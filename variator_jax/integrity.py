@@ -47,7 +47,7 @@ def tensor_digest(tree) -> str:
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         digests = list(pool.map(lambda item: _sha256_array(item[1]), leaves))
     h = hashlib.sha256()
-    for (path, leaf), digest in zip(leaves, digests):
+    for (path, leaf), digest in zip(leaves, digests, strict=True):
         h.update(f"{jax.tree_util.keystr(path)}{tuple(np.shape(leaf))}{digest}".encode())
     return h.hexdigest()
 

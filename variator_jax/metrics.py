@@ -1,4 +1,4 @@
-"""Task metrics of the paper's evaluation (docs/DESIGN.md §2): GLUE accuracy / F1, SQuAD v1.1 EM / F1.
+"""The paper's task metrics (docs/DESIGN.md §2): GLUE accuracy / F1, SQuAD v1.1 EM / F1.
 
 Host-side NumPy, exact definitions:
   - `accuracy`, `f1`: fractions in [0, 1], as scikit-learn and the GLUE/HF `evaluate` scripts
@@ -87,7 +87,7 @@ def squad_em_f1(predictions: Sequence[str], answers: Sequence[Sequence[str]]) ->
     if not predictions:
         raise ValueError("no predictions to score")
     em = f1_sum = 0.0
-    for i, (pred, golds) in enumerate(zip(predictions, answers)):
+    for i, (pred, golds) in enumerate(zip(predictions, answers, strict=True)):
         if isinstance(golds, str) or not golds:
             raise ValueError(f"example {i}: answers must be a non-empty list of strings")
         em += max(float(normalize_answer(pred) == normalize_answer(g)) for g in golds)

@@ -57,7 +57,7 @@ def add_eval_and_mesh(c):
     """The eval.py, mesh and scale fields every training config shares (finetune.py too)."""
     # -- eval.py --------------------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()  # What eval.py compares with the teacher.
-    c.eval.plugins = ""  # Comma-separated plugin dirs or training-free compressors (tome:4); "" = WORKDIR/plugin.
+    c.eval.plugins = ""  # Comma-separated plugin dirs / compressors (tome:4); "" = WORKDIR/plugin.
     c.eval.evaluators = ""  # Any of classification,generation,cost,speed; "" = quality,cost,speed.
     c.eval.speed_repeats = 10  # Timed rounds (models interleaved); median and IQR reported.
     c.eval.speed_calls = 3  # Calls per model per round, so that each timing is long enough.
@@ -72,8 +72,8 @@ def add_eval_and_mesh(c):
         ("layers", None))
     c.mesh.fsdp = False  # Shard weights' embed dim over data too (FSDP); gathered layer by layer.
 
-    # -- Scale (docs/DESIGN.md §5): see `python train.py ... --dry_run` for what fits ---------------
+    # -- Scale (docs/DESIGN.md §5): see `python train.py ... --dry_run` for what fits --------------
     c.scan_layers = True  # nn.scan over layers: compile time independent of depth.
     c.remat = "none"  # Recompute layers in backward: none | full | a jax.checkpoint_policies name.
-    c.attention = "auto"  # Encoder self-attention: auto (blocked on CPU) | dense | blocked | xla | cudnn.
+    c.attention = "auto"  # Encoder attention: auto (CPU: blocked) | dense | blocked | xla | cudnn.
     return c

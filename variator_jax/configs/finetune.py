@@ -6,12 +6,13 @@ over the label words); span corruption and SQuAD use token cross-entropy over th
   python train.py --config=configs/finetune.py:task=sst2,size=base \
       --config.backbone=/models/t5-base --workdir=runs/t5-base-sst2
 
-prints, from process 0:
+prints, from process 0 (long lines wrapped here):
 
   Parameters: backbone 222,903,552 (trainable, full fine-tuning)
   Mesh: {'data': 4, 'model': 2} over 8 device(s) (gpu), 1 process(es)
   Compiled the train step in 45.0s; training steps 1..10000
-  step   100/10000  loss 2.1e-01 (task_ce 2.1e-01)  lr 1.00e-04  grad_norm 3.2  4.02 steps/s  12.6k tokens/s  ETA 0:41:03
+  step   100/10000  loss 2.1e-01 (task_ce 2.1e-01)  lr 1.00e-04  grad_norm 3.2  4.02 steps/s
+      12.6k tokens/s  ETA 0:41:03
   ...
   eval at step 10000: ce 0.1  accuracy 0.93
   Backbone written to runs/t5-base-sst2/backbone (HF format)
@@ -32,7 +33,7 @@ def get_config(arg=None):
     task = preset.get("task", "sst2")
     c = ml_collections.ConfigDict()
     c.stage = "finetune"  # Stage 0: every backbone weight is trained.
-    c.task = task  # mnli|qqp|qnli|sst2|rte|mrpc|squad|stdlib_docs, a task file PATH.json, or "pretrain".
+    c.task = task  # pretrain|mnli|qqp|qnli|sst2|rte|mrpc|squad|stdlib_docs, or a task's PATH.json.
     c.dropout = True  # Train with the backbone's dropout.
 
     # -- Model ------------------------------------------------------------------------------------
@@ -56,7 +57,7 @@ def get_config(arg=None):
     c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
     c.max_target_length = 32  # Decoder tokens.
 
-    # -- Optimisation (stage 0's settings are not in docs/DESIGN.md §2: common T5 AdamW ones) -------
+    # -- Optimisation (stage 0's settings are not in docs/DESIGN.md §2: common T5 AdamW ones) ------
     c.batch_size = 32  # Global batch, split over the mesh's data axis.
     c.total_steps = 10_000  # Optimizer steps.
     c.lr = 1e-4  # Peak learning rate of AdamW.

@@ -7,12 +7,14 @@ settings: Adam lr 1e-3, batch 64, 60k steps, lengths 224 / 32):
       --config.backbone=/models/t5-base --config.data.train=text:/data/wiki.txt \
       --workdir=runs/t5-base-k4
 
-prints, from process 0:
+prints, from process 0 (long lines wrapped here):
 
-  Parameters: backbone 222,903,552 (frozen) | plugin k=4 r=64: 1,926,960 (trainable, 0.86 % of the backbone) over 12 encoder layers
+  Parameters: backbone 222,903,552 (frozen) | plugin k=4 r=64: 1,926,960 (trainable, 0.86 % of the
+      backbone) over 12 encoder layers
   Mesh: {'data': 8, 'model': 1} over 8 device(s) (tpu), 1 process(es)
   Compiled the train step in 38.1s; training steps 1..60000
-  step   100/60000  loss 4.1e-02 (enc_mse 2.9e-02 dec_mse 1.2e-02)  lr 1.00e-03  grad_norm 0.41  5.10 steps/s  85.3k tokens/s  ETA 3:15:40
+  step   100/60000  loss 4.1e-02 (enc_mse 2.9e-02 dec_mse 1.2e-02)  lr 1.00e-03  grad_norm 0.41
+      5.10 steps/s  85.3k tokens/s  ETA 3:15:40
   ...
   Plugin written to runs/t5-base-k4/plugin
 
@@ -45,7 +47,7 @@ def get_config(arg=None):
     adapt = stage == "adapt"
     c = ml_collections.ConfigDict()
     c.stage = stage  # "pretrain" (task-agnostic, §2 step 1) or "adapt" (per task, step 2).
-    c.task = task  # "pretrain" (span corruption), mnli|qqp|qnli|sst2|rte|mrpc|squad|stdlib_docs, or PATH.json.
+    c.task = task  # pretrain|mnli|qqp|qnli|sst2|rte|mrpc|squad|stdlib_docs, or a task's PATH.json.
     c.loss = "hidden"  # hidden: MSE of final encoder + decoder hidden; task / task+hidden add CE.
     c.init_plugin = ""  # A plugin dir to start from (adapt: the stage-1 plugin); "" = fresh init.
     c.dropout = False  # Student with the backbone's dropout; off: it only adds noise to the MSE.
@@ -53,8 +55,8 @@ def get_config(arg=None):
     # -- Model ------------------------------------------------------------------------------------
     c.backbone = ""  # HF T5 dir (config.json + model.safetensors), frozen; required.
     c.tokenizer = placeholder(str)  # "byte" (ByT5), a tokenizer dir; None: the backbone dir's.
-    c.variant = common.variant_name(preset.get("size", ""))  # Expected T5 variant; its sizes are checked.
-    c.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU: frozen backbone stored in bf16, plugin float32.
+    c.variant = common.variant_name(preset.get("size", ""))  # Expected T5 variant (sizes checked).
+    c.dtype = "float32"  # Compute dtype; "bfloat16" on TPU/GPU: backbone in bf16, plugin float32.
     c.plugin = ml_collections.ConfigDict()  # The plugin's shape (docs/DESIGN.md §1).
     c.plugin.ratio = int(preset.get("ratio", 4))  # k: neighbouring vectors merged into one.
     c.plugin.bottleneck = 64  # r: width of the decompression MLP (paper: 64).
@@ -71,7 +73,7 @@ def get_config(arg=None):
     c.data.workers = 0  # grain worker processes building pre-training rows; 0 = none.
     c.data.noise_density = 0.15  # Span corruption: fraction of tokens masked (T5's 0.15).
     c.data.mean_noise_span_length = 3.0  # Span corruption: mean masked span (T5's 3).
-    c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released: 224 pretrain).
+    c.max_input_length = common.MAX_INPUT_LENGTH.get(task, 224)  # Encoder tokens (released, §2).
     c.max_target_length = 32  # Decoder tokens (released: 32).
 
     # -- Optimisation (released settings, §2) ----------------------------------------------------
