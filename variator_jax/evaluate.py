@@ -2,7 +2,7 @@ r"""Evaluates the teacher and its plugins: quality, FLOPs saved, plugin size, me
 
   variator-eval --config=plugin:stage=adapt,task=sst2 --workdir=RUN \
       [--config.eval.plugins=RUN_K2/plugin,RUN_K4/plugin,RUN_K8/plugin]
-  python eval.py --config=configs/demo.py --workdir=demo_workdir
+  python eval.py --config=configs/plugin.py:stage=adapt,task=stdlib_docs --workdir=RUN
 
 Reads the backbone and eval data from the config (as train.py does) and, by default, the
 plugin in RUN/plugin. Runs the evaluators --config.eval.evaluators names (default: the task's

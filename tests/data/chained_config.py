@@ -1,4 +1,4 @@
-"""A config file of one's own that chains two stages (train_lib's `backbone_stage`): a tiny
+"""A config file of one's own that chains two stages (train.py's `backbone_stage`): a tiny
 byte-level T5 trained from a random init on CPython's docs (stage 0), then a k = 4 plugin
 pre-trained on it (stage 1). The tests load it as a user's file: `--config=PATH`.
 
