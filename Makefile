@@ -9,6 +9,9 @@ PORT ?= 8000
 # Pinned for CPU machines: an unpinned torch pulls several GB of CUDA wheels.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; one file stays in one process): much of the suite is
+# compilation and subprocess start-up, which one core does alone.
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo serve simulate reproduce clean
 
@@ -30,7 +33,7 @@ $(TEST_STAMP): $(STAMP)
 
 test: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests $(PYTEST_ARGS)
 
 # The embedded default (docs/DESIGN.md §5): a small T5 pre-trained on CPython's docs, fine-tuned to tell
 # which stdlib package a docstring comes from, a k=4 plugin, and their test accuracy (~5 min).

@@ -28,7 +28,7 @@ _EXTRAS = {
     "onnx": ["torch>=2.6", "onnx>=1.17", "onnxscript>=0.2", "onnxruntime>=1.20"],
     # `hf:` sources: datasets saved by HF datasets, or data files it reads.
     "hf": ["datasets>=2.14"],
-    "dev": ["pytest>=7.4", "ruff>=0.5"],
+    "dev": ["pytest>=7.4", "pytest-xdist>=3.5", "ruff>=0.5"],
 }
 _EXTRAS["all"] = sorted({req for reqs in _EXTRAS.values() for req in reqs})
 

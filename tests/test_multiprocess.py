@@ -1,5 +1,6 @@
 """Two real processes (2 CPU devices each, gloo collectives) train like one with 4 devices."""
 import os
+import re
 import socket
 
 import numpy as np
@@ -29,8 +30,11 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "{'data': 4, 'model': 1} over 4 device(s) (cpu), 2 process(es)" in outs[1][0]
-    # Only process 0 prints (gloo's own connection lines aside), logs and writes outputs.
-    assert not [ln for ln in outs[2][0].splitlines() if not ln.startswith("[Gloo]")]
+    # Only process 0 prints, logs and writes outputs. Gloo's C++ threads print their own
+    # connection lines to stdout, sometimes interleaved mid-line: their words are taken out.
+    gloo = r"\[Gloo\]|Rank|\d+ is connected to \d+ peer ranks\.|Expected number of connected " \
+           r"peer ranks is : \d+"
+    assert not re.sub(gloo, "", outs[2][0]).split(), outs[2][0]
 
     a = tu.read_plugin(os.path.join(single, "plugin"))
     b = tu.read_plugin(os.path.join(multi, "plugin"))
