@@ -47,7 +47,13 @@ def torch_runner(model, device: str, compiled: bool):
     """(ids, mask) -> numpy [b, n, d] through an HF encoder (plugin attached, or not)."""
     import torch
     if compiled:
-        # Static shapes: one graph per benchmarked shape, compiled in the warm-up call.
+        # Static shapes: one graph per benchmarked shape, compiled in the warm-up call. Every
+        # plugin's model runs the same HF code objects, so dynamo counts all their graphs
+        # against one recompile limit (8 by default): past it, calls silently run eager.
+        limit = 4 * 64  # (none, k = 2, 4, 8) x up to 64 shapes.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, limit)
         model = torch.compile(model, dynamic=False)
 
     def run(ids, mask):
