@@ -22,7 +22,7 @@ import numpy as np
 
 from variator_jax import stacking
 from variator_jax.errors import CheckpointError
-from variator_jax.fileio import atomic_write, get_path, set_path, write_text
+from variator_jax.fileio import atomic_write, get_path, set_path, write_json
 from variator_jax.t5 import T5Config, init_t5
 
 
@@ -290,8 +290,7 @@ def save_hf_t5(path: str | os.PathLike, cfg: T5Config, backbone, tokenizer=None)
     atomic_write(path, "model.safetensors",
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config = cfg.to_hf()
-    atomic_write(path, "config.json",
-                  lambda tmp: write_text(tmp, json.dumps(config, indent=2) + "\n"))
+    write_json(path, "config.json", config)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
 

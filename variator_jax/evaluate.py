@@ -19,7 +19,7 @@ import json
 import os
 
 from variator_jax import cli
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax.fileio import atomic_write, write_json, write_text
 from variator_jax.report import markdown_table
 
 PLOT_FILE = "speed_accuracy.png"
@@ -254,8 +254,7 @@ def _write(workdir: str, results: dict) -> None:
         return
     out = os.path.join(workdir, "eval")
     os.makedirs(out, exist_ok=True)
-    atomic_write(out, "results.json",
-                 lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
+    write_json(out, "results.json", results)
     atomic_write(out, "results.md", lambda tmp: write_text(tmp, table + "\n"))
     written = ["results.json", "results.md"]
     if _measured(results, "quality") and _measured(results, "speedup"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -53,6 +54,12 @@ def check_writable(path: str, need_bytes: int = 0) -> None:
 def write_text(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
+
+
+def write_json(directory: str, name: str, obj, indent: int = 2) -> None:
+    """`obj` as indented JSON, a newline at the end, onto `directory/name` (`atomic_write`)."""
+    atomic_write(directory, name,
+                 lambda tmp: write_text(tmp, json.dumps(obj, indent=indent) + "\n"))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

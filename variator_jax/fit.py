@@ -19,7 +19,6 @@ prints a table and writes /tmp/fit/fit.json.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,7 +31,7 @@ from variator_jax import experiment as experiment_lib
 from variator_jax import flops as flops_lib
 from variator_jax import sharding, trainer
 from variator_jax.errors import UserError, user_errors
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax.fileio import write_json
 from variator_jax.objectives import Objective
 from variator_jax.plugins import PluginConfig
 from variator_jax.progress import say
@@ -109,8 +108,7 @@ def dry_run(config, workdir: str) -> dict:
     report = make_report(config, parts["cfg"], parts["pcfg"], parts["mesh"], compiled, seconds,
                      parts["state"], parts["backbone"])
     os.makedirs(workdir, exist_ok=True)
-    atomic_write(workdir, FIT_FILE,
-                 lambda tmp: write_text(tmp, json.dumps(report, indent=2) + "\n"))
+    write_json(workdir, FIT_FILE, report)
     say(format_report(report) + f"\nWritten to {os.path.join(workdir, FIT_FILE)}")
     return report
 

@@ -135,11 +135,10 @@ def _files(directory: str) -> list[str]:
 
 def write_manifest(directory: str) -> None:
     """Writes `DIRECTORY/manifest.sha256.json`: {relative path: [size, sha256]} of every file."""
-    from variator_jax.fileio import atomic_write, write_text
+    from variator_jax.fileio import write_json
     files = {rel: [os.path.getsize(os.path.join(directory, rel)),
                    _sha256_file(os.path.join(directory, rel))] for rel in _files(directory)}
-    atomic_write(directory, MANIFEST_FILE,
-                 lambda tmp: write_text(tmp, json.dumps({"files": files}, indent=1) + "\n"))
+    write_json(directory, MANIFEST_FILE, {"files": files}, indent=1)
 
 
 def has_manifest(directory: str) -> bool:

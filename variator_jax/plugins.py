@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from variator_jax import compressors, integrity, plugin_file, stacking
-from variator_jax.fileio import atomic_write, get_path, set_path, write_text
+from variator_jax.fileio import atomic_write, get_path, set_path, write_json
 
 if TYPE_CHECKING:  # t5.py imports this module; only the annotations name its config.
     from variator_jax.t5 import T5Config
@@ -377,8 +376,7 @@ def save_plugin(directory, pcfg: PluginConfig, plugin, backbone_id: str | dict |
     config = dict(dataclasses.asdict(pcfg), d_model=d, num_layers=layers, backbone=backbone_id,
                   format="variator_jax.plugin/1")
     atomic_write(directory, PLUGIN_FILE, lambda tmp: save_file(tensors, tmp))
-    atomic_write(directory, CONFIG_FILE,
-                  lambda tmp: write_text(tmp, json.dumps(config, indent=2) + "\n"))
+    write_json(directory, CONFIG_FILE, config)
 
 
 

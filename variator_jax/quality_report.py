@@ -6,12 +6,11 @@ encoder FLOPs saved), and what `python -m variator_jax.stages` prints at the end
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 
 from variator_jax import timing
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax.fileio import atomic_write, write_json, write_text
 from variator_jax.report import markdown_table
 
 
@@ -136,8 +135,7 @@ def write(results: dict, out_dir: str) -> str:
     # Named by task: a run on another task never overwrites the committed results.
     stem = f"quality-{results['task']}-{machine_slug(results['machine'])}"
     table = format_table(results)
-    atomic_write(out_dir, f"{stem}.json",
-                 lambda tmp: write_text(tmp, json.dumps(results, indent=2) + "\n"))
+    write_json(out_dir, f"{stem}.json", results)
     atomic_write(out_dir, f"{stem}.md", lambda tmp: write_text(tmp, table + "\n"))
     plot(results, os.path.join(out_dir, f"{stem}.png"))
     print(format_examples(results))

@@ -55,7 +55,7 @@ from variator_jax.errors import (
     WorkdirReplaced,
     user_errors,
 )
-from variator_jax.fileio import atomic_write, flatten, write_text
+from variator_jax.fileio import atomic_write, flatten, write_json, write_text
 from variator_jax.progress import say
 
 LOCK_FILE = ".lock"
@@ -137,8 +137,7 @@ class Run:
         if jax.process_index() != 0:
             return
         if read_identity(self.workdir) is None:
-            atomic_write(self.workdir, RUN_FILE, lambda tmp: write_text(
-                tmp, json.dumps(self.identity, indent=2) + "\n"))
+            write_json(self.workdir, RUN_FILE, self.identity)
         write_record(self.workdir, json.dumps(self.record, indent=2) + "\n", self.changes, step)
         write_data(self.workdir, self.sources)
         if 0 < step < self.record["total_steps"]:
@@ -148,8 +147,7 @@ class Run:
         """Writes `result.json` (process 0), after the outputs: it means "this run is done"."""
         if jax.process_index() == 0:
             self.still_ours()
-            atomic_write(self.workdir, RESULT_FILE,
-                         lambda tmp: write_text(tmp, json.dumps(result, indent=2) + "\n"))
+            write_json(self.workdir, RESULT_FILE, result)
 
     def mark_diverged(self, step: int, last_good: int | None, what: str) -> None:
         """Writes `diverged.json` (process 0): a rerun with this very config is refused."""
@@ -378,8 +376,7 @@ def check_data(workdir: str, sources: dict, resume_step: int, accept: bool = Fal
 
 
 def write_data(workdir: str, sources: dict) -> None:
-    atomic_write(workdir, DATA_FILE, lambda tmp: write_text(tmp, json.dumps(sources, indent=2)
-                                                            + "\n"))
+    write_json(workdir, DATA_FILE, sources)
 
 
 def write_record(workdir: str, config_json: str, changes: dict, step: int) -> None:
@@ -410,8 +407,7 @@ def read_changes(workdir: str) -> list[dict]:
 def mark_diverged(workdir: str, config: dict, step: int, last_good: int | None,
                   what: str) -> None:
     record = {"step": step, "last_good": last_good, "what": what, "config": config}
-    atomic_write(workdir, DIVERGED_FILE,
-                 lambda tmp: write_text(tmp, json.dumps(record, indent=2) + "\n"))
+    write_json(workdir, DIVERGED_FILE, record)
 
 
 def check_diverged(workdir: str, config: dict) -> None:

@@ -62,7 +62,7 @@ from variator_jax import data as data_lib
 from variator_jax import evaluate as eval_lib
 from variator_jax.convert import load_hf_t5
 from variator_jax.errors import UserError, user_errors
-from variator_jax.fileio import atomic_write, write_text
+from variator_jax.fileio import atomic_write, write_json, write_text
 from variator_jax.model import apply_forward, forward, generate, shift_right
 from variator_jax.plugins import init_plugin, load_plugin
 from variator_jax.quality_report import write
@@ -299,8 +299,7 @@ class Pipeline:
         if not finished:
             seconds = self.stage_seconds()
             seconds[name] = round(seconds.get(name, 0) + time.time() - t0, 1)
-            atomic_write(self.workdir, "stage_seconds.json",
-                         lambda tmp: write_text(tmp, json.dumps(seconds, indent=1) + "\n"))
+            write_json(self.workdir, "stage_seconds.json", seconds, indent=1)
         return out
 
     def stage_seconds(self) -> dict:
