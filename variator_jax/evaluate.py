@@ -35,6 +35,8 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     from variator_jax.evaluators.common import quality_metric
     from variator_jax.evaluators.speed import machine_description
     evaluators.chosen(config)  # A misspelt evaluator fails now, not after loading the models.
+    if not config.data.get("eval"):  # So does a config with nothing to evaluate on.
+        raise UserError("config.data.eval is empty: nothing to evaluate on")
     workdir = os.path.abspath(workdir)
     # The results must be writable before minutes of evaluating, not after (about 1 MB).
     check_writable(os.path.join(workdir, "eval"), need_bytes=1 << 20)
@@ -42,8 +44,6 @@ def evaluate(config, workdir: str, plugin_dirs: list[str] | None = None) -> dict
     exp = experiment_lib.setup(config, backbone_dir)
     backbone = exp.place_backbone()
     models = _models(config, workdir, plugin_dirs, exp)
-    if not config.data.get("eval"):
-        raise UserError("config.data.eval is empty: nothing to evaluate on")
     task = exp.task
     rows = [dict(name=m.name, ratio=m.ratio) for m in models]
     metric = quality_metric(task)
@@ -77,7 +77,7 @@ def _setting(config, exp, backbone):
 
 # -- The models ---------------------------------------------------------------------------------
 def _backbone_dir(config, workdir: str) -> str:
-    """`config.backbone`, or the backbone a `backbone_stage` made (the demo)."""
+    """`config.backbone`, or the backbone a `backbone_stage` made (a chained config)."""
     from variator_jax.errors import UserError
     from variator_jax.run import RESULT_FILE
     if config.backbone:
