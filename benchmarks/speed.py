@@ -24,8 +24,8 @@ Five tables (see benchmarks/README.md for every column):
   5. the plugin's largest matmul (x @ W_i^x, [batch*n, d] x [d, r]) alone in both frameworks.
 On CPU it first calls `benchmarks.host.keep_freed_memory()` (`--no-keep-freed-memory` to
 compare glibc's defaults).
-Every variant of one length runs interleaved, round after round, the order rotating from round
-to round (`variator_jax.timing`), so load from other processes hits them alike; times are
+Every variant of one length runs interleaved, round after round, in a fresh random order each
+round (`variator_jax.timing`), so load from other processes hits them alike; times are
 medians over rounds and ratios are medians of the per-round ratios.
 Results: benchmarks/results/speed-<machine>.{md,json}.
 """

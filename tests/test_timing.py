@@ -17,8 +17,17 @@ def test_interleaved_times_by_name_with_warmup():
     assert list(times) == ["x", ("k", 4), "z"] and all(t.shape == (3,) for t in times.values())
     assert all(np.all(t >= 0) for t in times.values())
     warm = ["x", "k4", "z"] * 2
-    # Each round starts one later: x k4 z, k4 z x, z x k4.
-    assert calls == warm + ["x", "k4", "z", "k4", "z", "x", "z", "x", "k4"]
+    assert calls[:9] == warm + ["x", "k4", "z"]  # Warm-up, then the first round as given.
+    rounds = [tuple(calls[6 + 3 * r:9 + 3 * r]) for r in range(3)]
+    assert all(sorted(r) == ["k4", "x", "z"] for r in rounds)  # Each fn once per round.
+    calls.clear()
+    timing.interleaved_times({"x": fn("x"), ("k", 4): fn("k4"), "z": fn("z")}, rounds=3,
+                             warmup=2)
+    assert calls[6:] == [name for r in rounds for name in r]  # The same seed, the same order.
+    calls.clear()
+    timing.interleaved_times({name: fn(name) for name in "abcd"}, rounds=12, warmup=0)
+    follows = {(calls[i - 1], calls[i]) for i in range(1, len(calls)) if i % 4}
+    assert len(follows) > 4  # A fixed rotation would give only a-b, b-c, c-d and d-a.
     calls.clear()
     timing.interleaved_times([fn("a")], rounds=1, warmup=0)
     assert calls == ["a"]  # No warm-up call.

@@ -61,7 +61,7 @@ class LatencyProfile:
         """Times `engine.run` (host padding, transfer, compute, copy back) per ratio x bucket.
 
         Rounds are interleaved (`timing.interleaved_times`: each round visits every ratio x
-        bucket once, in a rotating order), so a change in machine load during start-up hits
+        bucket once, in a random order), so a change in machine load during start-up hits
         all ratios alike instead of biasing one of them. `stat` is "median" (default) or
         "min" (the uncontended cost, for very noisy hosts). The result is `monotone()`.
         """

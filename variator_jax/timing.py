@@ -2,9 +2,9 @@
 
 A speedup measured on a shared machine is a ratio of two noisy times. Three habits keep it
 honest (as in benchmarks/speed.py):
-  - the models are timed in interleaved rounds, in a rotating order, so that a change in
-    machine load hits all of them alike, and each round's speedup pairs the teacher's time
-    with the model's time from the same round;
+  - the models are timed in interleaved rounds, each in a fresh random order, so that a
+    change in machine load, or what one model leaves behind for the next, hits all alike,
+    and each round's speedup pairs the teacher's time with the model's from the same round;
   - the speedup is reported as the median over rounds with its spread (interquartile range,
     and min-max in the JSON);
   - a speedup is checked against its ceiling, the FLOPs ratio: a model that saves 17 % of
@@ -31,12 +31,14 @@ import numpy as np
 
 
 def interleaved_times(fns: Sequence[Callable] | Mapping[Any, Callable], rounds: int,
-                      calls: int = 1, warmup: int = 1) -> np.ndarray | dict[Any, np.ndarray]:
+                      calls: int = 1, warmup: int = 1,
+                      seed: int = 0) -> np.ndarray | dict[Any, np.ndarray]:
     """Seconds per call of each of `fns`: [len(fns), rounds], or {key: [rounds]} for a mapping.
 
     Each fn is called `warmup` times first (compilation, caches). Then, in every round, each
     fn is called `calls` times back to back (results blocked on) and its mean time recorded;
-    the order of the fns rotates from round to round, so none always runs first.
+    the first round runs them in the order given, every later one in a random order (`seed`),
+    so that none always runs first or always right after the same other.
     """
     keys = list(fns) if isinstance(fns, Mapping) else None
     fns = [fns[k] for k in keys] if keys is not None else list(fns)
@@ -44,14 +46,21 @@ def interleaved_times(fns: Sequence[Callable] | Mapping[Any, Callable], rounds: 
         for fn in fns:
             jax.block_until_ready(fn())
     times = np.zeros((len(fns), max(rounds, 1)))
+    rng = np.random.default_rng(seed)
     for r in range(times.shape[1]):
-        for j in range(len(fns)):
-            i = (j + r) % len(fns)
+        for i in _round_order(len(fns), r, rng):
             start = time.perf_counter()
             for _ in range(max(calls, 1)):
                 jax.block_until_ready(fns[i]())
             times[i, r] = (time.perf_counter() - start) / max(calls, 1)
     return times if keys is None else dict(zip(keys, times, strict=True))
+
+
+def _round_order(count: int, r: int, rng) -> list[int]:
+    """Round r's order: the first round as given, then a fresh random order each round, so
+    that no fn always starts a round, nor always follows the same fn (whose after-effects,
+    threads spinning or caches it filled, would then always fall on it)."""
+    return list(range(count)) if r == 0 else [int(i) for i in rng.permutation(count)]
 
 
 def speedup_stats(base: np.ndarray, times: np.ndarray, ceiling: float | None = None) -> dict:
