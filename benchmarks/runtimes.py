@@ -14,7 +14,10 @@ For every (batch, n), all runtimes and plugins (none, k = 2/4/8) run in interlea
 uncompressed time (median), its ratio to JAX's, and per k the speedup as the median of the
 per-round ratios (uncompressed / compressed, same round) and its fraction of the FLOPs
 ceiling `encoder_flops(n) / encoder_flops(n, k)`; and the largest relative difference of its
-output to JAX's on a padded batch of the same shape (rows of several lengths).
+output to JAX's on a padded batch of the same shape (rows of several lengths). On CPU it first
+calls `benchmarks.host.keep_freed_memory()`, as benchmarks.speed (`--no-keep-freed-memory`:
+the platform's malloc, as the library's own commands run), and ONNX Runtime's threads do not
+spin between calls, as torch's OpenMP threads (OMP_WAIT_POLICY=PASSIVE).
 Results: benchmarks/results/runtimes-<machine>.{md,json}.
 """
 from __future__ import annotations
@@ -90,7 +93,9 @@ def build_runners(args, backbone_dir, plugin_dirs, device):
         if "onnx" in args.runtimes and args.dtype == "float32":
             path = os.path.join(os.path.dirname(backbone_dir), f"encoder-{k}.onnx")
             onnx_export.export_encoder(backbone_dir, path, plugin_dir)
-            runners["onnx", k] = onnx_export.onnx_runner(path, args.threads)
+            # Not spinning, as torch's OpenMP threads (OMP_WAIT_POLICY above): a runtime's
+            # threads busy-waiting after its call would slow the next one in the round.
+            runners["onnx", k] = onnx_export.onnx_runner(path, args.threads, spinning=False)
     return cfg, runners
 
 
@@ -174,6 +179,8 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, default=11, help="interleaved rounds per shape")
     p.add_argument("--threads", type=int, default=None,
                    help="PyTorch and ONNX Runtime threads (default: all cores, as XLA)")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU, benchmarks.host.keep_freed_memory() first (as benchmarks.speed)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--name", default=None, help="results file suffix (default: from the machine)")
     p.add_argument("--seed", type=int, default=0)
@@ -196,8 +203,9 @@ def parse_args(argv):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.keep_freed_memory:
+        host.keep_freed_memory()
     import torch
-    host.keep_freed_memory()
     torch.set_num_threads(args.threads)
     device = speed.torch_device(jax.default_backend())
     scratch = tempfile.mkdtemp(prefix="runtimes-")
@@ -218,7 +226,8 @@ def main(argv=None) -> dict:
     text = "\n\n".join([
         f"**Machine**: {info['cpu']}, {info['cores']} cores, JAX {info['jax']} on "
         f"{info['backend']} ({info['device']}), PyTorch {info.get('torch')} on {device} "
-        f"({args.threads} threads, ONNX Runtime too). Load average at start "
+        f"({args.threads} threads, ONNX Runtime too); {host.malloc_setting()}. Load average "
+        f"at start "
         f"{speed._fmt_load(info['load_average_start'])}, end "
         f"{speed._fmt_load(info['load_average_end'])}.",
         f"**Model**: {args.variant} widths, {cfg.num_layers} encoder layers, random weights, "

@@ -129,13 +129,17 @@ def check_plugin_backbone(plugin_dir: str, cfg, backbone) -> None:
                          "backbone it was trained on")
 
 
-def onnx_runner(path: str, threads: int | None = None):
+def onnx_runner(path: str, threads: int | None = None, spinning: bool = True):
     """ONNX Runtime (CPU) session on the graph at `path`, as a function of [b, n] ids and
-    mask -> [b, n, d] float32. `threads`: intra-op threads (default: ONNX Runtime's)."""
+    mask -> [b, n, d] float32. `threads`: intra-op threads (default: ONNX Runtime's).
+    `spinning=False`: its threads sleep when a call ends instead of busy-waiting for the next
+    (ONNX Runtime's default), which would take the cores from whatever runs next."""
     import onnxruntime
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return lambda ids, mask: session.run([OUTPUT], {INPUTS[0]: np.asarray(ids, np.int64),
                                                     INPUTS[1]: np.asarray(mask, np.int64)})[0]
