@@ -17,9 +17,12 @@ which must shed the excess with 503.
 Reported per policy: answered inputs/s, p50/p95/p99 latency (arrival to answer, as the client
 sees it), the share of requests answered within the server's latency budget (a shed or failed
 request is not), accuracy of the answers, the ratio mix and the ratio over time, 503s,
-failures, and the server's compilations during the run (from /healthz; must be 0). A probe of
-sequential single requests at idle gives the server's overhead: latency beyond the model time
-the server reports. Results: `benchmarks/results/serve-load-<machine>.{json,md,png}`.
+failures, the server's compilations during the run (from /healthz; must be 0), and the model
+slowdown: how much slower than its start-up profile the server measured its batches while
+serving (`Bank.calibrate`, from /v1/models). A probe of sequential single requests at idle
+gives the server's overhead, latency beyond the model time the server reports, beside Ray
+Serve's own round trip (GET /healthz, no model).
+Results: `benchmarks/results/serve-load-<machine>.{json,md,png}`.
 Bounded: every phase has a fixed length, requests time out after `--timeout` seconds, and at
 most `--max-outstanding` are in flight.
 """
@@ -219,7 +222,14 @@ async def capacity_probe(session, url: str, load: Load, per_request: int, second
 
 
 async def overhead_probe(session, url: str, load: Load, n: int) -> dict:
-    """Sequential single-input requests at idle: client latency vs the model time reported."""
+    """Sequential single-input requests at idle: client latency vs the model time reported;
+    and Ray Serve's own round trip, GET /healthz (no model, no batching), as its floor."""
+    floor = []
+    for _ in range(n):
+        sent = time.monotonic()
+        async with session.get(f"{url}/healthz") as r:
+            await r.read()
+        floor.append((time.monotonic() - sent) * 1e3)
     rows = []
     for i in range(n):
         sent = time.monotonic()
@@ -230,7 +240,8 @@ async def overhead_probe(session, url: str, load: Load, n: int) -> dict:
     total, compute, queue = map(np.median, zip(*rows, strict=True))
     return dict(requests=n, latency_ms=float(total), compute_ms=float(compute),
                 queue_ms=float(queue), overhead_ms=float(total - compute),
-                overhead_share=float((total - compute) / compute))
+                overhead_share=float((total - compute) / compute),
+                healthz_ms=float(np.median(floor)))
 
 
 # -- Report ---------------------------------------------------------------------------------------
@@ -240,10 +251,11 @@ def table(rows: dict) -> str:
              f"{r['p95_ms']:.0f}", f"{r['p99_ms']:.0f}", f"{100 * r['within_budget']:.1f} %",
              f"{100 * r['accuracy']:.1f} %",
              " / ".join(f"k={k} {100 * v:.0f} %" for k, v in r["mix"].items()),
-             r["shed_503"], r["failed"]] for name, r in rows.items()]
+             r["shed_503"], r["failed"], f"{r.get('slowdown', float('nan')):.2f}x"]
+            for name, r in rows.items()]
     return markdown_table(["policy", "requests", "inputs/s", "p50 ms", "p95 ms", "p99 ms",
-                           "within budget", "accuracy", "ratio mix", "503", "failed"], body,
-                          align="lrrrrrrrlrr")
+                           "within budget", "accuracy", "ratio mix", "503", "failed",
+                           "model slowdown"], body, align="lrrrrrrrlrrr")
 
 
 def plot(runs: dict, budget_s: float, path: str) -> None:
@@ -323,6 +335,12 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _slowdown(url: str) -> float:
+    """The server's measured / profiled batch time (a moving average, `Bank.calibrate`): how
+    much slower the model ran while sharing the host with HTTP handling and the clients."""
+    return float(_get(f"{url}/v1/models")["slowdown"]["classify"])
+
+
 async def run_all(args, load: Load) -> dict:
     import aiohttp
     rows, runs = {}, {}
@@ -342,7 +360,8 @@ async def run_all(args, load: Load) -> dict:
                                       args.seed + 1)
         print(f"idle probe: latency {probe['latency_ms']:.1f} ms, model {probe['compute_ms']:.1f} "
               f"ms, overhead {probe['overhead_ms']:.1f} ms ({100 * probe['overhead_share']:.0f} "
-              "% of the model time)", flush=True)
+              f"% of the model time; Ray Serve's round trip alone, GET /healthz: "
+              f"{probe['healthz_ms']:.1f} ms)", flush=True)
         compiles_before = _get(f"{args.url}/healthz")["compiles_since_start"]
         policies = [(f"always k={k}" if k != 1 else "always off", k)
                     for k in (int(x) for x in args.fixed.split(",") if x)]
@@ -351,11 +370,13 @@ async def run_all(args, load: Load) -> dict:
             runs[name] = await drive(session, args.url, load, times, ratio, args.per_request,
                                      args.timeout, args.max_outstanding, args.seed)
             rows[name] = summarize(runs[name], phase, phases, load.budget_s)
+            rows[name]["slowdown"] = _slowdown(args.url)
         name = "adaptive, 3x burst"
         print(f"{name}: {len(over_t)} requests over {over_t.max():.0f} s ...", flush=True)
         runs[name] = await drive(session, args.url, load, over_t, None, args.per_request,
                                  args.timeout, args.max_outstanding, args.seed + 1)
         rows[name] = summarize(runs[name], over_phase, OVERLOAD, load.budget_s)
+        rows[name]["slowdown"] = _slowdown(args.url)
         compiles = _get(f"{args.url}/healthz")["compiles_since_start"] - compiles_before
     return dict(rows=rows, runs=runs, probe=probe, compiles_while_serving=compiles,
                 c1_measured_inputs_s=measured, units=args.units, c1_used_inputs_s=load.c1,
@@ -405,7 +426,8 @@ def main(argv=None) -> dict:
                 f"units of the {result['units']} one), "
                 f"budget {load.budget_s * 1e3:.0f} ms, {args.per_request} inputs per request; "
                 f"idle overhead {result['probe']['overhead_ms']:.1f} ms on "
-                f"{result['probe']['compute_ms']:.1f} ms of model time.\n\n{text}\n\n"
+                f"{result['probe']['compute_ms']:.1f} ms of model time (Ray Serve's own round "
+                f"trip, GET /healthz: {result['probe']['healthz_ms']:.1f} ms).\n\n{text}\n\n"
                 f"Compilations while serving: {result['compiles_while_serving']}.\n")
     print(f"wrote {stem}.json, .md, .png")
     return result
