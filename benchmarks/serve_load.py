@@ -2,6 +2,7 @@
 
     python -m benchmarks.serve_load                       # starts the server on make demo's model
     python -m benchmarks.serve_load --url http://127.0.0.1:8000   # a server already running
+    python -m benchmarks.serve_load --random-variant t5-base      # where the model takes the time
 
 Every request is one or more examples of the task's test split sent to POST /v1/classify, so
 what is served is scored. The arrival trace is open-loop Poisson in machine-independent units,
@@ -97,6 +98,31 @@ def stop_server(proc: subprocess.Popen) -> float:
     except subprocess.TimeoutExpired:
         proc.kill()
     return time.monotonic() - start
+
+
+def random_models(variant: str, source: str, directory: str, layers: int = 4,
+                  ratios=(4, 8)) -> tuple[str, str]:
+    """A random backbone at `variant`'s widths (`layers` encoder layers, one decoder layer)
+    with the vocabulary and tokenizer of the HF directory `source`, and a random plugin per
+    ratio, written under `directory` -> (backbone dir, comma-separated plugin dirs). Serving
+    costs at a size where the model, not HTTP, takes the time; its answers are chance."""
+    import jax
+
+    import variator_jax as vj
+    source_cfg, _ = vj.load_hf_t5(source)
+    cfg = vj.T5Config.variant(variant, num_layers=layers, num_decoder_layers=1,
+                              vocab_size=source_cfg.vocab_size)
+    backbone = vj.init_t5(jax.random.key(0), cfg)
+    backbone_dir = os.path.join(directory, "backbone")
+    vj.save_hf_t5(backbone_dir, cfg, backbone, tokenizer=vj.load_tokenizer(None, source))
+    identity = vj.backbone_identity(cfg, backbone)
+    plugin_dirs = []
+    for k in ratios:
+        pcfg = vj.PluginConfig(ratio=k, bottleneck=64)
+        plugin_dirs.append(os.path.join(directory, f"plugin-k{k}"))
+        vj.save_plugin(plugin_dirs[-1], pcfg, vj.init_plugin(jax.random.key(k), cfg, pcfg),
+                       identity)
+    return backbone_dir, ",".join(plugin_dirs)
 
 
 # -- The trace and its requests -------------------------------------------------------------------
@@ -296,6 +322,10 @@ def parse_args(argv):
     p.add_argument("--backbone", default="demo_workdir/finetune/backbone")
     p.add_argument("--plugins", default="demo_workdir/adapt-k4/plugin")
     p.add_argument("--task", default="stdlib_docs")
+    p.add_argument("--random-variant", default="", help="serve a random backbone at these "
+                   "widths (e.g. t5-base; 4 encoder layers, --backbone's tokenizer) with random "
+                   "k = 4 and 8 plugins instead of --backbone/--plugins: a size where the model "
+                   "takes the time; accuracy is chance")
     p.add_argument("--data", default="builtin:stdlib_docs", help="where the test split is")
     p.add_argument("--test-split", default="test")
     p.add_argument("--lengths", default="32,64", help="buckets of a server started here")
@@ -393,6 +423,10 @@ def main(argv=None) -> dict:
     texts = [e["text"] for e in examples]
     labels = [task.labels[task.label_index(e)] for e in examples]
     os.makedirs(args.workdir, exist_ok=True)
+    if args.random_variant:
+        args.backbone, args.plugins = random_models(
+            args.random_variant, args.backbone,
+            os.path.join(args.workdir, f"serve-load-{args.random_variant}"))
     start = args.start if args.start is not None else not _answers(args.url)
     proc = start_server(args) if start else None
     try:

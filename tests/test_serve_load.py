@@ -2,7 +2,9 @@
 import numpy as np
 import pytest
 
+import variator_jax as vj
 from benchmarks import serve_load
+from tests.test_utils import make_hf_dir
 from variator_jax.simulation import Phase
 
 
@@ -35,3 +37,16 @@ def test_summary_counts_sheds_as_missed_and_scores_answers():
     assert row["mix"] == {"1": pytest.approx(1 / 3), "4": pytest.approx(2 / 3)}
     assert row["retry_after"] == ["1"] and row["p50_ms"] == pytest.approx(50)
     assert row["throughput_inputs_s"] == pytest.approx(6 / 2.05)
+
+
+def test_random_models_are_servable_files_of_the_variant_widths(tmp_path):
+    source = make_hf_dir(str(tmp_path / "source"))  # A tiny model with the byte tokenizer.
+    backbone, plugins = serve_load.random_models("t5-small", source, str(tmp_path / "random"),
+                                                 layers=1, ratios=(2, 4))
+    cfg, params = vj.load_hf_t5(backbone)
+    assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers) == (512, 2048, 1, 1)
+    assert cfg.vocab_size == vj.load_hf_t5(source)[0].vocab_size
+    assert vj.load_tokenizer(None, backbone).encode("ab", add_special_tokens=False) == [
+        100, 101]  # ByT5: byte + 3.
+    ratios = [vj.load_plugin(d, cfg=cfg, backbone=params)[0].ratio for d in plugins.split(",")]
+    assert ratios == [2, 4]  # Each plugin accepted by this backbone's fingerprint.
