@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import variator_jax as vj  # noqa: E402
-from benchmarks import host, speed  # noqa: E402
+from benchmarks import host, models, speed  # noqa: E402
 from variator_jax import cli, onnx_export, timing  # noqa: E402
 from variator_jax.flops import encoder_flops  # noqa: E402
 from variator_jax.report import markdown_table  # noqa: E402
@@ -97,27 +97,6 @@ def build_runners(args, backbone_dir, plugin_dirs, device):
             # threads busy-waiting after its call would slow the next one in the round.
             runners["onnx", k] = onnx_export.onnx_runner(path, args.threads, spinning=False)
     return cfg, runners
-
-
-def write_models(args, directory):
-    """A random backbone at `args.variant` widths and one plugin per k, as files -> (backbone
-    dir, {k or None: plugin dir or None}); every runtime then reads the same weights."""
-    cfg = vj.T5Config.variant(args.variant, num_layers=args.layers, num_decoder_layers=1)
-    backbone = vj.init_t5(jax.random.key(args.seed), cfg)
-    backbone_dir = os.path.join(directory, "backbone")
-    vj.save_hf_t5(backbone_dir, cfg, backbone)
-    identity = vj.backbone_identity(cfg, backbone)
-    plugin_dirs = {None: None}
-    for k in args.ratios:
-        pcfg = vj.PluginConfig(ratio=k, bottleneck=args.bottleneck)
-        # Weights at a scale where merging and decompression both move the output: a wrong
-        # plugin wiring in any runtime then shows in its difference to JAX.
-        params = vj.init_plugin(jax.random.key(args.seed + k), cfg, pcfg)
-        params = jax.tree.map(
-            lambda x, k=k: x + 0.05 * jax.random.normal(jax.random.key(k), x.shape), params)
-        plugin_dirs[k] = os.path.join(directory, f"plugin-k{k}")
-        vj.save_plugin(plugin_dirs[k], pcfg, params, identity)
-    return backbone_dir, plugin_dirs
 
 
 # -- One shape ----------------------------------------------------------------------------------
@@ -210,7 +189,12 @@ def main(argv=None) -> dict:
     device = speed.torch_device(jax.default_backend())
     scratch = tempfile.mkdtemp(prefix="runtimes-")
     try:
-        backbone_dir, plugin_dirs = write_models(args, scratch)
+        # Plugins off their init (`spread`): a wrong wiring in any runtime then shows in its
+        # difference to JAX.
+        backbone_dir, plugin_dirs = models.random_models(
+            args.variant, scratch, layers=args.layers, ratios=args.ratios,
+            bottleneck=args.bottleneck, seed=args.seed, spread=0.05)
+        plugin_dirs = {None: None, **plugin_dirs}
         cfg, runners = build_runners(args, backbone_dir, plugin_dirs, device)
         info = speed.machine_info(args.threads)
         rows = []

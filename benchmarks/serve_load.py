@@ -100,31 +100,6 @@ def stop_server(proc: subprocess.Popen) -> float:
     return time.monotonic() - start
 
 
-def random_models(variant: str, source: str, directory: str, layers: int = 4,
-                  ratios=(4, 8)) -> tuple[str, str]:
-    """A random backbone at `variant`'s widths (`layers` encoder layers, one decoder layer)
-    with the vocabulary and tokenizer of the HF directory `source`, and a random plugin per
-    ratio, written under `directory` -> (backbone dir, comma-separated plugin dirs). Serving
-    costs at a size where the model, not HTTP, takes the time; its answers are chance."""
-    import jax
-
-    import variator_jax as vj
-    source_cfg, _ = vj.load_hf_t5(source)
-    cfg = vj.T5Config.variant(variant, num_layers=layers, num_decoder_layers=1,
-                              vocab_size=source_cfg.vocab_size)
-    backbone = vj.init_t5(jax.random.key(0), cfg)
-    backbone_dir = os.path.join(directory, "backbone")
-    vj.save_hf_t5(backbone_dir, cfg, backbone, tokenizer=vj.load_tokenizer(None, source))
-    identity = vj.backbone_identity(cfg, backbone)
-    plugin_dirs = []
-    for k in ratios:
-        pcfg = vj.PluginConfig(ratio=k, bottleneck=64)
-        plugin_dirs.append(os.path.join(directory, f"plugin-k{k}"))
-        vj.save_plugin(plugin_dirs[-1], pcfg, vj.init_plugin(jax.random.key(k), cfg, pcfg),
-                       identity)
-    return backbone_dir, ",".join(plugin_dirs)
-
-
 # -- The trace and its requests -------------------------------------------------------------------
 @dataclasses.dataclass
 class Load:
@@ -424,9 +399,11 @@ def main(argv=None) -> dict:
     labels = [task.labels[task.label_index(e)] for e in examples]
     os.makedirs(args.workdir, exist_ok=True)
     if args.random_variant:
-        args.backbone, args.plugins = random_models(
-            args.random_variant, args.backbone,
-            os.path.join(args.workdir, f"serve-load-{args.random_variant}"))
+        from benchmarks.models import random_models
+        args.backbone, plugins = random_models(
+            args.random_variant, os.path.join(args.workdir, f"serve-load-{args.random_variant}"),
+            tokenizer_from=args.backbone)
+        args.plugins = ",".join(plugins.values())
     start = args.start if args.start is not None else not _answers(args.url)
     proc = start_server(args) if start else None
     try:

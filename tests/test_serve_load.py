@@ -1,10 +1,13 @@
 """benchmarks.serve_load's trace and summary, on synthetic records (the HTTP path: test_server)."""
+import os
+
 import numpy as np
 import pytest
 
 import variator_jax as vj
-from benchmarks import serve_load
+from benchmarks import models, serve_load
 from tests.test_utils import make_hf_dir
+from variator_jax.errors import UserError
 from variator_jax.simulation import Phase
 
 
@@ -41,12 +44,25 @@ def test_summary_counts_sheds_as_missed_and_scores_answers():
 
 def test_random_models_are_servable_files_of_the_variant_widths(tmp_path):
     source = make_hf_dir(str(tmp_path / "source"))  # A tiny model with the byte tokenizer.
-    backbone, plugins = serve_load.random_models("t5-small", source, str(tmp_path / "random"),
-                                                 layers=1, ratios=(2, 4))
+    backbone, plugins = models.random_models("t5-small", str(tmp_path / "random"), layers=1,
+                                             ratios=(2, 4), tokenizer_from=source)
     cfg, params = vj.load_hf_t5(backbone)
     assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers) == (512, 2048, 1, 1)
     assert cfg.vocab_size == vj.load_hf_t5(source)[0].vocab_size
     assert vj.load_tokenizer(None, backbone).encode("ab", add_special_tokens=False) == [
         100, 101]  # ByT5: byte + 3.
-    ratios = [vj.load_plugin(d, cfg=cfg, backbone=params)[0].ratio for d in plugins.split(",")]
+    ratios = [vj.load_plugin(d, cfg=cfg, backbone=params)[0].ratio for d in plugins.values()]
     assert ratios == [2, 4]  # Each plugin accepted by this backbone's fingerprint.
+
+
+def test_models_command_writes_a_backbone_alone_and_never_over_a_directory(tmp_path, capsys):
+    out = str(tmp_path / "init")
+    written = models.main(["t5-small", out, "--layers", "1", "--ratios", ""])
+    assert written["plugins"] == {} and sorted(os.listdir(out)) == ["backbone"]
+    assert vj.load_hf_t5(written["backbone"])[0].d_model == 512
+    before = os.path.getmtime(os.path.join(written["backbone"], "model.safetensors"))
+    with pytest.raises(UserError, match="exists"):
+        models.main(["t5-small", out, "--layers", "1"])
+    assert os.path.getmtime(os.path.join(written["backbone"], "model.safetensors")) == before
+
+
