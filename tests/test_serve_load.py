@@ -66,3 +66,30 @@ def test_models_command_writes_a_backbone_alone_and_never_over_a_directory(tmp_p
     assert os.path.getmtime(os.path.join(written["backbone"], "model.safetensors")) == before
 
 
+
+
+def test_t5_init_draws_what_hf_t5_draws():
+    """Each kernel's std as HF's own `_init_weights` draws it for the same widths."""
+    import jax
+    import transformers
+
+    hf_cfg = transformers.T5Config(vocab_size=64, d_model=256, d_kv=32, d_ff=1024, num_heads=4,
+                                   num_layers=1, num_decoder_layers=1)
+    hf = transformers.T5ForConditionalGeneration(hf_cfg)
+    pooled = {}
+    for name, w in hf.named_parameters():
+        module = name.split(".")[-2]
+        pooled.setdefault(module, []).append(w.detach().numpy().ravel())
+    expected = {m: np.concatenate(ws).std() for m, ws in pooled.items()}
+    cfg = vj.T5Config(vocab_size=64, d_model=256, d_kv=32, d_ff=1024, num_heads=4, num_layers=1,
+                      num_decoder_layers=1)
+    ours = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(models.t5_init(
+            vj.init_t5(jax.random.key(0), cfg), cfg, seed=1)):
+        module = getattr(path[-2], "key", None)  # [.., 'q', 'kernel']
+        ours.setdefault(module, []).append(np.asarray(x).ravel())
+    for module in ("q", "k", "v", "o", "wi", "wo", "relative_attention_bias", "shared"):
+        got = np.concatenate(ours[module]).std()
+        assert got == pytest.approx(expected[module], rel=0.15), module
+    assert expected["q"] < expected["k"] / 4  # The one that saturated attention at 0.05.
+    assert np.all(np.concatenate(ours["layer_norm"]) == 1.0)

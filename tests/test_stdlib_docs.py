@@ -185,3 +185,12 @@ def test_quality_stage_two_learning_rate_is_chosen_per_ratio(tmp_path):
     assert pipeline.plugin_config("pretrain", str(tmp_path), 4).lr == 1e-3
     paper = stages.Pipeline(stages._parse(["--preset=paper", f"--workdir={tmp_path}"]))
     assert paper.plugin_config("adapt", str(tmp_path), 4).lr == 1e-5
+
+
+def test_finetune_lr_sets_stage_b_alone(tmp_path):
+    default = stages.Pipeline(stages._parse([f"--workdir={tmp_path}"]))
+    assert default.finetune_config(str(tmp_path)).lr == 1e-3
+    wide = stages.Pipeline(stages._parse([f"--workdir={tmp_path}", "--finetune_lr=2.5e-4"]))
+    assert wide.finetune_config(str(tmp_path)).lr == 2.5e-4
+    assert wide.plugin_config("adapt", str(tmp_path), 4).lr == 1e-2  # The plugins' own.
+    assert wide.lm_config().lr == 2e-3

@@ -139,6 +139,9 @@ def _parse(argv):
                    help="mini: the miniature; demo: a shorter one at k = 4; tiny: seconds, for "
                    "tests; paper: the configs' released settings")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
+    p.add_argument("--finetune_lr", type=float, default=None, help="(b)'s peak learning rate "
+                   "(default: the preset's, 1e-3 for the miniature's d_model 128; a wider "
+                   "--backbone from a random init wants less, about 1e-3 x 128 / d_model)")
     p.add_argument("--eval_batch", type=int, default=64, help="eval and timing batch")
     p.add_argument("--speed_repeats", type=int, default=7, help="timed rounds per model")
     args = p.parse_args(argv)
@@ -256,6 +259,8 @@ class Pipeline:
     def finetune_config(self, backbone):
         c = configs.get_config("finetune", f"task={self.args.task}")
         c = self._common(c, self.mini and self.mini["ft_steps"], self.mini and self.mini["ft_lr"])
+        if self.args.finetune_lr is not None:
+            c.lr = self.args.finetune_lr
         c.backbone = backbone
         c.eval_every = 250 if self.mini is MINI else 0  # The validation curve, in metrics.jsonl.
         self._task_data(c)
