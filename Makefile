@@ -64,4 +64,4 @@ reproduce: install
 	$(PY) -m variator_jax.stages --out=benchmarks/results
 
 clean:
-	rm -rf $(VENV) demo_workdir quality_workdir
+	rm -rf $(VENV) demo_workdir quality_workdir serve_workdir

@@ -134,7 +134,7 @@ def test_generate_equals_vj_generate(server, reference, ratio):
     body = {"inputs": TEXTS, "max_new_tokens": 5, **({"ratio": ratio} if ratio else {})}
     status, out, _ = _call(f"{url}/v1/generate", body)
     assert status == 200, out
-    assert set(out) >= {"outputs", "ratio", "ratios", "queue_ms", "compute_ms"}
+    assert set(out) >= {"outputs", "ratio", "ratios", "queue_ms", "compute_ms", "batches"}
     if ratio is not None:
         assert out["ratios"] == [ratio] * len(TEXTS)
     cfg, backbone, plugins, tok = reference
@@ -146,6 +146,7 @@ def test_generate_equals_vj_generate(server, reference, ratio):
         expected.append(tok.decode(tokens[0], skip_special_tokens=True))
     assert out["outputs"] == expected
     assert out["compute_ms"] > 0 and out["queue_ms"] >= 0
+    assert len(out["batches"]) == len(TEXTS) and min(out["batches"]) >= 1
 
 
 def test_classify_equals_verbalizer_scores(server, reference):

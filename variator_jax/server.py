@@ -335,7 +335,8 @@ class Bank:
         ratios = [d.ratio for d in done]
         out = {"ratio": max(ratios), "ratios": ratios,
                "queue_ms": round(max(d.queue_ms for d in done), 3),
-               "compute_ms": round(max(d.compute_ms for d in done), 3)}
+               "compute_ms": round(max(d.compute_ms for d in done), 3),
+               "batches": [d.batch for d in done]}
         if endpoint == "generate":
             rows = [d.row[:it.max_new_tokens] for d, it in zip(done, items, strict=True)]
             out["outputs"] = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
