@@ -32,12 +32,11 @@ def t5_init(params, cfg, seed: int = 0):
     rng = np.random.default_rng(seed)
     out = []
     for path, x in leaves:
-        names = [getattr(p, "key", None) for p in path]
-        module = next((n for n in reversed(names) if n in std), None)
-        if "layer_norm" in str(names[-2:]) or module is None:
-            out.append(x)  # Layer norms (ones), and nothing else is left.
-        else:
+        module = getattr(path[-2], "key", None)  # [.., 'q', 'kernel'], [.., 'shared', 'embedding']
+        if module in std:
             out.append(np.asarray(rng.normal(0.0, std[module], x.shape), x.dtype))
+        else:
+            out.append(x)  # Layer norms: ones, as T5's.
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -366,11 +366,12 @@ async def run_all(args, load: Load, models: dict) -> dict:
             load = dataclasses.replace(load, c1=measured, most=most / measured)
         # A burst the most compressed plugin can carry (15 % to spare), at most 1.8 x C1; the
         # ramp peaks at 1.4 x C1, or at the burst if that is less.
-        burst = round(min(BURST, 0.85 * load.most), 2)
-        phases = trace(burst)
-        if args.phases:  # Given: the burst is the highest rate held through a phase.
+        if args.phases:  # Given: the burst is their highest rate.
             phases = parse_phases(args.phases)
-            burst = max(p.start for p in phases if p.start == p.end)
+            burst = max(max(p.start, p.end) for p in phases)
+        else:
+            burst = round(min(BURST, 0.85 * load.most), 2)
+            phases = trace(burst)
         times, phase = arrivals(phases, load, args.per_request, args.seconds, args.seed)
         over_t, over_phase = arrivals(OVERLOAD, load, args.per_request, args.seconds * 0.6,
                                       args.seed + 1)

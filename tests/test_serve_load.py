@@ -66,8 +66,6 @@ def test_models_command_writes_a_backbone_alone_and_never_over_a_directory(tmp_p
     assert os.path.getmtime(os.path.join(written["backbone"], "model.safetensors")) == before
 
 
-
-
 def test_t5_init_draws_what_hf_t5_draws():
     """Each kernel's std as HF's own `_init_weights` draws it for the same widths."""
     import jax

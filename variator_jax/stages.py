@@ -141,7 +141,8 @@ def _parse(argv):
     p.add_argument("--scale", type=float, default=1.0, help="multiplies every stage's steps")
     p.add_argument("--finetune_lr", type=float, default=None, help="(b)'s peak learning rate "
                    "(default: the preset's, 1e-3 for the miniature's d_model 128; a wider "
-                   "--backbone from a random init wants less, about 1e-3 x 128 / d_model)")
+                   "--backbone from a random init wants less: 5e-4 at d_model 512 in "
+                   "benchmarks/README.md)")
     p.add_argument("--eval_batch", type=int, default=64, help="eval and timing batch")
     p.add_argument("--speed_repeats", type=int, default=7, help="timed rounds per model")
     args = p.parse_args(argv)
